@@ -1,0 +1,121 @@
+//! Command-line interface of `image-backup-agent`. Every flag can also be
+//! given through the environment, as a DaemonSet manifest sets them.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    containerd::{ContentStore, K8S_NAMESPACE},
+    progress::{Progress, spawn_printer},
+    push::{PushOptions, Pusher},
+    reference::ImageRef,
+    registry::{RegistryConfig, RetryPolicy},
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "image-backup-agent", version, about = "Copies images from a node's containerd to a backup registry")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Copy one image from containerd's content store to a registry.
+    Push(PushArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ContainerdArgs {
+    /// containerd's gRPC socket.
+    #[arg(long = "containerd", env = "IMAGE_BACKUP_CONTAINERD", default_value = "/run/containerd/containerd.sock")]
+    pub socket: PathBuf,
+    /// containerd namespace holding the images (the kubelet's is k8s.io).
+    #[arg(long, env = "IMAGE_BACKUP_NAMESPACE", default_value = K8S_NAMESPACE)]
+    pub namespace: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    /// Registry hosts (host:port) reached over plain HTTP; comma-separated.
+    #[arg(long = "insecure-registry", env = "IMAGE_BACKUP_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure: Vec<String>,
+    /// Extra CA bundle (PEM) trusted for registry TLS.
+    #[arg(long = "registry-ca", env = "IMAGE_BACKUP_REGISTRY_CA")]
+    pub ca_bundle: Option<PathBuf>,
+    /// docker config.json with registry credentials.
+    #[arg(long = "docker-config", env = "IMAGE_BACKUP_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+    /// Give up on a failing registry call after this long (e.g. 2m, 30s).
+    #[arg(long = "retry-timeout", env = "IMAGE_BACKUP_RETRY_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub retry_timeout: Duration,
+    /// Blobs uploaded at once.
+    #[arg(long, env = "IMAGE_BACKUP_PARALLEL_BLOBS", default_value_t = 4)]
+    pub parallel_blobs: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub containerd: ContainerdArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Image as the kubelet ran it: name with tag, digest, or both.
+    pub source: String,
+    /// Where to push it, e.g. backup.example.com/mirror/docker.io/library/nginx:1.25.
+    pub target: String,
+}
+
+impl RegistryArgs {
+    pub fn config(&self) -> RegistryConfig {
+        RegistryConfig {
+            insecure_hosts: self.insecure.clone(),
+            ca_bundle: self.ca_bundle.clone(),
+            docker_config: self.docker_config.clone(),
+            retry: RetryPolicy { max_elapsed: self.retry_timeout, ..RetryPolicy::default() },
+        }
+    }
+
+    pub fn options(&self) -> PushOptions {
+        PushOptions { parallel_blobs: self.parallel_blobs, ..PushOptions::default() }
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Push(args) => match push(args).await {
+            Ok(pinned) => {
+                println!("{pinned}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn push(args: PushArgs) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let source = ImageRef::parse(&args.source)?;
+    let target = ImageRef::parse(&args.target)?;
+    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace).await?;
+    let pusher = Pusher::new(store, args.registry.config(), args.registry.options());
+    let progress = Progress::new();
+    let printer = spawn_printer(progress.clone());
+    let report =
+        pusher.push(&source, &target, progress).await.with_context(|| format!("pushing {source} to {target}"))?;
+    drop(printer);
+    let secs = report.duration.as_secs_f64();
+    eprintln!(
+        "pushed {:.1} MB in {secs:.2}s ({:.1} MB/s): {} blob(s) uploaded, {} mounted, {} already there",
+        report.bytes_uploaded as f64 / 1e6,
+        report.bytes_uploaded as f64 / 1e6 / secs.max(1e-6),
+        report.blobs_uploaded,
+        report.blobs_mounted,
+        report.blobs_existing,
+    );
+    Ok(report.pinned)
+}

@@ -1,0 +1,10 @@
+//! The image-backup node agent: copies images out of the node's containerd
+//! content store into the backup registry, so nothing is pulled from the
+//! source registry again.
+
+pub mod cli;
+pub mod containerd;
+pub mod progress;
+pub mod push;
+pub mod reference;
+pub mod registry;

@@ -1,0 +1,555 @@
+//! The push engine: copies one image from containerd's content store to a
+//! registry. Blobs first (several at once, each skipped, mounted or streamed
+//! with its digest checked), then manifests byte for byte, then the tag, then
+//! a check that the registry serves the tag with the expected digest.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use oci_spec::image::{ImageIndex, ImageManifest};
+use sha2::{Digest as _, Sha256};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    containerd::{ContainerdError, ContentStore, DISTRIBUTION_SOURCE_LABEL, Descriptor, Lease},
+    progress::{BlobOutcome, Progress},
+    reference::ImageRef,
+    registry::{MountOutcome, Registry, RegistryConfig, RegistryError, retry_with_policy},
+};
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An OS/architecture/variant triple, as an index names its children.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(v) => write!(f, "/{v}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A child manifest of an index and its platform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformManifest {
+    pub platform: Platform,
+    pub digest: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("reading {what} from containerd: {source}")]
+    Containerd { what: String, source: ContainerdError },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("blob {expected} read from containerd has digest {actual}: the content store is corrupt")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("blob {digest} from containerd is {actual} bytes, its descriptor says {expected}")]
+    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("manifest {digest} ({media_type}) cannot be read: {detail}")]
+    Manifest { digest: String, media_type: String, detail: String },
+    #[error(
+        "index {digest} is incomplete on this node: platform manifests missing: {}; pushed {} platform manifest(s), no index and no tag",
+        list_platforms(missing), pushed.len()
+    )]
+    IncompleteIndex { digest: String, missing: Vec<PlatformManifest>, pushed: Vec<PlatformManifest> },
+    #[error("registry {reference} reports digest {got:?} after the push, expected {expected}")]
+    Verify { reference: String, expected: String, got: Option<String> },
+}
+
+fn list_platforms(list: &[PlatformManifest]) -> String {
+    list.iter().map(|p| format!("{} ({})", p.platform, p.digest)).collect::<Vec<_>>().join(", ")
+}
+
+impl PushError {
+    /// Whether another attempt could succeed without anyone changing
+    /// anything (a registry outage, not a corrupt blob or refused login).
+    pub fn retryable(&self) -> bool {
+        match self {
+            PushError::Registry(RegistryError::GaveUp { .. }) => true,
+            PushError::Registry(e) => e.status().is_some_and(|s| s >= 500 || s == 429),
+            PushError::Containerd { source: ContainerdError::Call { .. }, .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// What a finished push did.
+#[derive(Clone, Debug)]
+pub struct PushReport {
+    /// The target reference pinned by digest (`host/repo@sha256:...`).
+    pub pinned: String,
+    pub digest: String,
+    pub media_type: String,
+    pub bytes_total: u64,
+    pub bytes_uploaded: u64,
+    pub blobs_uploaded: u32,
+    pub blobs_mounted: u32,
+    pub blobs_existing: u32,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    /// Blobs streamed at once.
+    pub parallel_blobs: usize,
+    /// How long the containerd lease outlives a push that died without
+    /// releasing it.
+    pub lease_expiry: Duration,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self { parallel_blobs: 4, lease_expiry: Duration::from_secs(3600) }
+    }
+}
+
+/// Copies images from one containerd namespace to registries. Cheap to
+/// clone; clones share connections, tokens and the mount-source memory.
+#[derive(Clone)]
+pub struct Pusher {
+    store: ContentStore,
+    config: RegistryConfig,
+    options: PushOptions,
+    registries: Arc<Mutex<HashMap<String, Registry>>>,
+}
+
+impl Pusher {
+    pub fn new(store: ContentStore, config: RegistryConfig, options: PushOptions) -> Self {
+        Self { store, config, options, registries: Arc::default() }
+    }
+
+    pub fn store(&self) -> &ContentStore {
+        &self.store
+    }
+
+    fn registry(&self, host: &str) -> Result<Registry, RegistryError> {
+        let mut registries = self.registries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(registry) = registries.get(host) {
+            return Ok(registry.clone());
+        }
+        let registry = Registry::new(host, &self.config)?;
+        registries.insert(host.to_string(), registry.clone());
+        Ok(registry)
+    }
+
+    /// Copies `source` (as containerd holds it) to `target`. Never reports
+    /// success before the registry serves the target with the source digest.
+    pub async fn push(
+        &self,
+        source: &ImageRef,
+        target: &ImageRef,
+        progress: Arc<Progress>,
+    ) -> Result<PushReport, PushError> {
+        let span = info_span!("push", source = %source, target = %target);
+        async {
+            let started = Instant::now();
+            let record = self
+                .store
+                .resolve(source)
+                .await
+                .map_err(|e| PushError::Containerd { what: format!("image {source}"), source: e })?;
+            info!(digest = %record.target.digest, media_type = %record.target.media_type, "resolved image in containerd");
+            let lease = self
+                .store
+                .lease(self.options.lease_expiry)
+                .await
+                .map_err(|e| PushError::Containerd { what: "a lease".into(), source: e })?;
+            let registry = self.registry(target.registry())?;
+            let job = Job { pusher: self, registry, repository: target.repository(), lease: &lease, progress };
+            let result = job.push_root(&record.target, target).await;
+            let snapshot = job.progress.snapshot();
+            drop(job);
+            if let Err(e) = lease.release().await {
+                warn!(error = %e, "could not release containerd lease; it expires on its own");
+            }
+            let root = result?;
+            let report = PushReport {
+                pinned: target.pinned(&root.digest),
+                digest: root.digest,
+                media_type: root.media_type,
+                bytes_total: snapshot.bytes_total,
+                bytes_uploaded: snapshot.bytes_uploaded,
+                blobs_uploaded: snapshot.blobs_uploaded,
+                blobs_mounted: snapshot.blobs_mounted,
+                blobs_existing: snapshot.blobs_existing,
+                duration: started.elapsed(),
+            };
+            info!(pinned = %report.pinned, uploaded = report.bytes_uploaded, elapsed = ?report.duration, "push complete");
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// One push in progress.
+struct Job<'a> {
+    pusher: &'a Pusher,
+    registry: Registry,
+    repository: &'a str,
+    lease: &'a Lease,
+    progress: Arc<Progress>,
+}
+
+/// A manifest and the blobs it references, read from containerd.
+struct ManifestContent {
+    descriptor: Descriptor,
+    bytes: Bytes,
+    blobs: Vec<Descriptor>,
+}
+
+impl Job<'_> {
+    async fn push_root(&self, root: &Descriptor, target: &ImageRef) -> Result<Descriptor, PushError> {
+        let bytes = self.read_manifest(root).await?;
+        let media_type = effective_media_type(root, &bytes);
+        let root = Descriptor { media_type: media_type.clone(), ..root.clone() };
+        if media_type == OCI_INDEX || media_type == DOCKER_LIST {
+            self.push_index(&root, bytes.clone()).await?;
+        } else {
+            let manifest = self.manifest_content(root.clone(), bytes.clone())?;
+            self.push_blobs(&manifest.blobs).await?;
+            self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
+        }
+        // The tag goes last: a tag never names an image whose parts are
+        // not all in the registry.
+        let reference = match target.tag() {
+            Some(tag) => {
+                self.registry.put_manifest(self.repository, tag, &root.media_type, bytes).await?;
+                tag.to_string()
+            }
+            None => root.digest.clone(),
+        };
+        let got = self.registry.manifest_digest(self.repository, &reference).await?;
+        if got.as_deref() != Some(root.digest.as_str()) {
+            return Err(PushError::Verify { reference: target.to_string(), expected: root.digest.clone(), got });
+        }
+        Ok(root)
+    }
+
+    /// Pushes every child the node holds; the index only when the target has
+    /// all of them, since a registry refuses an index with unknown children.
+    async fn push_index(&self, index: &Descriptor, bytes: Bytes) -> Result<(), PushError> {
+        let parsed: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| PushError::Manifest {
+            digest: index.digest.clone(),
+            media_type: index.media_type.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut present = Vec::new();
+        let mut absent = Vec::new();
+        for child in parsed.manifests() {
+            let platform = child.platform().as_ref().map_or_else(
+                || Platform { os: "unknown".into(), architecture: "unknown".into(), variant: None },
+                |p| Platform {
+                    os: p.os().to_string(),
+                    architecture: p.architecture().to_string(),
+                    variant: p.variant().clone(),
+                },
+            );
+            let descriptor = Descriptor {
+                media_type: child.media_type().to_string(),
+                digest: child.digest().to_string(),
+                size: child.size(),
+            };
+            let held =
+                self.pusher.store.info(&descriptor.digest).await.map_err(|e| PushError::Containerd {
+                    what: format!("manifest {}", descriptor.digest),
+                    source: e,
+                })?;
+            match held {
+                Some(_) => present.push((platform, descriptor)),
+                None => absent.push((platform, descriptor)),
+            }
+        }
+        let mut manifests = Vec::new();
+        for (platform, descriptor) in &present {
+            let bytes = self.read_manifest(descriptor).await?;
+            manifests.push((platform.clone(), self.manifest_content(descriptor.clone(), bytes)?));
+        }
+        let mut seen = HashSet::new();
+        let blobs: Vec<Descriptor> = manifests
+            .iter()
+            .flat_map(|(_, m)| m.blobs.iter().cloned())
+            .filter(|b| seen.insert(b.digest.clone()))
+            .collect();
+        self.push_blobs(&blobs).await?;
+        let mut pushed = Vec::new();
+        for (platform, manifest) in &manifests {
+            self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
+            pushed.push(PlatformManifest { platform: platform.clone(), digest: manifest.descriptor.digest.clone() });
+        }
+        // Another node may already have pushed the platforms this one lacks.
+        let mut missing = Vec::new();
+        for (platform, descriptor) in absent {
+            let there = self.registry.manifest_digest(self.repository, &descriptor.digest).await?;
+            if there.as_deref() != Some(descriptor.digest.as_str()) {
+                missing.push(PlatformManifest { platform, digest: descriptor.digest });
+            }
+        }
+        if !missing.is_empty() {
+            return Err(PushError::IncompleteIndex { digest: index.digest.clone(), missing, pushed });
+        }
+        self.put_manifest(index, &bytes).await
+    }
+
+    async fn read_manifest(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
+        self.protect(&descriptor.digest).await?;
+        let bytes = self
+            .pusher
+            .store
+            .read_all(&descriptor.digest, descriptor.size)
+            .await
+            .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), source: e })?;
+        check_digest(&descriptor.digest, descriptor.size, &bytes)?;
+        Ok(bytes)
+    }
+
+    fn manifest_content(&self, descriptor: Descriptor, bytes: Bytes) -> Result<ManifestContent, PushError> {
+        let invalid = |detail: String| PushError::Manifest {
+            digest: descriptor.digest.clone(),
+            media_type: descriptor.media_type.clone(),
+            detail,
+        };
+        let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let mut blobs = vec![to_descriptor(manifest.config())];
+        // Foreign layers (with `urls`) are not distributable: registries
+        // fetch them from their URLs, and nodes may not hold them.
+        blobs.extend(
+            manifest.layers().iter().filter(|l| l.urls().as_ref().is_none_or(Vec::is_empty)).map(to_descriptor),
+        );
+        let descriptor = Descriptor { media_type: effective_media_type(&descriptor, &bytes), ..descriptor };
+        Ok(ManifestContent { descriptor, bytes, blobs })
+    }
+
+    async fn put_manifest(&self, descriptor: &Descriptor, bytes: &Bytes) -> Result<(), PushError> {
+        debug!(digest = %descriptor.digest, "putting manifest");
+        self.registry.put_manifest(self.repository, &descriptor.digest, &descriptor.media_type, bytes.clone()).await?;
+        Ok(())
+    }
+
+    async fn protect(&self, digest: &str) -> Result<(), PushError> {
+        self.lease
+            .protect(digest)
+            .await
+            .map_err(|e| PushError::Containerd { what: format!("a lease on {digest}"), source: e })
+    }
+
+    async fn push_blobs(&self, blobs: &[Descriptor]) -> Result<(), PushError> {
+        self.progress.add_planned(u32::try_from(blobs.len()).unwrap_or(u32::MAX), blobs.iter().map(|b| b.size).sum());
+        futures::stream::iter(blobs.iter().map(|blob| self.push_blob(blob)))
+            .buffer_unordered(self.pusher.options.parallel_blobs.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn push_blob(&self, blob: &Descriptor) -> Result<(), PushError> {
+        let span = info_span!("blob", digest = %blob.digest, size = blob.size);
+        async {
+            self.protect(&blob.digest).await?;
+            if self.registry.blob_exists(self.repository, &blob.digest).await? {
+                debug!("already in the target repository");
+                self.progress.finished(BlobOutcome::Existing, blob.size, 0);
+                return Ok(());
+            }
+            let info = self
+                .pusher
+                .store
+                .info(&blob.digest)
+                .await
+                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), source: e })?
+                .ok_or_else(|| PushError::Containerd {
+                    what: format!("blob {}", blob.digest),
+                    source: ContainerdError::BlobNotFound {
+                        digest: blob.digest.clone(),
+                        namespace: self.pusher.store.namespace().to_string(),
+                    },
+                })?;
+            let label_key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", self.registry.host());
+            let sources = info.labels.get(&label_key).cloned();
+            let mut location = None;
+            for from in sources.iter().flat_map(|s| s.split(',')).filter(|r| *r != self.repository).take(3) {
+                match self.registry.mount_blob(self.repository, &blob.digest, from).await {
+                    Ok(MountOutcome::Mounted) => {
+                        debug!(from, "mounted from another repository");
+                        self.progress.finished(BlobOutcome::Mounted, blob.size, 0);
+                        self.remember_source(blob, sources.as_deref()).await;
+                        return Ok(());
+                    }
+                    Ok(MountOutcome::UploadStarted(started)) => {
+                        debug!(from, "registry declined the mount; uploading");
+                        location = Some(started);
+                        break;
+                    }
+                    Err(e) => debug!(from, error = %e, "mount failed; trying the next source"),
+                }
+            }
+            let streamed = self.upload(blob, location).await?;
+            self.progress.finished(BlobOutcome::Uploaded, blob.size, streamed);
+            self.remember_source(blob, sources.as_deref()).await;
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Streams the blob from containerd to the registry, starting over from
+    /// the source after a retryable failure. Returns the bytes counted as
+    /// streamed into progress.
+    async fn upload(&self, blob: &Descriptor, mut location: Option<String>) -> Result<u64, PushError> {
+        let failure: Arc<Mutex<Option<PushError>>> = Arc::default();
+        let counted = Arc::new(AtomicU64::new(0));
+        let result = retry_with_policy(self.registry.retry_policy(), "upload blob", &blob.digest, || {
+            let location = location.take();
+            let failure = failure.clone();
+            let counted = counted.clone();
+            async move {
+                let location = match location {
+                    Some(location) => location,
+                    None => self.registry.start_upload(self.repository, &blob.digest).await?,
+                };
+                self.progress.rewind(counted.swap(0, Ordering::Relaxed));
+                let body = self.verified_body(blob, failure.clone(), counted.clone());
+                let sent = self
+                    .registry
+                    .finish_upload(
+                        self.repository,
+                        &location,
+                        &blob.digest,
+                        blob.size,
+                        reqwest::Body::wrap_stream(body),
+                    )
+                    .await;
+                match (sent, failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref()) {
+                    // The body failed: its cause, not the broken request, is
+                    // the error; it is final unless the source was busy.
+                    (Err(_), Some(cause)) => Err(self.registry.body_error(
+                        self.repository,
+                        &blob.digest,
+                        cause.to_string(),
+                        cause.retryable(),
+                    )),
+                    (sent, _) => sent,
+                }
+            }
+        })
+        .await;
+        if result.is_err()
+            && let Some(cause) = failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            return Err(cause);
+        }
+        result?;
+        Ok(counted.load(Ordering::Relaxed))
+    }
+
+    /// The blob's bytes from containerd, with size and sha256 checked on the
+    /// way. The last chunk is withheld on a mismatch, so the registry never
+    /// receives a complete body with the wrong content.
+    fn verified_body(
+        &self,
+        blob: &Descriptor,
+        failure: Arc<Mutex<Option<PushError>>>,
+        counted: Arc<AtomicU64>,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let source = self.pusher.store.read(&blob.digest, blob.size);
+        let expected = blob.clone();
+        let progress = self.progress.clone();
+        async_stream::try_stream! {
+            let mut source = std::pin::pin!(source);
+            let mut hasher = Sha256::new();
+            let mut seen = 0u64;
+            let fail = |e: PushError| {
+                let message = e.to_string();
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                std::io::Error::other(message)
+            };
+            while let Some(chunk) = source.next().await {
+                let chunk = chunk.map_err(|e| fail(PushError::Containerd { what: format!("blob {}", expected.digest), source: e }))?;
+                seen += chunk.len() as u64;
+                if seen > expected.size {
+                    Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
+                }
+                hasher.update(&chunk);
+                if seen == expected.size {
+                    let actual = format!("sha256:{}", hex::encode(hasher.finalize_reset()));
+                    if actual != expected.digest {
+                        Err(fail(PushError::DigestMismatch { expected: expected.digest.clone(), actual }))?;
+                    }
+                }
+                counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                progress.streamed(chunk.len() as u64);
+                yield chunk;
+            }
+            if seen != expected.size {
+                Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
+            }
+        }
+    }
+
+    /// Labels the blob in containerd with the repository now holding it, so
+    /// the next push to another repository of this registry mounts it.
+    async fn remember_source(&self, blob: &Descriptor, existing: Option<&str>) {
+        if let Err(e) = self
+            .pusher
+            .store
+            .add_distribution_source(&blob.digest, self.registry.host(), self.repository, existing)
+            .await
+        {
+            warn!(digest = %blob.digest, error = %e, "could not record the blob's registry location in containerd");
+        }
+    }
+}
+
+fn to_descriptor(d: &oci_spec::image::Descriptor) -> Descriptor {
+    Descriptor { media_type: d.media_type().to_string(), digest: d.digest().to_string(), size: d.size() }
+}
+
+/// containerd records the media type it resolved; a bare digest reference
+/// may leave it empty, and the manifest's own `mediaType` field says it.
+fn effective_media_type(descriptor: &Descriptor, bytes: &[u8]) -> String {
+    if !descriptor.media_type.is_empty() {
+        return descriptor.media_type.clone();
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Probe>(bytes) {
+        Ok(Probe { media_type: Some(m), .. }) => m,
+        Ok(Probe { manifests: Some(_), .. }) => OCI_INDEX.into(),
+        _ => OCI_MANIFEST.into(),
+    }
+}
+
+fn check_digest(expected: &str, size: u64, bytes: &[u8]) -> Result<(), PushError> {
+    if bytes.len() as u64 != size {
+        return Err(PushError::SizeMismatch { digest: expected.into(), expected: size, actual: bytes.len() as u64 });
+    }
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    if actual != expected {
+        return Err(PushError::DigestMismatch { expected: expected.into(), actual });
+    }
+    Ok(())
+}

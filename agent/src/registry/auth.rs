@@ -1,0 +1,191 @@
+//! Registry authentication: anonymous, Basic, and the Bearer token flow that
+//! a `WWW-Authenticate` challenge starts (the distribution token spec).
+//! Challenge parsing is the http-auth crate's.
+
+use std::{collections::HashMap, fmt};
+
+use reqwest::{RequestBuilder, header::HeaderValue};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use tracing::debug;
+
+/// Registry credentials. Never printed: `Debug` redacts them, and no error
+/// message includes them.
+#[derive(Clone)]
+pub enum Credentials {
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// An identity (refresh) token, exchanged for access tokens with OAuth2.
+    IdentityToken(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => {
+                f.debug_struct("Basic").field("username", username).field("password", &"<redacted>").finish()
+            }
+            Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
+    }
+}
+
+/// What the registry asked for, learned from its first challenge.
+#[derive(Clone, Debug, Default)]
+enum Scheme {
+    #[default]
+    Anonymous,
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+pub(super) struct Auth {
+    host: String,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    state: RwLock<State>,
+}
+
+#[derive(Default)]
+struct State {
+    scheme: Scheme,
+    /// Bearer tokens by scope.
+    tokens: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct TokenReply {
+    token: Option<String>,
+    access_token: Option<String>,
+}
+
+impl Auth {
+    pub(super) fn new(host: &str, http: reqwest::Client, credentials: Option<Credentials>) -> Self {
+        Self { host: host.to_string(), http, credentials, state: RwLock::default() }
+    }
+
+    /// Adds what the registry is known to want, so that only the first
+    /// request to a registry (or to a new scope) meets a challenge.
+    pub(super) async fn authorize(&self, request: RequestBuilder, scope: &str) -> RequestBuilder {
+        let bearer = match &self.state.read().await.scheme {
+            Scheme::Bearer { realm, service } => Some((realm.clone(), service.clone())),
+            _ => None,
+        };
+        // A known token service gets asked for a new scope's token up front,
+        // saving the challenge round trip; on failure the challenge path
+        // reports the error.
+        if let Some((realm, service)) = bearer {
+            let missing = !self.state.read().await.tokens.contains_key(scope);
+            if missing && let Ok(token) = self.fetch_token(&realm, service.as_deref(), scope).await {
+                self.state.write().await.tokens.insert(scope.to_string(), token);
+            }
+        }
+        let state = self.state.read().await;
+        match (&state.scheme, &self.credentials) {
+            (Scheme::Basic, Some(Credentials::Basic { username, password })) => {
+                request.basic_auth(username, Some(password))
+            }
+            (Scheme::Bearer { .. }, _) => match state.tokens.get(scope) {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            },
+            _ => request,
+        }
+    }
+
+    /// Answers a 401: learns the scheme and, for Bearer, fetches a token for
+    /// the scope. The error text is safe to show: it never holds secrets.
+    pub(super) async fn answer(&self, challenge: Option<&HeaderValue>, scope: &str) -> Result<(), String> {
+        let header = challenge
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| "401 without a WWW-Authenticate challenge".to_string())?;
+        let challenges =
+            http_auth::parse_challenges(header).map_err(|e| format!("unparsable challenge {header:?}: {e}"))?;
+        let param = |c: &http_auth::ChallengeRef<'_>, name: &str| {
+            c.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_unescaped())
+        };
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer")) {
+            let realm = param(bearer, "realm").ok_or_else(|| format!("bearer challenge without realm: {header:?}"))?;
+            let service = param(bearer, "service");
+            let token = self.fetch_token(&realm, service.as_deref(), scope).await?;
+            let mut state = self.state.write().await;
+            state.scheme = Scheme::Bearer { realm, service };
+            state.tokens.insert(scope.to_string(), token);
+            return Ok(());
+        }
+        if challenges.iter().any(|c| c.scheme.eq_ignore_ascii_case("basic")) {
+            if !matches!(self.credentials, Some(Credentials::Basic { .. })) {
+                return Err(format!(
+                    "registry asks for basic auth and no credentials are configured for {}",
+                    self.host
+                ));
+            }
+            let mut state = self.state.write().await;
+            if matches!(state.scheme, Scheme::Basic) {
+                return Err("credentials refused".into());
+            }
+            state.scheme = Scheme::Basic;
+            return Ok(());
+        }
+        Err(format!("unsupported authentication challenge {header:?}"))
+    }
+
+    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String, String> {
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        for s in scope.split(' ') {
+            query.push(("scope", s));
+        }
+        let request = match &self.credentials {
+            Some(Credentials::IdentityToken(refresh)) => {
+                let mut form = query.clone();
+                form.extend([
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh),
+                    ("client_id", "image-backup"),
+                ]);
+                self.http.post(realm).form(&form)
+            }
+            Some(Credentials::Basic { username, password }) => {
+                self.http.get(realm).query(&query).basic_auth(username, Some(password))
+            }
+            None => self.http.get(realm).query(&query),
+        };
+        debug!(realm, scope, "fetching registry token");
+        let response =
+            request.send().await.map_err(|e| format!("token request to {realm}: {}", super::error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.chars().take(256).collect();
+            return Err(format!("token server {realm} answered {status}: {}", body.trim()));
+        }
+        let reply: TokenReply =
+            response.json().await.map_err(|e| format!("token server {realm} sent an unreadable reply: {e}"))?;
+        reply
+            .token
+            .or(reply.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("token server {realm} sent no token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let c = Credentials::Basic { username: "u".into(), password: "hunter2".into() };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let t = Credentials::IdentityToken("tok-secret".into());
+        assert!(!format!("{t:?}").contains("tok-secret"));
+    }
+}

@@ -1,0 +1,93 @@
+//! How to reach registries: which hosts speak plain HTTP, which extra CA to
+//! trust, where credentials come from, and how long to keep retrying.
+
+use std::{path::PathBuf, time::Duration};
+
+use super::Credentials;
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// Total backoff time after which a failing call gives up.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+            max_elapsed: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RegistryConfig {
+    /// Hosts (`host:port`) reached over plain HTTP.
+    pub insecure_hosts: Vec<String>,
+    /// PEM bundle trusted in addition to the system roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// docker `config.json` holding credentials.
+    pub docker_config: Option<PathBuf>,
+    pub retry: RetryPolicy,
+}
+
+impl RegistryConfig {
+    pub fn is_insecure(&self, host: &str) -> bool {
+        self.insecure_hosts.iter().any(|h| h == host)
+    }
+
+    pub(super) fn http_client(&self) -> Result<reqwest::Client, String> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("image-backup/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            // A silent peer mid-upload is a dropped connection, retried.
+            .read_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(16)
+            .tcp_nodelay(true)
+            // Uploads stream at disk speed; HTTP/1.1 avoids HTTP/2 window
+            // stalls and every registry speaks it.
+            .http1_only();
+        if let Some(path) = &self.ca_bundle {
+            let pem = std::fs::read(path).map_err(|e| format!("reading CA bundle {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("CA bundle {} holds no usable PEM certificate: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("CA bundle {} holds no certificate", path.display()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder.build().map_err(|e| format!("building HTTP client: {e}"))
+    }
+
+    /// Credentials for `host` from the docker config file, if it has any.
+    /// The error text never holds the secret itself.
+    pub(super) fn credentials_for(&self, host: &str) -> Result<Option<Credentials>, String> {
+        let Some(path) = &self.docker_config else {
+            return Ok(None);
+        };
+        let text = std::fs::read(path).map_err(|e| format!("reading docker config {}: {e}", path.display()))?;
+        // Keys in the wild: bare host, with scheme, and Docker Hub's v1 URL.
+        let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
+        if host == "docker.io" || host == "index.docker.io" {
+            keys.push("https://index.docker.io/v1/".into());
+        }
+        for key in keys {
+            match docker_credential::get_credential_from_reader(text.as_slice(), &key) {
+                Ok(docker_credential::DockerCredential::UsernamePassword(username, password)) => {
+                    return Ok(Some(Credentials::Basic { username, password }));
+                }
+                Ok(docker_credential::DockerCredential::IdentityToken(token)) => {
+                    return Ok(Some(Credentials::IdentityToken(token)));
+                }
+                Err(docker_credential::CredentialRetrievalError::NoCredentialConfigured) => continue,
+                Err(e) => return Err(format!("docker config {} entry for {key}: {e}", path.display())),
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,120 @@
+//! The ImageBackup custom resource: one per normalized source image, named
+//! deterministically so that creating it is idempotent across events,
+//! workloads and coordinator restarts.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every image-backup resource.
+pub const GROUP: &str = "backup.k8slab.io";
+
+/// What to copy: the source image as the kubelet ran it, and the digest the
+/// pods report.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "backup.k8slab.io",
+    version = "v1alpha1",
+    kind = "ImageBackup",
+    plural = "imagebackups",
+    singular = "imagebackup",
+    shortname = "ib",
+    status = "ImageBackupStatus",
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBackupSpec {
+    /// Normalized source reference, e.g. `docker.io/library/nginx:1.25`.
+    pub source: String,
+    /// Digest to copy (index or manifest), e.g. `sha256:...`.
+    pub digest: String,
+}
+
+/// Where a job is. Completed and Failed are final for an attempt series.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Assigned,
+    Pushing,
+    Completed,
+    Failed,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageBackupStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    /// Node whose containerd the copy is read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Human-readable progress for `kubectl get`, e.g. `42% (108/256 MB)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Backup reference pinned by digest, set only once the coordinator has
+    /// seen the manifest in the backup registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_reference: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Platforms of an index that no connected node holds yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_platforms: Vec<String>,
+    /// Workloads (`kind/namespace/name`) that run this image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD manifest as YAML, exactly as `deploy/crds/imagebackup.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&ImageBackup::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in manifest is what `kubectl apply` installs; it must never
+    /// drift from the types the coordinator reads and writes.
+    #[test]
+    fn checked_in_crd_matches_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/imagebackup.yaml");
+        let checked_in = std::fs::read_to_string(path).expect("read deploy/crds/imagebackup.yaml");
+        assert_eq!(
+            checked_in,
+            crd_yaml().expect("serialize CRD"),
+            "deploy/crds/imagebackup.yaml is stale: run `cargo run -p image-backup-crds --bin crdgen`"
+        );
+    }
+
+    #[test]
+    fn crd_is_cluster_scoped_with_status_and_short_name() {
+        use kube::CustomResourceExt;
+        let crd = ImageBackup::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["ib".to_string()]));
+        let version = &crd.spec.versions[0];
+        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(columns, ["Source", "Phase", "Node", "Progress", "Age"]);
+    }
+}
