@@ -1,1 +1,29 @@
+//! Test harness for image-backup: real containerd and real registries (the
+//! Debian `containerd` and `docker-registry` packages) started on temporary
+//! sockets, ports and directories, test images built as OCI content, and a
+//! fault-injecting proxy that counts what reaches a registry.
+//!
+//! Every instance owns its directories, sockets and ports, so tests run in
+//! parallel, and stops only the processes it started (on drop).
 
+pub mod containerd;
+pub mod image;
+pub mod process;
+pub mod proxy;
+pub mod registry;
+
+pub use containerd::Containerd;
+pub use image::{MediaTypes, TestImage};
+pub use proxy::{Faults, Proxy};
+pub use registry::{Registry, RegistryAuth};
+
+/// Installs a test log subscriber once; `RUST_LOG` tunes it.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

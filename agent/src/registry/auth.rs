@@ -125,11 +125,9 @@ impl Auth {
                     self.host
                 ));
             }
-            let mut state = self.state.write().await;
-            if matches!(state.scheme, Scheme::Basic) {
-                return Err("credentials refused".into());
-            }
-            state.scheme = Scheme::Basic;
+            // Concurrent requests may all meet the challenge; a refusal shows
+            // as a second 401 on the retried request, not here.
+            self.state.write().await.scheme = Scheme::Basic;
             return Ok(());
         }
         Err(format!("unsupported authentication challenge {header:?}"))

@@ -1,0 +1,175 @@
+//! A real OCI distribution registry (Debian `docker-registry`) on a free
+//! port: plain HTTP, or TLS with htpasswd basic auth.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use tempfile::TempDir;
+
+use crate::process::{Daemon, free_port};
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Clone, Debug)]
+pub enum RegistryAuth {
+    /// Plain HTTP, anyone may push.
+    None,
+    /// TLS with a CA of the harness's own, and htpasswd basic auth.
+    TlsBasic { username: String, password: String },
+}
+
+pub struct Registry {
+    dir: TempDir,
+    daemon: Daemon,
+    port: u16,
+    auth: RegistryAuth,
+    http: reqwest::Client,
+}
+
+/// A manifest as the registry serves it.
+#[derive(Debug)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: String,
+}
+
+impl Registry {
+    pub async fn start(auth: RegistryAuth) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("registry").tempdir()?;
+        let port = free_port()?;
+        let mut http = reqwest::Client::builder();
+        let mut extra = String::new();
+        if let RegistryAuth::TlsBasic { username, password } = &auth {
+            let (ca, cert, key) = tls_files()?;
+            std::fs::write(dir.path().join("ca.pem"), &ca)?;
+            std::fs::write(dir.path().join("cert.pem"), cert)?;
+            std::fs::write(dir.path().join("key.pem"), key)?;
+            let hash = bcrypt::hash(password, 4)?;
+            std::fs::write(dir.path().join("htpasswd"), format!("{username}:{hash}\n"))?;
+            extra = format!(
+                "  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\nauth:\n  htpasswd:\n    realm: image-backup-test\n    path: {d}/htpasswd\n",
+                d = dir.path().display()
+            );
+            http = http
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+                .tls_built_in_root_certs(false);
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: image-backup-test\n{extra}",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let mut command = Command::new("docker-registry");
+        command.arg("serve").arg(dir.path().join("config.yml"));
+        let mut daemon = Daemon::spawn("docker-registry", command, &dir.path().join("registry.log"))?;
+        daemon.wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+        Ok(Self { dir, daemon, port, auth, http: http.build()? })
+    }
+
+    /// `127.0.0.1:PORT`, as references name it.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+
+    /// PEM of the CA that signed the registry's certificate (TLS only).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Where the registry keeps its data; emptied by `clear`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn base(&self) -> String {
+        match self.auth {
+            RegistryAuth::None => format!("http://{}", self.host()),
+            RegistryAuth::TlsBasic { .. } => format!("https://{}", self.host()),
+        }
+    }
+
+    fn get(&self, url: String) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.auth {
+            RegistryAuth::None => request,
+            RegistryAuth::TlsBasic { username, password } => request.basic_auth(username, Some(password)),
+        }
+    }
+
+    /// The blob's bytes, or `None` when the repository lacks it.
+    pub async fn blob(&self, repository: &str, digest: &str) -> anyhow::Result<Option<Bytes>> {
+        let response = self.get(format!("{}/v2/{repository}/blobs/{digest}", self.base())).send().await?;
+        match response.status() {
+            reqwest::StatusCode::OK => Ok(Some(response.bytes().await?)),
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            status => bail!("GET blob {digest} in {repository}: {status}"),
+        }
+    }
+
+    pub async fn manifest(&self, repository: &str, reference: &str) -> anyhow::Result<Option<Manifest>> {
+        let response = self
+            .get(format!("{}/v2/{repository}/manifests/{reference}", self.base()))
+            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT)
+            .send()
+            .await?;
+        match response.status() {
+            reqwest::StatusCode::OK => {
+                let header = |name: &str| {
+                    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+                };
+                let (media_type, digest) = (header("content-type"), header("docker-content-digest"));
+                Ok(Some(Manifest { bytes: response.bytes().await?, media_type, digest }))
+            }
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            status => bail!("GET manifest {reference} in {repository}: {status}"),
+        }
+    }
+
+    /// Tags of a repository (empty when it does not exist).
+    pub async fn tags(&self, repository: &str) -> anyhow::Result<Vec<String>> {
+        let response = self.get(format!("{}/v2/{repository}/tags/list", self.base())).send().await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        let body: serde_json::Value = response.error_for_status()?.json().await?;
+        Ok(body["tags"]
+            .as_array()
+            .map(|tags| tags.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
+    }
+
+    /// Empties the registry's storage (between benchmark runs).
+    pub fn clear(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data).with_context(|| format!("clearing {}", data.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A CA, and a certificate it signed for 127.0.0.1 and localhost.
+fn tls_files() -> anyhow::Result<(String, String, String)> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "image-backup test CA");
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+    params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}

@@ -1,0 +1,317 @@
+//! The push engine against a real containerd and real registries: what a
+//! user checks is what lands in the registry, byte for byte.
+
+use std::{sync::Arc, time::Duration};
+
+use image_backup_agent::{
+    containerd::ContentStore,
+    progress::Progress,
+    push::{PushError, PushOptions, PushReport, Pusher},
+    reference::ImageRef,
+    registry::{RegistryConfig, RetryPolicy},
+};
+use image_backup_tests::{
+    Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage, containerd::NAMESPACE,
+    image::PlatformImage, init_tracing,
+};
+
+const KB: usize = 1 << 10;
+const MB: usize = 1 << 20;
+
+fn insecure(hosts: &[String]) -> RegistryConfig {
+    RegistryConfig {
+        insecure_hosts: hosts.to_vec(),
+        retry: RetryPolicy {
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(500),
+            max_elapsed: Duration::from_secs(20),
+        },
+        ..RegistryConfig::default()
+    }
+}
+
+async fn pusher(containerd: &Containerd, config: RegistryConfig) -> Pusher {
+    let store = ContentStore::connect(&containerd.socket(), NAMESPACE).await.expect("connect to containerd");
+    Pusher::new(store, config, PushOptions::default())
+}
+
+async fn push(pusher: &Pusher, source: &str, target: &str) -> Result<PushReport, PushError> {
+    pusher.push(&ImageRef::parse(source).unwrap(), &ImageRef::parse(target).unwrap(), Progress::new()).await
+}
+
+/// Every blob and manifest of the platform image, read back from the
+/// registry, has the bytes and digest it had in containerd.
+async fn assert_platform_in_registry(registry: &Registry, repository: &str, image: &PlatformImage) {
+    for blob in image.layers.iter().chain([&image.config]) {
+        let got = registry.blob(repository, &blob.digest).await.unwrap().unwrap_or_else(|| {
+            panic!("{repository} lacks blob {}", blob.digest);
+        });
+        assert_eq!(image_backup_tests::image::sha256(&got), blob.digest);
+        assert_eq!(got.len() as u64, blob.size());
+    }
+    let manifest = registry.manifest(repository, &image.manifest.digest).await.unwrap().expect("manifest by digest");
+    assert_eq!(manifest.bytes, image.manifest.data, "manifest must be stored byte for byte");
+    assert_eq!(manifest.digest, image.manifest.digest);
+    assert_eq!(manifest.media_type, image.manifest.media_type);
+}
+
+#[tokio::test]
+async fn push_lands_byte_for_byte_and_a_second_push_uploads_nothing() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let proxy = Proxy::start(&registry.host(), Faults::default()).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[3 * MB, 700 * KB, 1, 5 * MB + 17], 1);
+    image.import(&containerd, "docker.io/library/app:1.0", &[], &[]).await.unwrap();
+
+    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+    let target = format!("{}/backup/docker.io/library/app:1.0", proxy.host());
+    let report = push(&pusher, "app:1.0", &target).await.expect("push");
+
+    assert_eq!(report.digest, image.digest());
+    assert_eq!(report.pinned, format!("{}/backup/docker.io/library/app@{}", proxy.host(), image.digest()));
+    assert_eq!(report.blobs_uploaded, 5);
+    assert_eq!(proxy.uploads(), 5, "4 layers and a config");
+    assert_platform_in_registry(&registry, "backup/docker.io/library/app", &image.platforms[0]).await;
+    let tagged = registry.manifest("backup/docker.io/library/app", "1.0").await.unwrap().expect("tag");
+    assert_eq!(tagged.digest, image.digest());
+
+    // Pushing again, by digest this time, finds everything in place.
+    let again =
+        push(&pusher, &format!("docker.io/library/app@{}", image.digest()), &target).await.expect("second push");
+    assert_eq!(again.digest, image.digest());
+    assert_eq!((again.blobs_uploaded, again.blobs_existing, again.bytes_uploaded), (0, 5, 0));
+    assert_eq!(proxy.uploads(), 5, "the second push uploads nothing");
+}
+
+#[tokio::test]
+async fn push_to_a_second_repository_mounts_instead_of_uploading() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let proxy = Proxy::start(&registry.host(), Faults::default()).await.unwrap();
+    let image = TestImage::single(MediaTypes::Docker, &[2 * MB, MB], 2);
+    image.import(&containerd, "quay.io/team/tool:v2", &[], &[]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+
+    push(&pusher, "quay.io/team/tool:v2", &format!("{}/first/tool:v2", proxy.host())).await.unwrap();
+    assert_eq!(proxy.uploads(), 3);
+    // The location is remembered where containerd's own pushes look for it.
+    let labels = containerd.labels(&image.platforms[0].layers[0].digest).await.unwrap();
+    assert_eq!(
+        labels.get(&format!("containerd.io/distribution.source.{}", proxy.host())).map(String::as_str),
+        Some("first/tool")
+    );
+
+    // A fresh pusher (a new process) still mounts, from containerd's labels.
+    let fresh = self::pusher(&containerd, insecure(&[proxy.host()])).await;
+    let report = push(&fresh, "quay.io/team/tool:v2", &format!("{}/second/tool:v2", proxy.host())).await.unwrap();
+    assert_eq!((report.blobs_mounted, report.blobs_uploaded), (3, 0));
+    assert_eq!(proxy.mounts(), 3);
+    assert_eq!(proxy.uploads(), 3, "nothing uploaded for the second repository");
+    assert_platform_in_registry(&registry, "second/tool", &image.platforms[0]).await;
+}
+
+#[tokio::test]
+async fn a_registry_that_fails_requests_still_gets_a_complete_image() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let faults = Faults { unavailable_every: Some(4), throttle_every: Some(7), drop_upload_every: Some(2) };
+    let proxy = Proxy::start(&registry.host(), faults).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[4 * MB, 2 * MB, 3 * MB, MB], 3);
+    image.import(&containerd, "docker.io/library/flaky:1", &[], &[]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+
+    let report = push(&pusher, "flaky:1", &format!("{}/flaky:1", proxy.host())).await.expect("push through faults");
+    assert!(proxy.faults() >= 4, "the proxy injected faults ({})", proxy.faults());
+    assert_eq!(report.digest, image.digest());
+    assert_platform_in_registry(&registry, "flaky", &image.platforms[0]).await;
+    assert_eq!(registry.manifest("flaky", "1").await.unwrap().expect("tag").digest, image.digest());
+}
+
+#[tokio::test]
+async fn a_registry_that_never_recovers_gives_up_naming_what_failed() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let proxy =
+        Proxy::start(&registry.host(), Faults { unavailable_every: Some(1), ..Faults::default() }).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[64 * KB], 4);
+    image.import(&containerd, "docker.io/library/down:1", &[], &[]).await.unwrap();
+    let mut config = insecure(&[proxy.host()]);
+    config.retry.max_elapsed = Duration::from_millis(600);
+    let pusher = pusher(&containerd, config).await;
+
+    let err = push(&pusher, "down:1", &format!("{}/down:1", proxy.host())).await.unwrap_err();
+    let text = err.to_string();
+    assert!(err.retryable(), "an outage is worth another attempt later: {text}");
+    for needle in [proxy.host().as_str(), "down", "503", "gave up after"] {
+        assert!(text.contains(needle), "error {text:?} should name {needle:?}");
+    }
+    assert!(registry.tags("down").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn partial_multi_platform_index_reports_missing_platforms_and_pushes_no_index() {
+    init_tracing();
+    let node_a = Containerd::start().await.unwrap();
+    let node_b = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::multi_platform(MediaTypes::Oci, &[MB, 300 * KB], &["amd64", "arm64", "s390x"], 5);
+    image.import(&node_a, "docker.io/library/multi:3", &["amd64"], &[]).await.unwrap();
+    image.import(&node_b, "docker.io/library/multi:3", &["arm64", "s390x"], &[]).await.unwrap();
+    let target = format!("{}/mirror/multi:3", registry.host());
+
+    let first = pusher(&node_a, insecure(&[registry.host()])).await;
+    let err = push(&first, "multi:3", &target).await.unwrap_err();
+    match &err {
+        PushError::IncompleteIndex { digest, missing, pushed } => {
+            assert_eq!(digest, image.digest());
+            let missing: Vec<String> = missing.iter().map(|m| m.platform.to_string()).collect();
+            assert_eq!(missing, ["linux/arm64", "linux/s390x"]);
+            assert_eq!(pushed.len(), 1);
+            assert_eq!(pushed[0].digest, image.platform("amd64").manifest.digest);
+        }
+        other => panic!("expected an incomplete index, got {other}"),
+    }
+    assert!(err.to_string().contains("linux/arm64"), "{err}");
+    assert!(
+        registry.manifest("mirror/multi", image.digest()).await.unwrap().is_none(),
+        "no index without its children"
+    );
+    assert!(registry.tags("mirror/multi").await.unwrap().is_empty(), "no tag");
+    assert_platform_in_registry(&registry, "mirror/multi", image.platform("amd64")).await;
+
+    // The node holding the other platforms completes the index.
+    let second = pusher(&node_b, insecure(&[registry.host()])).await;
+    let report = push(&second, "multi:3", &target).await.expect("complete index");
+    assert_eq!(report.digest, image.digest());
+    let index = registry.manifest("mirror/multi", "3").await.unwrap().expect("tagged index");
+    assert_eq!(index.bytes, image.index.as_ref().unwrap().data);
+    for arch in ["amd64", "arm64", "s390x"] {
+        assert_platform_in_registry(&registry, "mirror/multi", image.platform(arch)).await;
+    }
+}
+
+#[tokio::test]
+async fn docker_manifest_list_with_every_platform_present_pushes_whole() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::multi_platform(MediaTypes::Docker, &[200 * KB], &["amd64", "arm64"], 6);
+    image.import(&containerd, "ghcr.io/org/both:latest", &["amd64", "arm64"], &[]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
+    let report =
+        push(&pusher, "ghcr.io/org/both", &format!("{}/ghcr.io/org/both:latest", registry.host())).await.unwrap();
+    assert_eq!(report.media_type, "application/vnd.docker.distribution.manifest.list.v2+json");
+    let index = registry.manifest("ghcr.io/org/both", "latest").await.unwrap().unwrap();
+    assert_eq!((index.digest.as_str(), &index.media_type), (image.digest(), &report.media_type));
+}
+
+#[tokio::test]
+async fn a_blob_missing_from_containerd_fails_clearly_and_leaves_no_tag() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[MB, MB], 7);
+    let missing = image.platforms[0].layers[1].digest.clone();
+    image.import(&containerd, "docker.io/library/holey:1", &[], &[&missing]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
+
+    let err = push(&pusher, "holey:1", &format!("{}/holey:1", registry.host())).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&missing) && text.contains("not in containerd"), "{text}");
+    assert!(!err.retryable());
+    assert!(registry.tags("holey").await.unwrap().is_empty(), "no tag for a partial copy");
+    assert!(registry.manifest("holey", image.digest()).await.unwrap().is_none(), "no manifest either");
+}
+
+#[tokio::test]
+async fn an_image_containerd_does_not_hold_is_a_clear_error() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
+    let err = push(&pusher, "nginx:1.25", &format!("{}/nginx:1.25", registry.host())).await.unwrap_err();
+    assert!(err.to_string().contains("docker.io/library/nginx:1.25 not found in containerd namespace k8s.io"), "{err}");
+}
+
+#[tokio::test]
+async fn tls_registry_with_basic_auth_from_a_docker_config() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::TlsBasic { username: "backup".into(), password: "s3cr3t-pw".into() })
+        .await
+        .unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[MB], 8);
+    image.import(&containerd, "docker.io/library/secure:1", &[], &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |user: &str, pass: &str| {
+        let path = dir.path().join(format!("{user}-config.json"));
+        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{user}:{pass}"));
+        std::fs::write(&path, serde_json::json!({ "auths": { registry.host(): { "auth": auth } } }).to_string())
+            .unwrap();
+        path
+    };
+    let target = format!("{}/secure:1", registry.host());
+    let config = |docker_config, ca: bool| RegistryConfig {
+        ca_bundle: ca.then(|| registry.ca_path()),
+        docker_config,
+        ..insecure(&[])
+    };
+
+    // Without the CA: a clear TLS error, no endless retries.
+    let err =
+        push(&pusher(&containerd, config(Some(write_config("backup", "s3cr3t-pw")), false)).await, "secure:1", &target)
+            .await
+            .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("certificate") && text.contains(&registry.host()), "{text}");
+    assert!(!text.contains("gave up"), "TLS trust is not retried: {text}");
+
+    // Wrong password: refused, and the password never shows.
+    let err =
+        push(&pusher(&containerd, config(Some(write_config("backup", "wrong-pw")), true)).await, "secure:1", &target)
+            .await
+            .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("refused") && text.contains("secure"), "{text}");
+    assert!(!text.contains("wrong-pw") && !format!("{err:?}").contains("wrong-pw"));
+
+    // No credentials at all.
+    let err = push(&pusher(&containerd, config(None, true)).await, "secure:1", &target).await.unwrap_err();
+    assert!(err.to_string().contains("no credentials"), "{err}");
+
+    // The right ones.
+    let report =
+        push(&pusher(&containerd, config(Some(write_config("backup", "s3cr3t-pw")), true)).await, "secure:1", &target)
+            .await
+            .expect("push with CA and credentials");
+    assert_eq!(report.digest, image.digest());
+    assert_platform_in_registry(&registry, "secure", &image.platforms[0]).await;
+}
+
+#[tokio::test]
+async fn progress_counts_every_byte_once() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let proxy =
+        Proxy::start(&registry.host(), Faults { drop_upload_every: Some(3), ..Faults::default() }).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[2 * MB, 3 * MB, MB], 9);
+    image.import(&containerd, "docker.io/library/counted:1", &[], &[]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+    let progress = Arc::new(Progress::default());
+    pusher
+        .push(
+            &ImageRef::parse("counted:1").unwrap(),
+            &ImageRef::parse(&format!("{}/counted:1", proxy.host())).unwrap(),
+            progress.clone(),
+        )
+        .await
+        .unwrap();
+    let s = progress.snapshot();
+    let blobs = image.platforms[0].total_size() - image.platforms[0].manifest.size();
+    assert_eq!((s.bytes_done, s.bytes_total, s.blobs_done, s.blobs_total), (blobs, blobs, 4, 4));
+}
