@@ -76,6 +76,9 @@ pub struct ContentStore {
     window: u64,
 }
 
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// Size of one Read call's range.
 pub const DEFAULT_READ_WINDOW: u64 = 16 << 20;
 
@@ -83,12 +86,13 @@ impl ContentStore {
     /// Connects to containerd's socket. HTTP/2 flow-control windows are
     /// raised well above the 64 KiB protocol default: with the default, a
     /// fast local reader stalls on window updates and reads several times
-    /// slower.
+    /// slower. The stream window bounds what one blob buffers (memory is
+    /// streams in flight times this).
     pub async fn connect(socket: &Path, namespace: &str) -> Result<Self, ContainerdError> {
         let path = socket.to_path_buf();
         let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .connect_with_connector(tower_service(path.clone()))
             .await
             .map_err(|source| ContainerdError::Connect { path: path.display().to_string(), source })?;
@@ -242,9 +246,12 @@ impl ContentStore {
                 let len = window.min(size - offset);
                 async move { store.read_window(digest, offset, len).await }
             })
-            // One window ahead: containerd already streams the next range
-            // while the caller uploads this one.
-            .buffered(2)
+            // One window at a time: a second Read in flight would fill its
+            // HTTP/2 stream window while nobody consumes it, and with several
+            // blobs at once those idle buffers can take the whole connection
+            // window and stall every read. Within a window, flow control
+            // already keeps containerd streaming ahead of the consumer.
+            .then(|window| window)
             .try_flatten()
     }
 }

@@ -1,1 +1,171 @@
-fn main() {}
+//! Push throughput and memory, side by side with the peer tools, against the
+//! same real containerd and a freshly started registry.
+//!
+//! ```sh
+//! WITH_BENCH_TOOLS=1 tests/setup
+//! cargo build --release -p image-backup-agent && cargo bench -p image-backup-tests --bench push
+//! ```
+//!
+//! For each image: `image-backup-agent push` (containerd -> registry), `ctr
+//! images push` (same image, same registry), and `skopeo copy` (registry ->
+//! registry); the target registry is emptied between runs. Then the agent's
+//! second push of an image already there. Peak RSS is the process's own
+//! (wait4 rusage), so it covers the whole agent.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage, containerd::NAMESPACE};
+
+const MB: usize = 1 << 20;
+
+struct Run {
+    elapsed: Duration,
+    max_rss_kb: i64,
+}
+
+/// Runs a command to completion under GNU time, returning its wall time
+/// and peak RSS. (wait4's rusage would not do: Linux carries the forking
+/// parent's high-water mark across exec, and this process holds the test
+/// images in memory.)
+fn measured(command: &mut Command) -> anyhow::Result<Run> {
+    let mut timed = Command::new("/usr/bin/time");
+    timed.args(["-f", "image-backup-bench-rss-kb=%M"]).arg(command.get_program()).args(command.get_args());
+    let started = Instant::now();
+    let output = timed.stdout(std::process::Stdio::null()).output().context("running /usr/bin/time (package time)")?;
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("{command:?} failed: {stderr}");
+    }
+    let max_rss_kb = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("image-backup-bench-rss-kb="))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no peak RSS in /usr/bin/time output")?;
+    Ok(Run { elapsed, max_rss_kb })
+}
+
+fn median(mut runs: Vec<Run>) -> Run {
+    runs.sort_by_key(|r| r.elapsed);
+    let mid = runs.len() / 2;
+    let max_rss_kb = runs.iter().map(|r| r.max_rss_kb).max().unwrap_or(0);
+    Run { elapsed: runs.swap_remove(mid).elapsed, max_rss_kb }
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("IMAGE_BACKUP_AGENT_BIN") {
+        return Ok(path.into());
+    }
+    // target/release/deps/push-HASH -> target/release/image-backup-agent
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().and_then(Path::parent).context("bench binary location")?.join("image-backup-agent");
+    if !path.exists() {
+        bail!("{} not found: run `cargo build --release -p image-backup-agent` first", path.display());
+    }
+    Ok(path)
+}
+
+fn has(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn row(tool: &str, image: &str, bytes: u64, run: &Run) {
+    let mbps = bytes as f64 / 1e6 / run.elapsed.as_secs_f64();
+    println!(
+        "{tool:<28} {image:<14} {:>9.1} ms {:>9.1} MB/s {:>9.1} MB peak RSS",
+        run.elapsed.as_secs_f64() * 1e3,
+        mbps,
+        run.max_rss_kb as f64 / 1024.0
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let agent = agent_binary()?;
+    let containerd = Containerd::start().await?;
+    let target = Registry::start(RegistryAuth::None).await?;
+    let source = Registry::start(RegistryAuth::None).await?;
+    let images = [
+        ("256MB/4", TestImage::single(MediaTypes::Oci, &[64 * MB; 4], 256)),
+        ("1GB/8", TestImage::single(MediaTypes::Oci, &[128 * MB; 8], 1024)),
+    ];
+    println!("image-backup push benchmark: {runs} run(s) each, median time, max peak RSS");
+    println!("{:<28} {:<14} {:>12} {:>14} {:>18}", "tool", "image", "time", "throughput", "memory");
+    for (label, image) in &images {
+        let name = format!("docker.io/library/bench-{}:1", image.total_size());
+        image.import(&containerd, &name, &[], &[]).await?;
+        let bytes = image.total_size();
+        let agent_push = |repo: &str, registry: &Registry| {
+            let mut command = Command::new(&agent);
+            command
+                .arg("push")
+                .arg("--containerd")
+                .arg(containerd.socket())
+                .arg("--namespace")
+                .arg(NAMESPACE)
+                .arg("--insecure-registry")
+                .arg(registry.host())
+                .arg(&name)
+                .arg(format!("{}/{repo}:1", registry.host()));
+            command
+        };
+
+        let mut ours = Vec::new();
+        for _ in 0..runs {
+            target.clear()?;
+            ours.push(measured(&mut agent_push("bench", &target))?);
+        }
+        row("image-backup-agent push", label, bytes, &median(ours));
+
+        let mut second = Vec::new();
+        for _ in 0..runs {
+            second.push(measured(&mut agent_push("bench", &target))?);
+        }
+        row("  second push (all present)", label, bytes, &median(second));
+
+        if has("ctr") {
+            let mut ctr = Vec::new();
+            for _ in 0..runs {
+                target.clear()?;
+                let mut command = Command::new("ctr");
+                command
+                    .arg("--address")
+                    .arg(containerd.socket())
+                    .args(["--namespace", NAMESPACE, "images", "push", "--plain-http"])
+                    .arg(format!("{}/ctr:1", target.host()))
+                    .arg(&name);
+                ctr.push(measured(&mut command)?);
+            }
+            row("ctr images push", label, bytes, &median(ctr));
+        } else {
+            println!("ctr images push: ctr not installed");
+        }
+
+        if has("skopeo") {
+            source.clear()?;
+            measured(&mut agent_push("src", &source))?;
+            let mut skopeo = Vec::new();
+            for _ in 0..runs {
+                target.clear()?;
+                let mut command = Command::new("skopeo");
+                command
+                    .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--quiet"])
+                    .arg(format!("docker://{}/src:1", source.host()))
+                    .arg(format!("docker://{}/skopeo:1", target.host()));
+                skopeo.push(measured(&mut command)?);
+            }
+            row("skopeo copy (reg -> reg)", label, bytes, &median(skopeo));
+        } else {
+            println!("skopeo copy: skopeo not installed (WITH_BENCH_TOOLS=1 tests/setup)");
+        }
+    }
+    target.clear()?;
+    source.clear()?;
+    Ok(())
+}

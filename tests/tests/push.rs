@@ -80,8 +80,18 @@ async fn push_lands_byte_for_byte_and_a_second_push_uploads_nothing() {
     let again =
         push(&pusher, &format!("docker.io/library/app@{}", image.digest()), &target).await.expect("second push");
     assert_eq!(again.digest, image.digest());
-    assert_eq!((again.blobs_uploaded, again.blobs_existing, again.bytes_uploaded), (0, 5, 0));
+    assert_eq!((again.blobs_uploaded, again.bytes_uploaded), (0, 0));
     assert_eq!(proxy.uploads(), 5, "the second push uploads nothing");
+
+    // A new tag in the same repository: every blob is found in place.
+    let retag =
+        push(&pusher, "app:1.0", &format!("{}/backup/docker.io/library/app:stable", proxy.host())).await.unwrap();
+    assert_eq!((retag.blobs_uploaded, retag.blobs_existing, retag.bytes_uploaded), (0, 5, 0));
+    assert_eq!(proxy.uploads(), 5);
+    assert_eq!(
+        registry.manifest("backup/docker.io/library/app", "stable").await.unwrap().unwrap().digest,
+        image.digest()
+    );
 }
 
 #[tokio::test]

@@ -128,8 +128,9 @@ impl Registry {
     pub fn new(host: &str, config: &RegistryConfig) -> Result<Self, RegistryError> {
         let insecure = config.is_insecure(host);
         let scheme = if insecure { "http" } else { "https" };
-        let http =
-            config.http_client().map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
+        let http = config
+            .http_client(insecure)
+            .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
         let credentials = config
             .credentials_for(host)
             .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
