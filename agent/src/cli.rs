@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    containerd::{ContentStore, K8S_NAMESPACE},
+    containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
     progress::{Progress, spawn_printer},
     push::{PushOptions, Pusher},
     reference::ImageRef,
@@ -34,6 +34,10 @@ pub struct ContainerdArgs {
     /// containerd namespace holding the images (the kubelet's is k8s.io).
     #[arg(long, env = "IMAGE_BACKUP_NAMESPACE", default_value = K8S_NAMESPACE)]
     pub namespace: String,
+    /// How blob bytes are read: `auto` uses containerd's content directory
+    /// when it is visible here (several times cheaper), else the API.
+    #[arg(long, env = "IMAGE_BACKUP_CONTENT_READ", value_enum, default_value = "auto")]
+    pub content_read: ReadPath,
 }
 
 #[derive(Args, Debug)]
@@ -101,7 +105,10 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
     use anyhow::Context as _;
     let source = ImageRef::parse(&args.source)?;
     let target = ImageRef::parse(&args.target)?;
-    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace).await?;
+    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace)
+        .await?
+        .with_read_path(args.containerd.content_read)
+        .await;
     let pusher = Pusher::new(store, args.registry.config(), args.registry.options());
     let progress = Progress::new();
     let printer = spawn_printer(progress.clone());

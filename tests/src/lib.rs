@@ -11,11 +11,13 @@ pub mod image;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod token;
 
 pub use containerd::Containerd;
 pub use image::{MediaTypes, TestImage};
 pub use proxy::{Faults, Proxy};
 pub use registry::{Registry, RegistryAuth};
+pub use token::TokenServer;
 
 /// Installs a test log subscriber once; `RUST_LOG` tunes it.
 pub fn init_tracing() {

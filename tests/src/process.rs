@@ -19,6 +19,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe, and nothing else runs between
+        // fork and exec.
+        unsafe {
+            // A test process killed outright (a timeout, ^C) never runs
+            // Drop; the kernel then stops its daemons instead.
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = command

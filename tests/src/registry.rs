@@ -18,6 +18,8 @@ pub enum RegistryAuth {
     None,
     /// TLS with a CA of the harness's own, and htpasswd basic auth.
     TlsBasic { username: String, password: String },
+    /// Plain HTTP with the Bearer token flow against a token server.
+    Token { realm: String, cert_pem: String, username: String, password: String },
 }
 
 pub struct Registry {
@@ -57,6 +59,15 @@ impl Registry {
                 .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
                 .tls_built_in_root_certs(false);
         }
+        if let RegistryAuth::Token { realm, cert_pem, .. } = &auth {
+            std::fs::write(dir.path().join("token-signer.pem"), cert_pem)?;
+            extra = format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}/token-signer.pem\n",
+                crate::token::SERVICE,
+                crate::token::ISSUER,
+                dir.path().display()
+            );
+        }
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: image-backup-test\n{extra}",
             d = dir.path().display()
@@ -94,22 +105,54 @@ impl Registry {
 
     fn base(&self) -> String {
         match self.auth {
-            RegistryAuth::None => format!("http://{}", self.host()),
+            RegistryAuth::None | RegistryAuth::Token { .. } => format!("http://{}", self.host()),
             RegistryAuth::TlsBasic { .. } => format!("https://{}", self.host()),
         }
     }
 
-    fn get(&self, url: String) -> reqwest::RequestBuilder {
-        let request = self.http.get(url);
-        match &self.auth {
-            RegistryAuth::None => request,
-            RegistryAuth::TlsBasic { username, password } => request.basic_auth(username, Some(password)),
+    /// Sends a read request, answering the registry's auth challenge the
+    /// way a user's client would.
+    async fn read(&self, url: String, accept: Option<&str>) -> anyhow::Result<reqwest::Response> {
+        let build = |token: Option<&str>| {
+            let mut request = self.http.get(url.clone());
+            if let Some(accept) = accept {
+                request = request.header(reqwest::header::ACCEPT, accept);
+            }
+            match (&self.auth, token) {
+                (RegistryAuth::TlsBasic { username, password }, _) => request.basic_auth(username, Some(password)),
+                (_, Some(token)) => request.bearer_auth(token),
+                _ => request,
+            }
+        };
+        let response = build(None).send().await?;
+        let RegistryAuth::Token { realm, username, password, .. } = &self.auth else {
+            return Ok(response);
+        };
+        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(response);
         }
+        // Tests read any repository: ask for pull on the one in the URL.
+        let repository = url.split("/v2/").nth(1).and_then(|rest| {
+            ["/blobs/", "/manifests/", "/tags/"].iter().find_map(|m| rest.split_once(m).map(|(r, _)| r.to_string()))
+        });
+        let scope = format!("repository:{}:pull", repository.unwrap_or_default());
+        let token: serde_json::Value = self
+            .http
+            .get(realm)
+            .query(&[("service", crate::token::SERVICE), ("scope", scope.as_str())])
+            .basic_auth(username, Some(password))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token = token["token"].as_str().context("token server reply without token")?;
+        Ok(build(Some(token)).send().await?)
     }
 
     /// The blob's bytes, or `None` when the repository lacks it.
     pub async fn blob(&self, repository: &str, digest: &str) -> anyhow::Result<Option<Bytes>> {
-        let response = self.get(format!("{}/v2/{repository}/blobs/{digest}", self.base())).send().await?;
+        let response = self.read(format!("{}/v2/{repository}/blobs/{digest}", self.base()), None).await?;
         match response.status() {
             reqwest::StatusCode::OK => Ok(Some(response.bytes().await?)),
             reqwest::StatusCode::NOT_FOUND => Ok(None),
@@ -118,11 +161,8 @@ impl Registry {
     }
 
     pub async fn manifest(&self, repository: &str, reference: &str) -> anyhow::Result<Option<Manifest>> {
-        let response = self
-            .get(format!("{}/v2/{repository}/manifests/{reference}", self.base()))
-            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT)
-            .send()
-            .await?;
+        let response =
+            self.read(format!("{}/v2/{repository}/manifests/{reference}", self.base()), Some(MANIFEST_ACCEPT)).await?;
         match response.status() {
             reqwest::StatusCode::OK => {
                 let header = |name: &str| {
@@ -138,7 +178,7 @@ impl Registry {
 
     /// Tags of a repository (empty when it does not exist).
     pub async fn tags(&self, repository: &str) -> anyhow::Result<Vec<String>> {
-        let response = self.get(format!("{}/v2/{repository}/tags/list", self.base())).send().await?;
+        let response = self.read(format!("{}/v2/{repository}/tags/list", self.base()), None).await?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(Vec::new());
         }

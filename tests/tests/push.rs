@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use image_backup_agent::{
-    containerd::ContentStore,
+    containerd::{ContentStore, ReadPath},
     progress::Progress,
     push::{PushError, PushOptions, PushReport, Pusher},
     reference::ImageRef,
@@ -31,7 +31,15 @@ fn insecure(hosts: &[String]) -> RegistryConfig {
 }
 
 async fn pusher(containerd: &Containerd, config: RegistryConfig) -> Pusher {
+    pusher_reading(containerd, config, ReadPath::Auto).await
+}
+
+async fn pusher_reading(containerd: &Containerd, config: RegistryConfig, read: ReadPath) -> Pusher {
     let store = ContentStore::connect(&containerd.socket(), NAMESPACE).await.expect("connect to containerd");
+    let store = store.with_read_path(read).await;
+    // The harness's containerd runs on this machine, so `Auto` must find
+    // its content directory; `Grpc` must not use it.
+    assert_eq!(store.reads_directly(), read == ReadPath::Auto);
     Pusher::new(store, config, PushOptions::default())
 }
 
@@ -57,6 +65,15 @@ async fn assert_platform_in_registry(registry: &Registry, repository: &str, imag
 
 #[tokio::test]
 async fn push_lands_byte_for_byte_and_a_second_push_uploads_nothing() {
+    push_lands_and_second_push_uploads_nothing(ReadPath::Auto).await;
+}
+
+#[tokio::test]
+async fn push_through_the_content_service_lands_byte_for_byte() {
+    push_lands_and_second_push_uploads_nothing(ReadPath::Grpc).await;
+}
+
+async fn push_lands_and_second_push_uploads_nothing(read: ReadPath) {
     init_tracing();
     let containerd = Containerd::start().await.unwrap();
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
@@ -64,7 +81,7 @@ async fn push_lands_byte_for_byte_and_a_second_push_uploads_nothing() {
     let image = TestImage::single(MediaTypes::Oci, &[3 * MB, 700 * KB, 1, 5 * MB + 17], 1);
     image.import(&containerd, "docker.io/library/app:1.0", &[], &[]).await.unwrap();
 
-    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+    let pusher = pusher_reading(&containerd, insecure(&[proxy.host()]), read).await;
     let target = format!("{}/backup/docker.io/library/app:1.0", proxy.host());
     let report = push(&pusher, "app:1.0", &target).await.expect("push");
 
@@ -124,6 +141,15 @@ async fn push_to_a_second_repository_mounts_instead_of_uploading() {
 
 #[tokio::test]
 async fn a_registry_that_fails_requests_still_gets_a_complete_image() {
+    faulty_registry_gets_a_complete_image(ReadPath::Auto).await;
+}
+
+#[tokio::test]
+async fn a_registry_that_fails_requests_still_gets_a_complete_image_through_the_content_service() {
+    faulty_registry_gets_a_complete_image(ReadPath::Grpc).await;
+}
+
+async fn faulty_registry_gets_a_complete_image(read: ReadPath) {
     init_tracing();
     let containerd = Containerd::start().await.unwrap();
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
@@ -131,7 +157,7 @@ async fn a_registry_that_fails_requests_still_gets_a_complete_image() {
     let proxy = Proxy::start(&registry.host(), faults).await.unwrap();
     let image = TestImage::single(MediaTypes::Oci, &[4 * MB, 2 * MB, 3 * MB, MB], 3);
     image.import(&containerd, "docker.io/library/flaky:1", &[], &[]).await.unwrap();
-    let pusher = pusher(&containerd, insecure(&[proxy.host()])).await;
+    let pusher = pusher_reading(&containerd, insecure(&[proxy.host()]), read).await;
 
     let report = push(&pusher, "flaky:1", &format!("{}/flaky:1", proxy.host())).await.expect("push through faults");
     assert!(proxy.faults() >= 4, "the proxy injected faults ({})", proxy.faults());
@@ -221,13 +247,22 @@ async fn docker_manifest_list_with_every_platform_present_pushes_whole() {
 
 #[tokio::test]
 async fn a_blob_missing_from_containerd_fails_clearly_and_leaves_no_tag() {
+    missing_blob_fails_clearly(ReadPath::Auto).await;
+}
+
+#[tokio::test]
+async fn a_blob_missing_from_containerd_fails_clearly_through_the_content_service() {
+    missing_blob_fails_clearly(ReadPath::Grpc).await;
+}
+
+async fn missing_blob_fails_clearly(read: ReadPath) {
     init_tracing();
     let containerd = Containerd::start().await.unwrap();
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
     let image = TestImage::single(MediaTypes::Oci, &[MB, MB], 7);
     let missing = image.platforms[0].layers[1].digest.clone();
     image.import(&containerd, "docker.io/library/holey:1", &[], &[&missing]).await.unwrap();
-    let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
+    let pusher = pusher_reading(&containerd, insecure(&[registry.host()]), read).await;
 
     let err = push(&pusher, "holey:1", &format!("{}/holey:1", registry.host())).await.unwrap_err();
     let text = err.to_string();
@@ -324,4 +359,48 @@ async fn progress_counts_every_byte_once() {
     let s = progress.snapshot();
     let blobs = image.platforms[0].total_size() - image.platforms[0].manifest.size();
     assert_eq!((s.bytes_done, s.bytes_total, s.blobs_done, s.blobs_total), (blobs, blobs, 4, 4));
+}
+
+#[tokio::test]
+async fn bearer_token_flow_with_credentials_from_a_docker_config() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let tokens = image_backup_tests::TokenServer::start("robot", "t0ken-pw").await.unwrap();
+    let registry = Registry::start(RegistryAuth::Token {
+        realm: tokens.realm(),
+        cert_pem: tokens.cert_pem().to_string(),
+        username: "robot".into(),
+        password: "t0ken-pw".into(),
+    })
+    .await
+    .unwrap();
+    let image = TestImage::single(MediaTypes::Docker, &[MB, 10 * KB], 10);
+    image.import(&containerd, "registry.k8s.io/pause:3.9", &[], &[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let docker_config = |password: &str| {
+        let path = dir.path().join(format!("{password}.json"));
+        let config = serde_json::json!({ "auths": { registry.host(): { "username": "robot", "password": password } } });
+        std::fs::write(&path, config.to_string()).unwrap();
+        path
+    };
+    let config = |password: &str| RegistryConfig {
+        docker_config: Some(docker_config(password)),
+        ..insecure(&[registry.host()])
+    };
+    let target = format!("{}/mirror/registry.k8s.io/pause:3.9", registry.host());
+
+    let err =
+        push(&pusher(&containerd, config("not-it")).await, "registry.k8s.io/pause:3.9", &target).await.unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("token server") && text.contains("401"), "{text}");
+    assert!(!text.contains("not-it"), "the password never shows: {text}");
+
+    let pusher = pusher(&containerd, config("t0ken-pw")).await;
+    let report = push(&pusher, "registry.k8s.io/pause:3.9", &target).await.expect("push with a bearer token");
+    assert_eq!(report.digest, image.digest());
+    assert_platform_in_registry(&registry, "mirror/registry.k8s.io/pause", &image.platforms[0]).await;
+    // A second repository needs a token for a new scope, mount included.
+    let second =
+        push(&pusher, "registry.k8s.io/pause:3.9", &format!("{}/other/pause:3.9", registry.host())).await.unwrap();
+    assert_eq!((second.blobs_mounted, second.blobs_uploaded), (3, 0), "two layers and the config");
 }
