@@ -62,6 +62,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
         self.dir.path().join("c.sock")
     }
 
+    /// Where containerd keeps a blob's bytes on disk.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let (algorithm, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
+        self.dir.path().join("root/io.containerd.content.v1.content/blobs").join(algorithm).join(hex)
+    }
+
     pub fn pid(&self) -> u32 {
         self.daemon.pid()
     }

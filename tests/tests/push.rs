@@ -404,3 +404,30 @@ async fn bearer_token_flow_with_credentials_from_a_docker_config() {
         push(&pusher, "registry.k8s.io/pause:3.9", &format!("{}/other/pause:3.9", registry.host())).await.unwrap();
     assert_eq!((second.blobs_mounted, second.blobs_uploaded), (3, 0), "two layers and the config");
 }
+
+#[tokio::test]
+async fn corrupt_content_fails_with_both_digests_and_uploads_nothing_for_it() {
+    for read in [ReadPath::Auto, ReadPath::Grpc] {
+        init_tracing();
+        let containerd = Containerd::start().await.unwrap();
+        let registry = Registry::start(RegistryAuth::None).await.unwrap();
+        let image = TestImage::single(MediaTypes::Oci, &[2 * MB], 11);
+        let layer = image.platforms[0].layers[0].digest.clone();
+        image.import(&containerd, "docker.io/library/rotten:1", &[], &[]).await.unwrap();
+        // Bit rot on the node's disk: same size, different bytes.
+        let path = containerd.blob_path(&layer);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[MB] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let actual = image_backup_tests::image::sha256(&bytes);
+
+        let pusher = pusher_reading(&containerd, insecure(&[registry.host()]), read).await;
+        let err = push(&pusher, "rotten:1", &format!("{}/rotten:1", registry.host())).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PushError::DigestMismatch { .. }), "{read:?}: {text}");
+        assert!(text.contains(&layer) && text.contains(&actual), "{read:?}: both digests in {text}");
+        assert!(!err.retryable());
+        assert!(registry.blob("rotten", &layer).await.unwrap().is_none(), "{read:?}: the corrupt layer never lands");
+        assert!(registry.tags("rotten").await.unwrap().is_empty());
+    }
+}
