@@ -1,0 +1,269 @@
+//! The workloads the coordinator acts on: Deployments and DaemonSets outside
+//! the excluded namespaces, not labelled to be skipped, whose rollout is
+//! complete (so the images they run are on nodes, with their digests in the
+//! pods' statuses).
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::PodSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+/// Label that keeps a workload out of backups (`backup.k8slab.io/skip=true`).
+pub const SKIP_LABEL: &str = "backup.k8slab.io/skip";
+
+#[derive(Clone, Debug)]
+pub enum Workload {
+    Deployment(Deployment),
+    DaemonSet(DaemonSet),
+}
+
+/// Which list of the pod spec a container is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContainerList {
+    InitContainers,
+    Containers,
+}
+
+impl ContainerList {
+    /// Field name in the pod spec, as JSON pointers and annotations use it.
+    pub fn field(self) -> &'static str {
+        match self {
+            ContainerList::InitContainers => "initContainers",
+            ContainerList::Containers => "containers",
+        }
+    }
+}
+
+/// One container of a workload's pod template and the image it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerImage {
+    pub list: ContainerList,
+    pub index: usize,
+    pub name: String,
+    pub image: String,
+}
+
+impl Workload {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Workload::Deployment(_) => "Deployment",
+            Workload::DaemonSet(_) => "DaemonSet",
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Workload::Deployment(d) => &d.metadata,
+            Workload::DaemonSet(d) => &d.metadata,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata().namespace.as_deref().unwrap_or("default")
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// `Kind/namespace/name`, as ImageBackup statuses list their workloads.
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.kind(), self.namespace(), self.name())
+    }
+
+    pub fn pod_spec(&self) -> Option<&PodSpec> {
+        match self {
+            Workload::Deployment(d) => d.spec.template.spec.as_ref(),
+            Workload::DaemonSet(d) => d.spec.template.spec.as_ref(),
+        }
+    }
+
+    /// Selector of the workload's pods, to find the digests they run.
+    pub fn selector(&self) -> &LabelSelector {
+        match self {
+            Workload::Deployment(d) => &d.spec.selector,
+            Workload::DaemonSet(d) => &d.spec.selector,
+        }
+    }
+
+    /// Whether the latest spec is fully rolled out: the controller has seen
+    /// it, and every desired pod runs it and is available. Before that, the
+    /// pods may still run other images, or none.
+    pub fn rollout_complete(&self) -> bool {
+        let generation = self.metadata().generation.unwrap_or(0);
+        match self {
+            Workload::Deployment(d) => {
+                let Some(status) = &d.status else { return false };
+                let desired = d.spec.replicas.unwrap_or(1);
+                status.observed_generation.unwrap_or(0) >= generation
+                    && desired > 0
+                    && status.updated_replicas.unwrap_or(0) == desired
+                    && status.available_replicas.unwrap_or(0) == desired
+                    && status.replicas.unwrap_or(0) == desired
+            }
+            Workload::DaemonSet(d) => {
+                let Some(status) = &d.status else { return false };
+                let desired = status.desired_number_scheduled;
+                status.observed_generation.unwrap_or(0) >= generation
+                    && desired > 0
+                    && status.updated_number_scheduled.unwrap_or(0) == desired
+                    && status.number_available.unwrap_or(0) == desired
+                    && status.number_ready == desired
+            }
+        }
+    }
+
+    /// Every container and init container with its image, init containers
+    /// first, in pod-spec order.
+    pub fn container_images(&self) -> Vec<ContainerImage> {
+        let Some(spec) = self.pod_spec() else { return Vec::new() };
+        let lists = [
+            (ContainerList::InitContainers, spec.init_containers.as_deref().unwrap_or_default()),
+            (ContainerList::Containers, spec.containers.as_slice()),
+        ];
+        lists
+            .into_iter()
+            .flat_map(|(list, containers)| {
+                containers.iter().enumerate().filter_map(move |(index, c)| {
+                    let image = c.image.clone()?;
+                    Some(ContainerImage { list, index, name: c.name.clone(), image })
+                })
+            })
+            .collect()
+    }
+}
+
+/// Which workloads are never touched.
+#[derive(Clone, Debug)]
+pub struct Exclusions {
+    pub namespaces: BTreeSet<String>,
+}
+
+/// Why a workload is left alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Excluded {
+    Namespace,
+    SkipLabel,
+}
+
+impl Exclusions {
+    /// `kube-system` and the coordinator's own namespace are always in.
+    pub fn new(namespaces: impl IntoIterator<Item = String>, own_namespace: &str) -> Self {
+        let mut namespaces: BTreeSet<String> = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
+        namespaces.insert("kube-system".into());
+        namespaces.insert(own_namespace.into());
+        Self { namespaces }
+    }
+
+    pub fn check(&self, workload: &Workload) -> Result<(), Excluded> {
+        if self.namespaces.contains(workload.namespace()) {
+            return Err(Excluded::Namespace);
+        }
+        let skip = workload.metadata().labels.as_ref().and_then(|l| l.get(SKIP_LABEL));
+        if skip.is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Err(Excluded::SkipLabel);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn deployment(status: serde_json::Value) -> Workload {
+        Workload::Deployment(
+            serde_json::from_value(json!({
+                "metadata": { "name": "web", "namespace": "shop", "generation": 3 },
+                "spec": {
+                    "replicas": 2,
+                    "selector": { "matchLabels": { "app": "web" } },
+                    "template": {
+                        "metadata": { "labels": { "app": "web" } },
+                        "spec": {
+                            "initContainers": [{ "name": "migrate", "image": "quay.io/org/migrate:7" }],
+                            "containers": [
+                                { "name": "web", "image": "nginx:1.25" },
+                                { "name": "sidecar", "image": "docker.io/library/busybox:1.36" }
+                            ]
+                        }
+                    }
+                },
+                "status": status,
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn deployment_rollout_complete_needs_every_replica_updated_and_available() {
+        let done = json!({ "observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2, "readyReplicas": 2 });
+        assert!(deployment(done).rollout_complete());
+        let stale = json!({ "observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 });
+        assert!(!deployment(stale).rollout_complete(), "controller has not seen the spec");
+        let rolling = json!({ "observedGeneration": 3, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2 });
+        assert!(!deployment(rolling).rollout_complete(), "an old pod remains");
+        let unavailable =
+            json!({ "observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1 });
+        assert!(!deployment(unavailable).rollout_complete());
+        assert!(!deployment(json!(null)).rollout_complete());
+    }
+
+    #[test]
+    fn daemonset_rollout_complete_needs_every_scheduled_pod_ready_and_updated() {
+        let ds = |status: serde_json::Value| {
+            Workload::DaemonSet(
+                serde_json::from_value(json!({
+                    "metadata": { "name": "agent", "namespace": "ops", "generation": 1 },
+                    "spec": { "selector": {}, "template": { "spec": { "containers": [{ "name": "a", "image": "a:1" }] } } },
+                    "status": status,
+                }))
+                .unwrap(),
+            )
+        };
+        let full = |ready: i32| json!({ "observedGeneration": 1, "desiredNumberScheduled": 2, "currentNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": ready, "numberAvailable": ready, "updatedNumberScheduled": 2 });
+        assert!(ds(full(2)).rollout_complete());
+        assert!(!ds(full(1)).rollout_complete());
+        let none = json!({ "observedGeneration": 1, "desiredNumberScheduled": 0, "currentNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0 });
+        assert!(!ds(none).rollout_complete(), "no pod runs the images");
+    }
+
+    #[test]
+    fn collects_init_and_app_containers_in_order() {
+        let images: Vec<_> = deployment(json!(null))
+            .container_images()
+            .into_iter()
+            .map(|c| (c.list.field(), c.index, c.name, c.image))
+            .collect();
+        assert_eq!(
+            images,
+            [
+                ("initContainers", 0, "migrate".to_string(), "quay.io/org/migrate:7".to_string()),
+                ("containers", 0, "web".to_string(), "nginx:1.25".to_string()),
+                ("containers", 1, "sidecar".to_string(), "docker.io/library/busybox:1.36".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn excludes_system_namespaces_and_skip_label() {
+        let exclusions = Exclusions::new(["monitoring".to_string()], "image-backup");
+        let mut w = deployment(json!(null));
+        assert_eq!(exclusions.check(&w), Ok(()));
+        if let Workload::Deployment(d) = &mut w {
+            d.metadata.labels = Some([(SKIP_LABEL.to_string(), "true".to_string())].into());
+        }
+        assert_eq!(exclusions.check(&w), Err(Excluded::SkipLabel));
+        for ns in ["kube-system", "image-backup", "monitoring"] {
+            if let Workload::Deployment(d) = &mut w {
+                d.metadata.labels = None;
+                d.metadata.namespace = Some(ns.into());
+            }
+            assert_eq!(exclusions.check(&w), Err(Excluded::Namespace), "{ns}");
+        }
+    }
+}
