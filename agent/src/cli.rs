@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
+    daemon::{Agent, DaemonConfig},
     progress::{Progress, spawn_printer},
     push::{PushOptions, Pusher},
     reference::ImageRef,
@@ -24,6 +25,34 @@ pub struct Cli {
 pub enum Command {
     /// Copy one image from containerd's content store to a registry.
     Push(PushArgs),
+    /// Run as the node's agent: keep a session with the coordinator and run
+    /// the copies it assigns.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub containerd: ContainerdArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Coordinator gRPC endpoint.
+    #[arg(
+        long,
+        env = "IMAGE_BACKUP_COORDINATOR",
+        default_value = "http://image-backup-coordinator.image-backup:50051"
+    )]
+    pub coordinator: String,
+    /// Name of the node this agent runs on (downward API spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Identity of this agent (downward API metadata.name); the node name
+    /// when unset.
+    #[arg(long, env = "POD_NAME")]
+    pub agent_id: Option<String>,
+    /// Copies run at once.
+    #[arg(long, env = "IMAGE_BACKUP_MAX_JOBS", default_value_t = 2)]
+    pub max_jobs: u32,
 }
 
 #[derive(Args, Debug)]
@@ -88,6 +117,13 @@ impl RegistryArgs {
 
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Run(args) => match daemon(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Push(args) => match push(args).await {
             Ok(pinned) => {
                 println!("{pinned}");
@@ -98,6 +134,40 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+async fn daemon(args: RunArgs) -> anyhow::Result<()> {
+    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace)
+        .await?
+        .with_read_path(args.containerd.content_read)
+        .await;
+    let pusher = Pusher::new(store, args.registry.config(), args.registry.options());
+    let config = DaemonConfig {
+        coordinator: args.coordinator,
+        agent_id: args.agent_id.unwrap_or_else(|| args.node_name.clone()),
+        node_name: args.node_name,
+        max_jobs: args.max_jobs.max(1),
+        reconnect_max: Duration::from_secs(30),
+        progress_interval: Duration::from_secs(2),
+    };
+    Agent::new(config, pusher).run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
 }
 

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use containerd_client::{
     services::v1::{
         AddResourceRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, GetImageRequest,
-        InfoRequest, ListImagesRequest, PluginsRequest, ReadContentRequest, Resource,
-        UpdateRequest as UpdateContentRequest, content_client::ContentClient, images_client::ImagesClient,
-        introspection_client::IntrospectionClient, leases_client::LeasesClient,
+        InfoRequest, ListImagesRequest, PluginsRequest, ReadContentRequest, Resource, SubscribeRequest,
+        UpdateRequest as UpdateContentRequest, content_client::ContentClient, events_client::EventsClient,
+        images_client::ImagesClient, introspection_client::IntrospectionClient, leases_client::LeasesClient,
     },
     tonic::{self, Code, Request, metadata::MetadataValue, transport::Channel},
     types::Descriptor as CtrDescriptor,
@@ -62,6 +62,13 @@ impl From<CtrDescriptor> for Descriptor {
     fn from(d: CtrDescriptor) -> Self {
         Self { media_type: d.media_type, digest: d.digest, size: u64::try_from(d.size).unwrap_or(0) }
     }
+}
+
+/// A change to containerd's image records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageEvent {
+    Upserted(String),
+    Deleted(String),
 }
 
 /// A containerd image record.
@@ -190,6 +197,46 @@ impl ContentStore {
         }
     }
 
+    /// One image record by name, if containerd has it.
+    pub async fn image(&self, name: &str) -> Result<Option<ImageRecord>, ContainerdError> {
+        self.get_image(name).await
+    }
+
+    /// Image records created, updated and deleted in this namespace, as
+    /// containerd publishes them (the kubelet pulling or removing images).
+    pub async fn image_events(
+        &self,
+    ) -> Result<impl Stream<Item = Result<ImageEvent, ContainerdError>> + Send + 'static + use<>, ContainerdError> {
+        use prost::Message;
+        let filter = format!("topic~=\"^/images/\",namespace=={}", self.namespace_name);
+        let mut events = EventsClient::new(self.channel.clone());
+        let stream = events
+            .subscribe(SubscribeRequest { filters: vec![filter.clone()] })
+            .await
+            .map_err(|status| call_error("Events.Subscribe", &filter, status))?
+            .into_inner();
+        Ok(stream.filter_map(|item| async move {
+            let envelope = match item {
+                Ok(envelope) => envelope,
+                Err(status) => return Some(Err(call_error("Events.Subscribe", "stream", status))),
+            };
+            let payload = envelope.event?.value;
+            let event = match envelope.topic.as_str() {
+                "/images/create" => containerd_client::services::v1::ImageCreate::decode(payload.as_slice())
+                    .ok()
+                    .map(|e| ImageEvent::Upserted(e.name)),
+                "/images/update" => containerd_client::services::v1::ImageUpdate::decode(payload.as_slice())
+                    .ok()
+                    .map(|e| ImageEvent::Upserted(e.name)),
+                "/images/delete" => containerd_client::services::v1::ImageDelete::decode(payload.as_slice())
+                    .ok()
+                    .map(|e| ImageEvent::Deleted(e.name)),
+                _ => None,
+            };
+            event.map(Ok)
+        }))
+    }
+
     /// Every image record in the namespace.
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
         self.list_images_filtered(Vec::new()).await
@@ -220,8 +267,8 @@ impl ContentStore {
         } else if let Some(tagged) = reference.tagged_name() {
             names.push(tagged);
         }
-        for name in &names {
-            if let Some(record) = self.get_image(name).await?
+        for name in names {
+            if let Some(record) = self.get_image(&name).await?
                 && reference.digest().is_none_or(|d| d == record.target.digest)
             {
                 return Ok(record);
@@ -297,7 +344,11 @@ impl ContentStore {
     /// Streams `size` bytes of a blob in read windows. The stream never holds
     /// more than one containerd message, so memory stays flat whatever the
     /// blob size.
-    pub fn read(&self, digest: &str, size: u64) -> impl Stream<Item = Result<Bytes, ContainerdError>> + Send + 'static {
+    pub fn read(
+        &self,
+        digest: &str,
+        size: u64,
+    ) -> impl Stream<Item = Result<Bytes, ContainerdError>> + Send + 'static + use<> {
         let store = self.clone();
         let digest = digest.to_string();
         if let Some(root) = &self.direct_root {
@@ -359,7 +410,7 @@ impl ContentStore {
     /// that many: a short read would otherwise surface only as a digest
     /// mismatch far from its cause.
     async fn read_window(
-        &self,
+        self,
         digest: String,
         offset: u64,
         len: u64,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod containerd;
+pub mod daemon;
 pub mod progress;
 pub mod push;
 pub mod reference;

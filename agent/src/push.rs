@@ -14,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use oci_spec::image::{ImageIndex, ImageManifest};
 use sha2::{Digest as _, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -157,14 +157,16 @@ impl Pusher {
 
     /// Copies `source` (as containerd holds it) to `target`. Never reports
     /// success before the registry serves the target with the source digest.
-    pub async fn push(
-        &self,
-        source: &ImageRef,
-        target: &ImageRef,
+    /// Boxed so that the future is checked `Send` here, where its lifetimes
+    /// are concrete, and the daemon can spawn it.
+    pub fn push<'a>(
+        &'a self,
+        source: &'a ImageRef,
+        target: &'a ImageRef,
         progress: Arc<Progress>,
-    ) -> Result<PushReport, PushError> {
+    ) -> futures::future::BoxFuture<'a, Result<PushReport, PushError>> {
         let span = info_span!("push", source = %source, target = %target);
-        async {
+        async move {
             let started = Instant::now();
             let record = self
                 .store
@@ -201,7 +203,37 @@ impl Pusher {
             Ok(report)
         }
         .instrument(span)
-        .await
+        .boxed()
+    }
+}
+
+impl Pusher {
+    /// For an index, the platform manifests this node's containerd holds
+    /// (a kubelet pull keeps only its own platform's); empty for a
+    /// single-platform image.
+    pub async fn present_platforms(&self, root: &Descriptor) -> Result<Vec<PlatformManifest>, PushError> {
+        if !root.media_type.is_empty() && !is_index(&root.media_type) {
+            return Ok(Vec::new());
+        }
+        let what = || format!("index {}", root.digest);
+        let bytes = self
+            .store
+            .read_all(&root.digest, root.size)
+            .await
+            .map_err(|e| PushError::Containerd { what: what(), source: e })?;
+        check_digest(&root.digest, root.size, &bytes)?;
+        if !is_index(&effective_media_type(root, &bytes)) {
+            return Ok(Vec::new());
+        }
+        let mut present = Vec::new();
+        for (platform, child) in index_children(root, &bytes)? {
+            let held =
+                self.store.info(&child.digest).await.map_err(|e| PushError::Containerd { what: what(), source: e })?;
+            if held.is_some() {
+                present.push(PlatformManifest { platform, digest: child.digest });
+            }
+        }
+        Ok(present)
     }
 }
 
@@ -238,7 +270,7 @@ impl Job<'_> {
         let bytes = self.read_manifest(root).await?;
         let media_type = effective_media_type(root, &bytes);
         let root = Descriptor { media_type: media_type.clone(), ..root.clone() };
-        if media_type == OCI_INDEX || media_type == DOCKER_LIST {
+        if is_index(&media_type) {
             self.push_index(&root, bytes.clone()).await?;
         } else {
             let manifest = self.manifest_content(root.clone(), bytes.clone())?;
@@ -260,27 +292,10 @@ impl Job<'_> {
     /// Pushes every child the node holds; the index only when the target has
     /// all of them, since a registry refuses an index with unknown children.
     async fn push_index(&self, index: &Descriptor, bytes: Bytes) -> Result<(), PushError> {
-        let parsed: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| PushError::Manifest {
-            digest: index.digest.clone(),
-            media_type: index.media_type.clone(),
-            detail: e.to_string(),
-        })?;
+        let children = index_children(index, &bytes)?;
         let mut present = Vec::new();
         let mut absent = Vec::new();
-        for child in parsed.manifests() {
-            let platform = child.platform().as_ref().map_or_else(
-                || Platform { os: "unknown".into(), architecture: "unknown".into(), variant: None },
-                |p| Platform {
-                    os: p.os().to_string(),
-                    architecture: p.architecture().to_string(),
-                    variant: p.variant().clone(),
-                },
-            );
-            let descriptor = Descriptor {
-                media_type: child.media_type().to_string(),
-                digest: child.digest().to_string(),
-                size: child.size(),
-            };
+        for (platform, descriptor) in children {
             let held =
                 self.pusher.store.info(&descriptor.digest).await.map_err(|e| PushError::Containerd {
                     what: format!("manifest {}", descriptor.digest),
@@ -366,7 +381,11 @@ impl Job<'_> {
 
     async fn push_blobs(&self, blobs: &[Descriptor]) -> Result<(), PushError> {
         self.progress.add_planned(u32::try_from(blobs.len()).unwrap_or(u32::MAX), blobs.iter().map(|b| b.size).sum());
-        futures::stream::iter(blobs.iter().map(|blob| self.push_blob(blob)))
+        // The futures are built up front: a stream that maps borrowed
+        // descriptors through a closure has a higher-ranked type that rustc
+        // cannot prove `Send`, and the daemon spawns pushes on the runtime.
+        let uploads: Vec<_> = blobs.iter().map(|blob| self.push_blob(blob)).collect();
+        futures::stream::iter(uploads)
             .buffer_unordered(self.pusher.options.parallel_blobs.max(1))
             .try_collect::<Vec<()>>()
             .await?;
@@ -536,6 +555,34 @@ impl Job<'_> {
             warn!(digest = %blob.digest, error = %e, "could not record the blob's registry location in containerd");
         }
     }
+}
+
+/// The child manifests of an index with their platforms.
+fn index_children(index: &Descriptor, bytes: &[u8]) -> Result<Vec<(Platform, Descriptor)>, PushError> {
+    let parsed: ImageIndex = serde_json::from_slice(bytes).map_err(|e| PushError::Manifest {
+        digest: index.digest.clone(),
+        media_type: index.media_type.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(parsed
+        .manifests()
+        .iter()
+        .map(|child| {
+            let platform = child.platform().as_ref().map_or_else(
+                || Platform { os: "unknown".into(), architecture: "unknown".into(), variant: None },
+                |p| Platform {
+                    os: p.os().to_string(),
+                    architecture: p.architecture().to_string(),
+                    variant: p.variant().clone(),
+                },
+            );
+            (platform, to_descriptor(child))
+        })
+        .collect())
+}
+
+fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_LIST
 }
 
 fn to_descriptor(d: &oci_spec::image::Descriptor) -> Descriptor {

@@ -1,0 +1,446 @@
+//! Daemon mode: the agent keeps one session with the coordinator, tells it
+//! which images this node's containerd holds (and keeps that current from
+//! containerd's events), heartbeats, and runs the copies it is assigned with
+//! the push engine, a bounded number at once. Jobs outlive sessions: a
+//! coordinator restart does not stop a push, and its result is delivered on
+//! the next session.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use image_backup_proto::v1::{
+    AgentMessage, Assignment, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress, JobResult, JobSuccess,
+    Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register, agent_message,
+    agent_service_client::AgentServiceClient, coordinator_message, job_result,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    containerd::{ContainerdError, ImageEvent, ImageRecord},
+    progress::Progress,
+    push::{PushError, Pusher},
+    reference::ImageRef,
+};
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Coordinator gRPC endpoint, e.g. `http://image-backup-coordinator:50051`.
+    pub coordinator: String,
+    /// Kubernetes node this agent runs on.
+    pub node_name: String,
+    /// Stable identity of this agent (its pod name).
+    pub agent_id: String,
+    /// Copies run at once.
+    pub max_jobs: u32,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// How often progress of running jobs is reported.
+    pub progress_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting to coordinator {endpoint}: {source}")]
+    Connect { endpoint: String, source: tonic::transport::Error },
+    #[error("coordinator {endpoint} refused the session: {status}")]
+    Refused { endpoint: String, status: Box<tonic::Status> },
+    #[error("session with coordinator {endpoint} broke: {status}")]
+    Broken { endpoint: String, status: Box<tonic::Status> },
+    #[error("reading containerd's images: {0}")]
+    Containerd(#[from] ContainerdError),
+}
+
+/// Heartbeat period until the coordinator says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+struct RunningJob {
+    task: tokio::task::AbortHandle,
+    progress: Arc<Progress>,
+}
+
+/// The node agent in daemon mode. Cheap to share; all state is behind locks.
+pub struct Agent {
+    config: DaemonConfig,
+    pusher: Pusher,
+    jobs: Mutex<HashMap<String, RunningJob>>,
+    /// Sender of the current session, if one is up.
+    session: Mutex<Option<mpsc::Sender<AgentMessage>>>,
+    /// Results finished while no session was up, delivered on the next one.
+    undelivered: Mutex<Vec<AgentMessage>>,
+}
+
+impl Agent {
+    pub fn new(config: DaemonConfig, pusher: Pusher) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            pusher,
+            jobs: Mutex::default(),
+            session: Mutex::default(),
+            undelivered: Mutex::default(),
+        })
+    }
+
+    /// Runs sessions until `shutdown` resolves, reconnecting with jittered
+    /// exponential backoff after each failure.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let session = self.clone().session();
+            tokio::select! {
+                () = &mut shutdown => {
+                    info!("shutting down");
+                    return;
+                }
+                result = session => {
+                    match result {
+                        Ok(()) => {
+                            info!("coordinator closed the session; reconnecting");
+                            backoff = Duration::from_millis(200);
+                        }
+                        Err(e) => warn!(error = %e, retry_in = ?backoff, "coordinator session failed"),
+                    }
+                }
+            }
+            *lock(&self.session) = None;
+            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(self.config.reconnect_max);
+        }
+    }
+
+    /// One session: register, report inventory, then serve assignments
+    /// until either side goes away.
+    async fn session(self: Arc<Self>) -> Result<(), SessionError> {
+        let endpoint = self.config.coordinator.clone();
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .map_err(|source| SessionError::Connect { endpoint: endpoint.clone(), source })?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .connect()
+            .await
+            .map_err(|source| SessionError::Connect { endpoint: endpoint.clone(), source })?;
+        let (tx, rx) = mpsc::channel(256);
+        // Registration and the full inventory are queued before the call, so
+        // the coordinator never sees an anonymous session; the channel holds
+        // them until the call starts reading it.
+        let running: Vec<String> = lock(&self.jobs).keys().cloned().collect();
+        let _ = tx.send(message(agent_message::Message::Register(self.register(running)))).await;
+        let _ = tx.send(message(agent_message::Message::Inventory(self.full_inventory().await?))).await;
+        let mut replies = AgentServiceClient::new(channel)
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| SessionError::Refused { endpoint: endpoint.clone(), status: Box::new(status) })?
+            .into_inner();
+        *lock(&self.session) = Some(tx.clone());
+        info!(coordinator = %endpoint, "session established");
+        let undelivered = std::mem::take(&mut *lock(&self.undelivered));
+        for result in undelivered {
+            let _ = tx.send(result).await;
+        }
+
+        let heartbeat = Arc::new(Mutex::new(DEFAULT_HEARTBEAT));
+        let background = [
+            tokio::spawn(self.clone().heartbeats(tx.clone(), heartbeat.clone())),
+            tokio::spawn(self.clone().report_progress(tx.clone())),
+            tokio::spawn(self.clone().follow_images(tx.clone())),
+        ];
+        let result = loop {
+            match replies.message().await {
+                Ok(Some(reply)) => match reply.message {
+                    Some(coordinator_message::Message::Registered(registered)) => {
+                        if registered.heartbeat_interval_seconds > 0 {
+                            *lock(&heartbeat) = Duration::from_secs(registered.heartbeat_interval_seconds.into());
+                        }
+                        info!(coordinator_id = %registered.coordinator_id, "registered");
+                    }
+                    Some(coordinator_message::Message::Assignment(assignment)) => self.clone().start(assignment),
+                    Some(coordinator_message::Message::Cancel(cancel)) => {
+                        if let Some(job) = lock(&self.jobs).remove(&cancel.job_id) {
+                            info!(job = %cancel.job_id, reason = %cancel.reason, "cancelling job");
+                            job.task.abort();
+                        }
+                    }
+                    None => debug!("empty message from coordinator"),
+                },
+                Ok(None) => break Ok(()),
+                Err(status) => {
+                    break Err(SessionError::Broken { endpoint: endpoint.clone(), status: Box::new(status) });
+                }
+            }
+        };
+        for task in background {
+            task.abort();
+        }
+        result
+    }
+
+    fn register(&self, running_job_ids: Vec<String>) -> Register {
+        Register {
+            node_name: self.config.node_name.clone(),
+            agent_id: self.config.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            platform: Some(node_platform()),
+            max_concurrent_jobs: self.config.max_jobs,
+            running_job_ids,
+        }
+    }
+
+    async fn full_inventory(&self) -> Result<Inventory, ContainerdError> {
+        let mut added = Vec::new();
+        for record in self.pusher.store().list_images().await? {
+            added.push(self.inventory_image(record).await);
+        }
+        Ok(Inventory { full: true, added, removed: Vec::new() })
+    }
+
+    /// An image as the coordinator needs to know it; for an index, which
+    /// platform manifests this node actually holds.
+    async fn inventory_image(&self, record: ImageRecord) -> InventoryImage {
+        let present_manifests = match self.pusher.present_platforms(&record.target).await {
+            Ok(present) => present.into_iter().map(to_proto_manifest).collect(),
+            Err(e) => {
+                warn!(image = %record.name, error = %e, "could not read the image's index");
+                Vec::new()
+            }
+        };
+        InventoryImage {
+            name: record.name,
+            digest: record.target.digest,
+            media_type: record.target.media_type,
+            present_manifests,
+        }
+    }
+
+    async fn heartbeats(self: Arc<Self>, tx: mpsc::Sender<AgentMessage>, period: Arc<Mutex<Duration>>) {
+        loop {
+            let wait = *lock(&period);
+            tokio::time::sleep(wait).await;
+            let running_job_ids = lock(&self.jobs).keys().cloned().collect();
+            let beat = Heartbeat { sent_at: Some(std::time::SystemTime::now().into()), running_job_ids };
+            if tx.send(message(agent_message::Message::Heartbeat(beat))).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn report_progress(self: Arc<Self>, tx: mpsc::Sender<AgentMessage>) {
+        let mut interval = tokio::time::interval(self.config.progress_interval);
+        loop {
+            interval.tick().await;
+            let reports: Vec<JobProgress> = lock(&self.jobs)
+                .iter()
+                .map(|(job_id, job)| {
+                    let s = job.progress.snapshot();
+                    JobProgress {
+                        job_id: job_id.clone(),
+                        bytes_done: s.bytes_done,
+                        bytes_total: s.bytes_total,
+                        blobs_done: s.blobs_done,
+                        blobs_total: s.blobs_total,
+                        blobs_skipped: s.blobs_existing + s.blobs_mounted,
+                    }
+                })
+                .collect();
+            for report in reports {
+                if tx.send(message(agent_message::Message::Progress(report))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps the coordinator's view of this node's images current.
+    async fn follow_images(self: Arc<Self>, tx: mpsc::Sender<AgentMessage>) {
+        let events = match self.pusher.store().image_events().await {
+            Ok(events) => events,
+            Err(e) => {
+                warn!(error = %e, "cannot follow containerd's image events; the inventory refreshes only per session");
+                return;
+            }
+        };
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            let inventory = match event {
+                Ok(ImageEvent::Upserted(name)) => match self.pusher.store().image(&name).await {
+                    Ok(Some(record)) => {
+                        Inventory { full: false, added: vec![self.inventory_image(record).await], removed: Vec::new() }
+                    }
+                    Ok(None) => Inventory { full: false, added: Vec::new(), removed: vec![name] },
+                    Err(e) => {
+                        warn!(image = %name, error = %e, "could not read a new image");
+                        continue;
+                    }
+                },
+                Ok(ImageEvent::Deleted(name)) => Inventory { full: false, added: Vec::new(), removed: vec![name] },
+                Err(e) => {
+                    warn!(error = %e, "containerd's event stream failed");
+                    return;
+                }
+            };
+            if tx.send(message(agent_message::Message::Inventory(inventory))).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Starts an assigned copy unless it is running already (a coordinator
+    /// that restarted may assign it again) or the agent is full.
+    fn start(self: Arc<Self>, assignment: Assignment) {
+        let job_id = assignment.job_id.clone();
+        let mut jobs = lock(&self.jobs);
+        if jobs.contains_key(&job_id) {
+            debug!(job = %job_id, "already running");
+            return;
+        }
+        if jobs.len() >= self.config.max_jobs as usize {
+            drop(jobs);
+            let failure = JobFailure {
+                message: format!("agent {} runs {} jobs already", self.config.agent_id, self.config.max_jobs),
+                retryable: true,
+                ..JobFailure::default()
+            };
+            self.deliver(JobResult { job_id, outcome: Some(job_result::Outcome::Failure(failure)) });
+            return;
+        }
+        let progress = Progress::new();
+        let span = info_span!("job", job = %job_id, source = %assignment.source, attempt = assignment.attempt);
+        let agent = self.clone();
+        let job_progress = progress.clone();
+        let task = tokio::spawn(
+            async move {
+                let outcome = agent.copy(&assignment, job_progress).await;
+                lock(&agent.jobs).remove(&assignment.job_id);
+                agent.deliver(JobResult { job_id: assignment.job_id.clone(), outcome: Some(outcome) });
+            }
+            .instrument(span),
+        );
+        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress });
+    }
+
+    async fn copy(&self, assignment: &Assignment, progress: Arc<Progress>) -> job_result::Outcome {
+        let failure = |message: String, retryable: bool| {
+            job_result::Outcome::Failure(JobFailure { message, retryable, ..JobFailure::default() })
+        };
+        let source = match source_reference(&assignment.source, &assignment.digest) {
+            Ok(source) => source,
+            Err(e) => return failure(e.to_string(), false),
+        };
+        let target = match ImageRef::parse(&assignment.target) {
+            Ok(target) => target,
+            Err(e) => return failure(e.to_string(), false),
+        };
+        info!(%target, "copying");
+        match self.pusher.push(&source, &target, progress).await {
+            Ok(report) => job_result::Outcome::Success(JobSuccess {
+                pinned_reference: report.pinned,
+                digest: report.digest,
+                bytes_uploaded: report.bytes_uploaded,
+                blobs_uploaded: report.blobs_uploaded,
+                blobs_mounted: report.blobs_mounted,
+                blobs_existing: report.blobs_existing,
+                duration_seconds: report.duration.as_secs_f64(),
+            }),
+            Err(PushError::IncompleteIndex { digest, missing, pushed }) => {
+                let message = PushError::IncompleteIndex { digest, missing: missing.clone(), pushed: pushed.clone() };
+                job_result::Outcome::Failure(JobFailure {
+                    message: message.to_string(),
+                    retryable: false,
+                    missing_platforms: missing.iter().map(|m| to_proto_platform(&m.platform)).collect(),
+                    pushed_manifests: pushed.into_iter().map(to_proto_manifest).collect(),
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "copy failed");
+                failure(e.to_string(), e.retryable())
+            }
+        }
+    }
+
+    /// Sends a result on the current session, or keeps it for the next.
+    fn deliver(&self, result: JobResult) {
+        let msg = message(agent_message::Message::Result(result));
+        let sender = lock(&self.session).clone();
+        match sender {
+            Some(tx) => {
+                if let Err(mpsc::error::TrySendError::Full(msg) | mpsc::error::TrySendError::Closed(msg)) =
+                    tx.try_send(msg)
+                {
+                    lock(&self.undelivered).push(msg);
+                }
+            }
+            None => lock(&self.undelivered).push(msg),
+        }
+    }
+}
+
+/// The exact image the pods run: the normalized source pinned to the digest
+/// the coordinator asks for.
+fn source_reference(source: &str, digest: &str) -> Result<ImageRef, crate::reference::ParseRefError> {
+    let parsed = ImageRef::parse(source)?;
+    if digest.is_empty() || parsed.digest() == Some(digest) {
+        return Ok(parsed);
+    }
+    let base = match parsed.tag() {
+        Some(tag) => format!("{}:{tag}", parsed.name()),
+        None => parsed.name(),
+    };
+    ImageRef::parse(&format!("{base}@{digest}"))
+}
+
+fn message(message: agent_message::Message) -> AgentMessage {
+    AgentMessage { message: Some(message) }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// This node's platform in OCI terms (Go's GOOS/GOARCH names).
+pub fn node_platform() -> ProtoPlatform {
+    let architecture = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    ProtoPlatform { os: std::env::consts::OS.into(), architecture: architecture.into(), variant: String::new() }
+}
+
+fn to_proto_platform(p: &crate::push::Platform) -> ProtoPlatform {
+    ProtoPlatform {
+        os: p.os.clone(),
+        architecture: p.architecture.clone(),
+        variant: p.variant.clone().unwrap_or_default(),
+    }
+}
+
+fn to_proto_manifest(m: crate::push::PlatformManifest) -> ProtoPlatformManifest {
+    ProtoPlatformManifest { platform: Some(to_proto_platform(&m.platform)), digest: m.digest }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn source_is_pinned_to_the_assigned_digest() {
+        let r = source_reference("docker.io/library/nginx:1.25", DIGEST).unwrap();
+        assert_eq!(r.to_string(), format!("docker.io/library/nginx:1.25@{DIGEST}"));
+        let r = source_reference(&format!("docker.io/library/nginx@{DIGEST}"), DIGEST).unwrap();
+        assert_eq!(r.to_string(), format!("docker.io/library/nginx@{DIGEST}"));
+        assert!(source_reference("Not A Ref", DIGEST).is_err());
+    }
+}
