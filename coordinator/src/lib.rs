@@ -7,6 +7,7 @@
 //! named, and the guarded patch that moves a workload to its backups. The
 //! controllers and the gRPC services that use them come next.
 
+pub mod agents;
 pub mod naming;
 pub mod rewrite;
 pub mod workload;

@@ -1,0 +1,170 @@
+//! The agent daemon against the coordinator's session service over real
+//! gRPC, with real containerd and a real registry: registration, inventory,
+//! an assignment that lands in the registry, and a coordinator restart.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use image_backup_agent::{
+    containerd::{ContentStore, ReadPath},
+    daemon::{Agent, DaemonConfig},
+    push::{PushOptions, Pusher},
+    registry::RegistryConfig,
+};
+use image_backup_coordinator::agents::{AgentEvent, AgentHub, AgentSessions};
+use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer, job_result};
+use image_backup_tests::{
+    Containerd, MediaTypes, Registry, RegistryAuth, TestImage, containerd::NAMESPACE, init_tracing,
+};
+use tokio::sync::oneshot;
+
+const MB: usize = 1 << 20;
+
+/// Serves the coordinator's AgentService on `addr` until `stop` fires.
+async fn serve(hub: Arc<AgentHub>, listener: tokio::net::TcpListener, stop: oneshot::Receiver<()>) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(AgentSessions(hub)))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop.await;
+        })
+        .await
+        .expect("serve AgentService");
+}
+
+async fn start_agent(
+    containerd: &Containerd,
+    registry: &Registry,
+    addr: SocketAddr,
+    node: &str,
+) -> tokio::task::JoinHandle<()> {
+    let store =
+        ContentStore::connect(&containerd.socket(), NAMESPACE).await.unwrap().with_read_path(ReadPath::Auto).await;
+    let config = RegistryConfig { insecure_hosts: vec![registry.host()], ..RegistryConfig::default() };
+    let pusher = Pusher::new(store, config, PushOptions::default());
+    let agent = Agent::new(
+        DaemonConfig {
+            coordinator: format!("http://{addr}"),
+            node_name: node.into(),
+            agent_id: format!("agent-{node}"),
+            max_jobs: 2,
+            reconnect_max: Duration::from_millis(500),
+            progress_interval: Duration::from_millis(100),
+        },
+        pusher,
+    );
+    tokio::spawn(agent.run(std::future::pending()))
+}
+
+async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<AgentEvent>,
+    what: &str,
+    pred: impl Fn(&AgentEvent) -> bool,
+) -> AgentEvent {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.recv().await {
+                Ok(event) if pred(&event) => return event,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(e) => panic!("event stream closed waiting for {what}: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordinator_restart() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[2 * MB, MB], 21);
+    image.import(&containerd, "docker.io/library/web:2", &[], &[]).await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hub = AgentHub::new("coordinator-a", Duration::from_secs(1));
+    let mut events = hub.subscribe();
+    let (stop, stopped) = oneshot::channel();
+    let server = tokio::spawn(serve(hub.clone(), listener, stopped));
+    let _agent = start_agent(&containerd, &registry, addr, "node-a").await;
+
+    next_event(&mut events, "inventory", |e| matches!(e, AgentEvent::Inventory { .. })).await;
+    let agents = hub.agents();
+    assert_eq!(agents.len(), 1);
+    assert_eq!((agents[0].node_name.as_str(), agents[0].max_jobs), ("node-a", 2));
+    let candidates = hub.candidates(image.digest());
+    assert_eq!(candidates.iter().map(|a| a.agent_id.as_str()).collect::<Vec<_>>(), ["agent-node-a"]);
+    assert!(hub.candidates("sha256:0000000000000000000000000000000000000000000000000000000000000000").is_empty());
+
+    let target = format!("{}/mirror/docker.io/library/web:2", registry.host());
+    hub.assign(
+        "agent-node-a",
+        Assignment {
+            job_id: "job-1".into(),
+            source: "docker.io/library/web:2".into(),
+            digest: image.digest().into(),
+            target: target.clone(),
+            attempt: 1,
+            credentials_ref: String::new(),
+        },
+    )
+    .unwrap();
+    let result = next_event(&mut events, "result", |e| matches!(e, AgentEvent::Result { .. })).await;
+    let AgentEvent::Result { node, result, .. } = result else { unreachable!() };
+    assert_eq!(node, "node-a");
+    match result.outcome {
+        Some(job_result::Outcome::Success(success)) => {
+            assert_eq!(success.digest, image.digest());
+            assert_eq!(
+                success.pinned_reference,
+                format!("{}/mirror/docker.io/library/web@{}", registry.host(), image.digest())
+            );
+        }
+        other => panic!("expected success, got {other:?}"),
+    }
+    let served =
+        registry.manifest("mirror/docker.io/library/web", "2").await.unwrap().expect("manifest in the registry");
+    assert_eq!(served.digest, image.digest());
+
+    // A bad assignment fails with a clear, final error, not a crash.
+    hub.assign(
+        "agent-node-a",
+        Assignment {
+            job_id: "job-2".into(),
+            source: "docker.io/library/absent:1".into(),
+            digest: String::new(),
+            target: format!("{}/mirror/absent:1", registry.host()),
+            attempt: 1,
+            credentials_ref: String::new(),
+        },
+    )
+    .unwrap();
+    let failed = next_event(
+        &mut events,
+        "failure",
+        |e| matches!(e, AgentEvent::Result { result, .. } if result.job_id == "job-2"),
+    )
+    .await;
+    let AgentEvent::Result { result, .. } = failed else { unreachable!() };
+    match result.outcome {
+        Some(job_result::Outcome::Failure(failure)) => {
+            assert!(failure.message.contains("not found in containerd"), "{}", failure.message);
+            assert!(!failure.retryable);
+        }
+        other => panic!("expected failure, got {other:?}"),
+    }
+
+    // The coordinator goes away and comes back on the same address: the
+    // agent reconnects and registers again with its inventory.
+    hub.close_sessions();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), server).await.expect("coordinator stops").unwrap();
+    let hub = AgentHub::new("coordinator-b", Duration::from_secs(1));
+    let mut events = hub.subscribe();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (_stop, stopped) = oneshot::channel();
+    tokio::spawn(serve(hub.clone(), listener, stopped));
+    next_event(&mut events, "inventory after restart", |e| matches!(e, AgentEvent::Inventory { .. })).await;
+    assert_eq!(hub.candidates(image.digest()).len(), 1);
+}
