@@ -8,6 +8,7 @@
 //! controllers and the gRPC services that use them come next.
 
 pub mod agents;
+pub mod jobs;
 pub mod naming;
 pub mod rewrite;
 pub mod workload;

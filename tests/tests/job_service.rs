@@ -1,0 +1,119 @@
+//! The coordinator's gRPC port as people and tools see it: reflection lists
+//! the services (what `grpcurl -plaintext HOST:PORT list` asks), health
+//! answers, and JobService lists, gets and streams jobs.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use image_backup_coordinator::{
+    agents::AgentHub,
+    jobs::{JobBoard, grpc_routes},
+};
+use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
+use image_backup_proto::v1::{
+    GetJobRequest, JobPhase, ListAgentsRequest, ListJobsRequest, WatchJobsRequest, job_event,
+    job_service_client::JobServiceClient,
+};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn backup(name: &str, source: &str, phase: Phase) -> ImageBackup {
+    let mut backup = ImageBackup::new(name, ImageBackupSpec { source: source.into(), digest: DIGEST.into() });
+    backup.status = Some(ImageBackupStatus {
+        phase,
+        node: Some("node-a".into()),
+        workloads: vec!["Deployment/shop/web".into()],
+        ..ImageBackupStatus::default()
+    });
+    backup
+}
+
+#[tokio::test]
+async fn reflection_health_and_job_service() {
+    let board = JobBoard::new();
+    let hub = AgentHub::new("coordinator-test", Duration::from_secs(10));
+    board.upsert(&backup("nginx", "docker.io/library/nginx:1.25", Phase::Completed)).await;
+    board.upsert(&backup("redis", "docker.io/library/redis:7", Phase::Pushing)).await;
+    let routes = grpc_routes(board.clone(), hub).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+
+    // grpcurl's `list`: reflection names every service.
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("{reply:?}") };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    services.sort();
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "imagebackup.v1.AgentService",
+            "imagebackup.v1.JobService",
+        ]
+    );
+    // grpcurl's `describe`: the file holding JobService resolves.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("imagebackup.v1.JobService".into())),
+    };
+    let mut replies = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert!(
+        matches!(reply.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty())
+    );
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "imagebackup.v1.JobService", "imagebackup.v1.AgentService"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(status.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let mut jobs = JobServiceClient::new(channel);
+    let all = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert_eq!(all.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(), ["nginx", "redis"]);
+    let completed = jobs
+        .list_jobs(ListJobsRequest { phases: vec![JobPhase::Completed as i32], ..ListJobsRequest::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(completed.len(), 1);
+    assert_eq!(completed[0].workloads, ["Deployment/shop/web"]);
+    // By source, as a user would type it.
+    let job = jobs.get_job(GetJobRequest { name: "redis:7".into() }).await.unwrap().into_inner();
+    assert_eq!((job.name.as_str(), job.phase), ("redis", JobPhase::Pushing as i32));
+    let missing = jobs.get_job(GetJobRequest { name: "absent".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert!(jobs.list_agents(ListAgentsRequest {}).await.unwrap().into_inner().agents.is_empty());
+
+    let mut watch = jobs.watch_jobs(WatchJobsRequest::default()).await.unwrap().into_inner();
+    for expected in ["nginx", "redis"] {
+        let event = watch.next().await.unwrap().unwrap();
+        assert_eq!((event.r#type, event.job.unwrap().name.as_str()), (job_event::Type::Added as i32, expected));
+    }
+    board.upsert(&backup("redis", "docker.io/library/redis:7", Phase::Completed)).await;
+    let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.r#type, job_event::Type::Modified as i32);
+    assert_eq!(event.job.unwrap().phase, JobPhase::Completed as i32);
+    board.remove("nginx").await;
+    let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((event.r#type, event.job.unwrap().name.as_str()), (job_event::Type::Deleted as i32, "nginx"));
+}
