@@ -81,6 +81,15 @@ impl Workload {
         }
     }
 
+    /// Reference for Events about the workload.
+    pub fn object_ref(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        use kube::Resource;
+        match self {
+            Workload::Deployment(d) => d.object_ref(&()),
+            Workload::DaemonSet(d) => d.object_ref(&()),
+        }
+    }
+
     /// Selector of the workload's pods, to find the digests they run.
     pub fn selector(&self) -> &LabelSelector {
         match self {

@@ -1,0 +1,77 @@
+//! Command-line interface of `image-backup-coordinator`; every flag can also
+//! be set from the environment, as the Deployment manifest does.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use image_backup_agent::registry::{RegistryConfig, RetryPolicy};
+
+use crate::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "image-backup-coordinator",
+    version,
+    about = "Backs up the images ready workloads run and points them at the copies"
+)]
+pub struct Cli {
+    /// Backup registry host (host[:port]).
+    #[arg(long, env = "IMAGE_BACKUP_REGISTRY")]
+    pub backup_registry: String,
+    /// Repository prefix in the backup registry.
+    #[arg(long, env = "IMAGE_BACKUP_PREFIX", default_value = "backup")]
+    pub backup_prefix: String,
+    /// Namespaces never touched, comma-separated (kube-system and the
+    /// coordinator's own are always excluded).
+    #[arg(long, env = "IMAGE_BACKUP_EXCLUDE_NAMESPACES", value_delimiter = ',')]
+    pub exclude_namespaces: Vec<String>,
+    /// The coordinator's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "image-backup")]
+    pub namespace: String,
+    /// Identity in agent sessions and events.
+    #[arg(long, env = "POD_NAME", default_value = "image-backup-coordinator")]
+    pub id: String,
+    /// Back images up but never patch workloads.
+    #[arg(long, env = "IMAGE_BACKUP_REPORT_ONLY")]
+    pub report_only: bool,
+    /// gRPC address for agents and JobService.
+    #[arg(long, env = "IMAGE_BACKUP_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Attempts before a job stays Failed.
+    #[arg(long, env = "IMAGE_BACKUP_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Wait after the first failed attempt; doubles per attempt.
+    #[arg(long, env = "IMAGE_BACKUP_RETRY_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// An agent silent this long loses its jobs to another node.
+    #[arg(long, env = "IMAGE_BACKUP_HEARTBEAT_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat_deadline: Duration,
+    /// Registry hosts reached over plain HTTP, comma-separated.
+    #[arg(long = "insecure-registry", env = "IMAGE_BACKUP_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure: Vec<String>,
+    /// Extra CA bundle (PEM) for the backup registry.
+    #[arg(long = "registry-ca", env = "IMAGE_BACKUP_REGISTRY_CA")]
+    pub ca_bundle: Option<PathBuf>,
+    /// docker config.json with the backup registry's credentials.
+    #[arg(long = "docker-config", env = "IMAGE_BACKUP_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Cli {
+    pub fn config(&self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            backup: BackupTarget { registry: self.backup_registry.clone(), prefix: self.backup_prefix.clone() },
+            registry: RegistryConfig {
+                insecure_hosts: self.insecure.clone(),
+                ca_bundle: self.ca_bundle.clone(),
+                docker_config: self.docker_config.clone(),
+                retry: RetryPolicy { max_elapsed: Duration::from_secs(20), ..RetryPolicy::default() },
+            },
+            exclusions: Exclusions::new(self.exclude_namespaces.clone(), &self.namespace),
+            report_only: self.report_only,
+            max_attempts: self.max_attempts.max(1),
+            retry_backoff: self.retry_backoff,
+            heartbeat_deadline: self.heartbeat_deadline,
+        }
+    }
+}

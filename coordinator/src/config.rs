@@ -1,0 +1,24 @@
+//! What the coordinator is told at start.
+
+use std::time::Duration;
+
+use image_backup_agent::registry::RegistryConfig;
+
+use crate::{naming::BackupTarget, workload::Exclusions};
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Where backups go.
+    pub backup: BackupTarget,
+    /// How to reach the backup registry to verify copies.
+    pub registry: RegistryConfig,
+    pub exclusions: Exclusions,
+    /// Do everything but patch workloads.
+    pub report_only: bool,
+    /// Attempts before a job stays Failed.
+    pub max_attempts: u32,
+    /// Backoff after the first failed attempt; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// An agent silent for this long loses its jobs.
+    pub heartbeat_deadline: Duration,
+}
