@@ -55,7 +55,11 @@ impl BackupTarget {
     /// only by digest keeps no tag; the digest pins every backup reference
     /// a workload gets anyway.
     pub fn reference_for(&self, source: &ImageRef) -> Result<ImageRef, ParseRefError> {
-        let mut target = format!("{}/{}/{}", self.root(), source.registry(), source.repository());
+        // A port is not allowed in a repository path (`host:5000` would read
+        // as a tag); `_` never occurs in host names, so `host_5000` cannot
+        // collide with another registry's path.
+        let host = source.registry().replace(':', "_");
+        let mut target = format!("{}/{host}/{}", self.root(), source.repository());
         if let Some(tag) = source.tag() {
             target.push(':');
             target.push_str(tag);
@@ -115,6 +119,10 @@ mod tests {
         assert_eq!(
             target.reference_for(&r("quay.io/org/app:v1")).unwrap().to_string(),
             "backup.local:5000/mirror/quay.io/org/app:v1"
+        );
+        assert_eq!(
+            target.reference_for(&r("registry.local:5000/team/app:2")).unwrap().to_string(),
+            "backup.local:5000/mirror/registry.local_5000/team/app:2"
         );
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         let pinned = target.reference_for(&r(&format!("ghcr.io/o/a@{digest}"))).unwrap();
