@@ -37,6 +37,9 @@ pub struct Cli {
     /// gRPC address for agents and JobService.
     #[arg(long, env = "IMAGE_BACKUP_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+    /// HTTP address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "IMAGE_BACKUP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
     /// Attempts before a job stays Failed.
     #[arg(long, env = "IMAGE_BACKUP_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,

@@ -43,6 +43,7 @@ use crate::{
     agents::{AgentEvent, AgentHub},
     config::CoordinatorConfig,
     jobs::JobBoard,
+    metrics::Metrics,
     naming::image_backup_name,
     rewrite::{RewriteError, backup_patch},
     workload::Workload,
@@ -74,6 +75,7 @@ pub struct Context {
     pub board: Arc<JobBoard>,
     pub registry: Registry,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -82,10 +84,11 @@ impl Context {
         config: CoordinatorConfig,
         hub: Arc<AgentHub>,
         board: Arc<JobBoard>,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RegistryError> {
         let registry = Registry::new(&config.backup.registry, &config.registry)?;
         let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: None });
-        Ok(Arc::new(Self { client, config, hub, board, registry, recorder }))
+        Ok(Arc::new(Self { client, config, hub, board, registry, recorder, metrics }))
     }
 
     fn backups(&self) -> Api<ImageBackup> {
@@ -216,6 +219,7 @@ async fn reconcile_workload(workload: Workload, ctx: Arc<Context>) -> Result<Act
     };
     match result {
         Ok(()) => {
+            ctx.metrics.patched("rewritten");
             info!(workload = %key, images = backups.len(), "workload now runs its backups");
             let note = format!("{} image(s) moved to backups in {}", backups.len(), ctx.config.backup.registry);
             ctx.event(workload.object_ref(), EventType::Normal, "WorkloadRewritten", note).await;
@@ -224,6 +228,7 @@ async fn reconcile_workload(workload: Workload, ctx: Arc<Context>) -> Result<Act
         // A `test` operation failed: the workload changed since it was
         // read. Never overwrite; look again at the new version.
         Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => {
+            ctx.metrics.patched("changed_meanwhile");
             info!(workload = %key, "workload changed meanwhile; reconsidering");
             Ok(Action::requeue(Duration::from_secs(1)))
         }
@@ -440,6 +445,8 @@ async fn job_result(ctx: &Context, result: JobResult, node: &str) -> Result<(), 
             // The agent's word is not enough: the coordinator looks itself.
             match verify(ctx, &backup).await {
                 Ok(pinned) => {
+                    ctx.metrics.bytes_pushed.inc_by(success.bytes_uploaded);
+                    ctx.metrics.push_seconds.observe(success.duration_seconds);
                     ctx.set_status(
                         &name,
                         json!({

@@ -63,6 +63,18 @@ pub fn proto_phase(phase: Phase) -> JobPhase {
     }
 }
 
+/// The phase name as ImageBackup statuses spell it.
+pub fn phase_name(phase: i32) -> &'static str {
+    match JobPhase::try_from(phase) {
+        Ok(JobPhase::Pending) => "Pending",
+        Ok(JobPhase::Assigned) => "Assigned",
+        Ok(JobPhase::Pushing) => "Pushing",
+        Ok(JobPhase::Completed) => "Completed",
+        Ok(JobPhase::Failed) => "Failed",
+        _ => "Unknown",
+    }
+}
+
 fn timestamp(time: &k8s_openapi::jiff::Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: time.as_second(), nanos: time.subsec_nanosecond() }
 }

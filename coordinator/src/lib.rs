@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod jobs;
+pub mod metrics;
 pub mod naming;
 pub mod rewrite;
 pub mod run;

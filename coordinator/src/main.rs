@@ -24,7 +24,10 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     let listener =
         tokio::net::TcpListener::bind(cli.grpc_addr).await.with_context(|| format!("binding {}", cli.grpc_addr))?;
-    run(client, cli.config(), listener, cli.id.clone(), shutdown_signal()).await?;
+    let metrics = tokio::net::TcpListener::bind(cli.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", cli.metrics_addr))?;
+    run(client, cli.config(), listener, metrics, cli.id.clone(), shutdown_signal()).await?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use crate::{
         reconcile_deployment,
     },
     jobs::{JobBoard, grpc_routes},
+    metrics::Metrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum RunError {
     Registry(#[from] image_backup_agent::registry::RegistryError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("metrics and probes server: {0}")]
+    Probes(std::io::Error),
     #[error("gRPC listener: {0}")]
     Listener(std::io::Error),
     #[error("gRPC server on {addr}: {source}")]
@@ -39,14 +42,17 @@ pub async fn run(
     client: Client,
     config: CoordinatorConfig,
     grpc_listener: tokio::net::TcpListener,
+    metrics_listener: tokio::net::TcpListener,
     coordinator_id: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let hub = AgentHub::new(coordinator_id, Duration::from_secs(5));
     let board = JobBoard::new();
     let deadline = config.heartbeat_deadline;
-    let ctx = Context::new(client.clone(), config, hub.clone(), board.clone())?;
+    let metrics = Metrics::new();
+    let ctx = Context::new(client.clone(), config, hub.clone(), board.clone(), metrics.clone())?;
     let shutdown = shutdown.shared();
+    let probes = crate::metrics::serve(metrics_listener, metrics, hub.clone(), board.clone(), shutdown.clone());
 
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
     let routes = grpc_routes(board.clone(), hub.clone()).await?;
@@ -98,6 +104,7 @@ pub async fn run(
     let follower = follow_agents(ctx.clone());
     tokio::select! {
         result = grpc => result.map_err(|source| RunError::Grpc { addr, source })?,
+        result = probes => result.map_err(RunError::Probes)?,
         () = async { tokio::join!(backup_controller, deployment_controller, daemonset_controller); } => {},
         () = follower => {},
         () = expiry => {},
