@@ -368,6 +368,7 @@ pub async fn reconcile_backup(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Re
                     "node": agent.node_name,
                     "agent": agent.agent_id,
                     "attempts": attempt,
+                    "lastError": null,
                     "lastTransitionTime": now(),
                 }),
             )
