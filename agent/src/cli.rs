@@ -69,8 +69,10 @@ pub struct ContainerdArgs {
     pub content_read: ReadPath,
 }
 
-#[derive(Args, Debug)]
-pub struct RegistryArgs {
+/// How to reach registries; shared with the coordinator, which verifies
+/// backups in the same registry.
+#[derive(Args, Debug, Clone)]
+pub struct RegistryAccess {
     /// Registry hosts (host:port) reached over plain HTTP; comma-separated.
     #[arg(long = "insecure-registry", env = "IMAGE_BACKUP_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure: Vec<String>,
@@ -80,6 +82,23 @@ pub struct RegistryArgs {
     /// docker config.json with registry credentials.
     #[arg(long = "docker-config", env = "IMAGE_BACKUP_DOCKER_CONFIG")]
     pub docker_config: Option<PathBuf>,
+}
+
+impl RegistryAccess {
+    pub fn config(&self, retry: RetryPolicy) -> RegistryConfig {
+        RegistryConfig {
+            insecure_hosts: self.insecure.iter().filter(|h| !h.is_empty()).cloned().collect(),
+            ca_bundle: self.ca_bundle.clone(),
+            docker_config: self.docker_config.clone(),
+            retry,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub access: RegistryAccess,
     /// Give up on a failing registry call after this long (e.g. 2m, 30s).
     #[arg(long = "retry-timeout", env = "IMAGE_BACKUP_RETRY_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     pub retry_timeout: Duration,
@@ -102,12 +121,7 @@ pub struct PushArgs {
 
 impl RegistryArgs {
     pub fn config(&self) -> RegistryConfig {
-        RegistryConfig {
-            insecure_hosts: self.insecure.clone(),
-            ca_bundle: self.ca_bundle.clone(),
-            docker_config: self.docker_config.clone(),
-            retry: RetryPolicy { max_elapsed: self.retry_timeout, ..RetryPolicy::default() },
-        }
+        self.access.config(RetryPolicy { max_elapsed: self.retry_timeout, ..RetryPolicy::default() })
     }
 
     pub fn options(&self) -> PushOptions {
@@ -156,7 +170,7 @@ async fn daemon(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -1,10 +1,10 @@
 //! Command-line interface of `image-backup-coordinator`; every flag can also
 //! be set from the environment, as the Deployment manifest does.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use image_backup_agent::registry::{RegistryConfig, RetryPolicy};
+use image_backup_agent::{cli::RegistryAccess, registry::RetryPolicy};
 
 use crate::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
 
@@ -49,27 +49,17 @@ pub struct Cli {
     /// An agent silent this long loses its jobs to another node.
     #[arg(long, env = "IMAGE_BACKUP_HEARTBEAT_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat_deadline: Duration,
-    /// Registry hosts reached over plain HTTP, comma-separated.
-    #[arg(long = "insecure-registry", env = "IMAGE_BACKUP_INSECURE_REGISTRIES", value_delimiter = ',')]
-    pub insecure: Vec<String>,
-    /// Extra CA bundle (PEM) for the backup registry.
-    #[arg(long = "registry-ca", env = "IMAGE_BACKUP_REGISTRY_CA")]
-    pub ca_bundle: Option<PathBuf>,
-    /// docker config.json with the backup registry's credentials.
-    #[arg(long = "docker-config", env = "IMAGE_BACKUP_DOCKER_CONFIG")]
-    pub docker_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryAccess,
 }
 
 impl Cli {
     pub fn config(&self) -> CoordinatorConfig {
         CoordinatorConfig {
             backup: BackupTarget { registry: self.backup_registry.clone(), prefix: self.backup_prefix.clone() },
-            registry: RegistryConfig {
-                insecure_hosts: self.insecure.clone(),
-                ca_bundle: self.ca_bundle.clone(),
-                docker_config: self.docker_config.clone(),
-                retry: RetryPolicy { max_elapsed: Duration::from_secs(20), ..RetryPolicy::default() },
-            },
+            registry: self
+                .registry
+                .config(RetryPolicy { max_elapsed: Duration::from_secs(20), ..RetryPolicy::default() }),
             exclusions: Exclusions::new(self.exclude_namespaces.clone(), &self.namespace),
             report_only: self.report_only,
             max_attempts: self.max_attempts.max(1),

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use image_backup_agent::cli::shutdown_signal;
 use image_backup_coordinator::{cli::Cli, run::run};
 use tracing_subscriber::EnvFilter;
 
@@ -29,20 +30,4 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.metrics_addr))?;
     run(client, cli.config(), listener, metrics, cli.id.clone(), shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }
