@@ -108,7 +108,6 @@ impl Agent {
                     }
                 }
             }
-            *lock(&self.session) = None;
             let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
             tokio::select! {
                 () = &mut shutdown => return,
@@ -142,6 +141,9 @@ impl Agent {
             .map_err(|status| SessionError::Refused { endpoint: endpoint.clone(), status: Box::new(status) })?
             .into_inner();
         *lock(&self.session) = Some(tx.clone());
+        // However the session ends (even dropped mid-way), results go to the
+        // next one instead of a stream nobody reads.
+        let _current = CurrentSession(&self.session);
         info!(coordinator = %endpoint, "session established");
         let undelivered = std::mem::take(&mut *lock(&self.undelivered));
         for result in undelivered {
@@ -149,12 +151,14 @@ impl Agent {
         }
 
         let heartbeat = Arc::new(Mutex::new(DEFAULT_HEARTBEAT));
-        let background = [
+        // Aborted with the session, however it ends (even dropped by a
+        // shutdown): they hold the outbound stream open.
+        let _background = AbortOnDrop(vec![
             tokio::spawn(self.clone().heartbeats(tx.clone(), heartbeat.clone())),
             tokio::spawn(self.clone().report_progress(tx.clone())),
             tokio::spawn(self.clone().follow_images(tx.clone())),
-        ];
-        let result = loop {
+        ]);
+        loop {
             match replies.message().await {
                 Ok(Some(reply)) => match reply.message {
                     Some(coordinator_message::Message::Registered(registered)) => {
@@ -177,11 +181,7 @@ impl Agent {
                     break Err(SessionError::Broken { endpoint: endpoint.clone(), status: Box::new(status) });
                 }
             }
-        };
-        for task in background {
-            task.abort();
         }
-        result
     }
 
     fn register(&self, running_job_ids: Vec<String>) -> Register {
@@ -379,6 +379,26 @@ impl Agent {
                 }
             }
             None => lock(&self.undelivered).push(msg),
+        }
+    }
+}
+
+/// Forgets the session's sender when dropped.
+struct CurrentSession<'a>(&'a Mutex<Option<mpsc::Sender<AgentMessage>>>);
+
+impl Drop for CurrentSession<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = None;
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
     }
 }

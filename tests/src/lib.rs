@@ -7,6 +7,7 @@
 //! parallel, and stops only the processes it started (on drop).
 
 pub mod apiserver;
+pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod process;

@@ -40,11 +40,12 @@ pub struct Proxy {
     port: u16,
     counters: Arc<Counters>,
     task: tokio::task::JoinHandle<()>,
+    state: Arc<State>,
 }
 
 struct State {
     upstream: String,
-    faults: Faults,
+    faults: std::sync::RwLock<Faults>,
     counters: Arc<Counters>,
     client: reqwest::Client,
     upload_puts: AtomicU64,
@@ -60,11 +61,12 @@ impl Proxy {
         let counters = Arc::new(Counters::default());
         let state = Arc::new(State {
             upstream: format!("http://{upstream_host}"),
-            faults,
+            faults: std::sync::RwLock::new(faults),
             counters: counters.clone(),
             client: reqwest::Client::builder().http1_only().build()?,
             upload_puts: AtomicU64::new(0),
         });
+        let shared_state = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = state.clone();
@@ -76,7 +78,13 @@ impl Proxy {
                 });
             }
         });
-        Ok(Self { port, counters, task })
+        Ok(Self { port, counters, task, state: shared_state })
+    }
+
+    /// Changes the faults from the next request on (a registry recovering,
+    /// or starting to fail).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.state.faults.write().unwrap_or_else(|p| p.into_inner()) = faults;
     }
 
     pub fn host(&self) -> String {
@@ -118,8 +126,9 @@ fn full(status: StatusCode, headers: &[(&str, &str)], body: &'static str) -> Res
 
 async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> Result<Response<Body>, std::io::Error> {
     let n = state.counters.requests.fetch_add(1, Relaxed) + 1;
+    let faults = state.faults.read().unwrap_or_else(|p| p.into_inner()).clone();
     let hits = |every: Option<u64>| every.is_some_and(|k| k > 0 && n.is_multiple_of(k));
-    if hits(state.faults.unavailable_every) {
+    if hits(faults.unavailable_every) {
         state.counters.faults.fetch_add(1, Relaxed);
         return Ok(full(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -127,7 +136,7 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
             "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"injected fault\"}]}",
         ));
     }
-    if hits(state.faults.throttle_every) {
+    if hits(faults.throttle_every) {
         state.counters.faults.fetch_add(1, Relaxed);
         return Ok(full(
             StatusCode::TOO_MANY_REQUESTS,
@@ -141,7 +150,7 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
     let is_upload_put = method == hyper::Method::PUT && path.contains("/blobs/uploads/");
     let drop_this = is_upload_put && {
         let k = state.upload_puts.fetch_add(1, Relaxed) + 1;
-        state.faults.drop_upload_every.is_some_and(|every| every > 0 && k.is_multiple_of(every))
+        faults.drop_upload_every.is_some_and(|every| every > 0 && k.is_multiple_of(every))
     };
     let url = match request.uri().path_and_query() {
         Some(pq) => format!("{}{pq}", state.upstream),

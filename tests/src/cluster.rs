@@ -1,0 +1,230 @@
+//! A cluster for system tests: the API server (the emulator, or a real one
+//! from IMAGE_BACKUP_TEST_KUBECONFIG), the ImageBackup CRD, and what a
+//! kubelet and the workload controllers would write (Pods with the digests
+//! they run, rolled-out workload statuses), since neither runs here; plus
+//! agents on harness containerds.
+
+use std::time::Duration;
+
+use image_backup_agent::{
+    containerd::{ContentStore, ReadPath},
+    daemon::{Agent, DaemonConfig},
+    push::{PushOptions, Pusher},
+    registry::RegistryConfig,
+};
+use image_backup_coordinator::rewrite::ORIGINAL_IMAGES_ANNOTATION;
+use image_backup_crds::ImageBackup;
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{Namespace, Pod},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+use crate::{Containerd, apiserver::ApiServer, containerd::NAMESPACE};
+
+/// Registers the ImageBackup CRD and the namespaces, and waits until the
+/// custom resource is served.
+pub async fn prepare(client: &Client, namespaces: &[&str]) {
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&image_backup_crds::crd_yaml().expect("CRD YAML")).expect("CRD parses");
+    create(&Api::<CustomResourceDefinition>::all(client.clone()), serde_json::to_value(crd).expect("CRD JSON")).await;
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    eventually("CRD served", Duration::from_secs(10), || async {
+        backups.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    for ns in namespaces {
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
+        )
+        .await;
+    }
+}
+
+/// Starts an agent daemon for `node` on a harness containerd; it runs until
+/// the returned task is aborted.
+pub async fn start_agent(
+    containerd: &Containerd,
+    node: &str,
+    coordinator: std::net::SocketAddr,
+    registry: RegistryConfig,
+) -> tokio::task::JoinHandle<()> {
+    let store = ContentStore::connect(&containerd.socket(), NAMESPACE)
+        .await
+        .expect("connect to containerd")
+        .with_read_path(ReadPath::Auto)
+        .await;
+    let agent = Agent::new(
+        DaemonConfig {
+            coordinator: format!("http://{coordinator}"),
+            node_name: node.into(),
+            agent_id: format!("agent-{node}"),
+            max_jobs: 2,
+            reconnect_max: Duration::from_secs(1),
+            progress_interval: Duration::from_millis(200),
+        },
+        Pusher::new(store, registry, PushOptions::default()),
+    );
+    tokio::spawn(agent.run(std::future::pending()))
+}
+
+/// The API server under test: a real one when a kubeconfig is given,
+/// otherwise the in-process emulator (kept alive by the returned handle).
+pub async fn cluster() -> (Option<ApiServer>, Client) {
+    if let Ok(path) = std::env::var("IMAGE_BACKUP_TEST_KUBECONFIG") {
+        let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+        return (None, Client::try_from(config).unwrap());
+    }
+    let server = ApiServer::start().await.unwrap();
+    let client = server.client().await.unwrap();
+    (Some(server), client)
+}
+
+pub async fn create<K>(api: &Api<K>, object: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(object).unwrap();
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => created,
+        Err(kube::Error::Api(s)) if s.code == 409 => api.get(&object.meta().name.clone().unwrap()).await.unwrap(),
+        Err(e) => panic!("create {:?}: {e}", object.meta().name),
+    }
+}
+
+pub struct Workloads {
+    pub client: Client,
+}
+
+/// A container of a test workload: name, image, the digest its pods run,
+/// and whether it is an init container.
+pub type Spec<'a> = (&'a str, &'a str, &'a str, bool);
+
+/// Where a test workload runs and how far its rollout is.
+pub struct Placement<'a> {
+    pub nodes: &'a [&'a str],
+    pub ready: bool,
+}
+
+impl Workloads {
+    /// A workload whose pods run `containers` ([name, image, digest]) on
+    /// `nodes`; `ready` writes the rolled-out status a controller would.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deploy(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        labels: Value,
+        containers: &[Spec<'_>],
+        at: Placement<'_>,
+    ) {
+        let Placement { nodes, ready } = at;
+        let (init, app): (Vec<_>, Vec<_>) = containers.iter().partition(|c| c.3);
+        let spec_of =
+            |list: &[&Spec<'_>]| list.iter().map(|c| json!({ "name": c.0, "image": c.1 })).collect::<Vec<_>>();
+        let mut pod_spec = json!({ "containers": spec_of(&app) });
+        if !init.is_empty() {
+            pod_spec["initContainers"] = json!(spec_of(&init));
+        }
+        let object = json!({
+            "apiVersion": "apps/v1", "kind": kind,
+            "metadata": { "name": name, "namespace": ns, "labels": labels },
+            "spec": {
+                "replicas": if kind == "Deployment" { json!(nodes.len()) } else { Value::Null },
+                "selector": { "matchLabels": { "app": name } },
+                "template": { "metadata": { "labels": { "app": name } }, "spec": pod_spec },
+            },
+        });
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        for (i, node) in nodes.iter().enumerate() {
+            let pod = create(
+                &pods,
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": format!("{name}-{i}"), "namespace": ns, "labels": { "app": name } },
+                    "spec": { "nodeName": node, "containers": spec_of(&app) },
+                }),
+            )
+            .await;
+            let statuses = |list: &[&Spec<'_>]| {
+                list.iter()
+                    .map(|c| {
+                        let repo = c.1.rsplit_once(':').map_or(c.1, |(r, _)| r);
+                        json!({ "name": c.0, "image": c.1, "imageID": format!("{repo}@{}", c.2), "ready": true, "restartCount": 0 })
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let status = json!({ "status": { "phase": "Running", "containerStatuses": statuses(&app), "initContainerStatuses": statuses(&init) } });
+            pods.patch_status(&pod.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(status))
+                .await
+                .unwrap();
+        }
+        let n = nodes.len();
+        match kind {
+            "Deployment" => {
+                let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+                let created = create(&api, object).await;
+                if ready {
+                    let generation = created.metadata.generation.unwrap_or(1);
+                    let status = json!({ "status": { "observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n } });
+                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+                }
+            }
+            _ => {
+                let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), ns);
+                let created = create(&api, object).await;
+                if ready {
+                    let generation = created.metadata.generation.unwrap_or(1);
+                    let status = json!({ "status": { "observedGeneration": generation, "desiredNumberScheduled": n, "currentNumberScheduled": n, "numberMisscheduled": 0, "numberReady": n, "numberAvailable": n, "updatedNumberScheduled": n } });
+                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+                }
+            }
+        }
+    }
+
+    pub async fn images(&self, kind: &str, ns: &str, name: &str) -> (Vec<String>, Option<String>) {
+        let value: Value = match kind {
+            "Deployment" => {
+                serde_json::to_value(Api::<Deployment>::namespaced(self.client.clone(), ns).get(name).await.unwrap())
+                    .unwrap()
+            }
+            _ => serde_json::to_value(Api::<DaemonSet>::namespaced(self.client.clone(), ns).get(name).await.unwrap())
+                .unwrap(),
+        };
+        let spec = &value["spec"]["template"]["spec"];
+        let images = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|list| spec[list].as_array().cloned().unwrap_or_default())
+            .map(|c| c["image"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let annotation = value["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].as_str().map(str::to_string);
+        (images, annotation)
+    }
+}
+
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if tokio::time::Instant::now() > deadline => {
+                panic!("{what}: still not true after {timeout:?}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

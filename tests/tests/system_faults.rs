@@ -1,0 +1,185 @@
+//! The loop when things go wrong: a backup registry that refuses every
+//! copy, an agent lost in the middle of one, and report-only mode.
+
+use std::time::Duration;
+
+use image_backup_agent::registry::{RegistryConfig, RetryPolicy};
+use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, run::run, workload::Exclusions};
+use image_backup_crds::{ImageBackup, Phase};
+use image_backup_tests::{
+    Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
+    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent},
+    init_tracing,
+};
+use k8s_openapi::api::events::v1::Event;
+use kube::{Api, Client};
+use serde_json::json;
+
+const SOURCE: &str = "quay.io/team/web:3";
+
+fn coordinator_config(backup_host: &str, report_only: bool, max_attempts: u32) -> CoordinatorConfig {
+    CoordinatorConfig {
+        backup: BackupTarget { registry: backup_host.into(), prefix: "backup".into() },
+        registry: RegistryConfig {
+            insecure_hosts: vec![backup_host.into()],
+            retry: RetryPolicy {
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(100),
+                max_elapsed: Duration::from_secs(2),
+            },
+            ..RegistryConfig::default()
+        },
+        exclusions: Exclusions::new(Vec::new(), "image-backup"),
+        report_only,
+        max_attempts,
+        retry_backoff: Duration::from_millis(200),
+        heartbeat_deadline: Duration::from_secs(10),
+    }
+}
+
+fn agent_registry(backup_host: &str, give_up_after: Duration) -> RegistryConfig {
+    RegistryConfig {
+        insecure_hosts: vec![backup_host.into()],
+        retry: RetryPolicy {
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            max_elapsed: give_up_after,
+        },
+        ..RegistryConfig::default()
+    }
+}
+
+async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> std::net::SocketAddr {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), std::future::pending()));
+    addr
+}
+
+async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
+    let list = backups.list(&Default::default()).await.map_err(|e| e.to_string())?;
+    list.items.into_iter().find(|b| b.spec.source == SOURCE).ok_or_else(|| "no ImageBackup yet".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_refuses_leaves_the_job_failed_with_the_reason_and_the_workload_untouched() {
+    init_tracing();
+    let (_server, client) = cluster().await;
+    prepare(&client, &["shop", "image-backup"]).await;
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let proxy =
+        Proxy::start(&registry.host(), Faults { unavailable_every: Some(1), ..Faults::default() }).await.unwrap();
+    let node = Containerd::start().await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[256 << 10], 41);
+    image.import(&node, SOURCE, &[], &[]).await.unwrap();
+    let w = Workloads { client: client.clone() };
+    w.deploy(
+        "Deployment",
+        "shop",
+        "web",
+        json!({}),
+        &[("web", SOURCE, image.digest(), false)],
+        Placement { nodes: &["node-a"], ready: true },
+    )
+    .await;
+
+    let grpc = start_coordinator(&client, coordinator_config(&proxy.host(), false, 2)).await;
+    start_agent(&node, "node-a", grpc, agent_registry(&proxy.host(), Duration::from_millis(300))).await;
+
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    eventually("the job fails for good", Duration::from_secs(60), || async {
+        let backup = the_backup(&backups).await?;
+        let status = backup.status.unwrap_or_default();
+        if status.phase == Phase::Failed {
+            Ok(())
+        } else {
+            Err(format!("{:?} after {} attempt(s)", status.phase, status.attempts))
+        }
+    })
+    .await;
+    let backup = the_backup(&backups).await.unwrap();
+    let status = backup.status.clone().unwrap();
+    assert_eq!(status.attempts, 2, "retried up to the limit");
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("503") && error.contains(&proxy.host()), "the reason is in the status: {error}");
+    assert!(status.backup_reference.is_none());
+
+    // An Event says so where `kubectl describe` looks.
+    let name = backup.metadata.name.clone().unwrap();
+    eventually("a BackupFailed event", Duration::from_secs(10), || async {
+        let events = Api::<Event>::all(client.clone()).list(&Default::default()).await.map_err(|e| e.to_string())?;
+        let found = events.items.iter().any(|e| {
+            e.reason.as_deref() == Some("BackupFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                && e.note.as_deref().is_some_and(|n| n.contains("503"))
+        });
+        if found { Ok(()) } else { Err(format!("{} events, none BackupFailed for {name}", events.items.len())) }
+    })
+    .await;
+
+    // No workload is ever patched to an image the backup registry lacks.
+    assert_eq!(w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));
+    assert!(registry.tags("backup/quay.io/team/web").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_loses_its_job_to_another_node_and_report_only_leaves_the_workload() {
+    init_tracing();
+    let (_server, client) = cluster().await;
+    prepare(&client, &["shop", "image-backup"]).await;
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    // Down at first, so the copy on node-a is still retrying when its agent
+    // goes away.
+    let proxy =
+        Proxy::start(&registry.host(), Faults { unavailable_every: Some(1), ..Faults::default() }).await.unwrap();
+    let (node_a, node_b) = (Containerd::start().await.unwrap(), Containerd::start().await.unwrap());
+    let image = TestImage::single(MediaTypes::Oci, &[256 << 10, 128 << 10], 42);
+    image.import(&node_a, SOURCE, &[], &[]).await.unwrap();
+    image.import(&node_b, SOURCE, &[], &[]).await.unwrap();
+    let w = Workloads { client: client.clone() };
+    w.deploy(
+        "Deployment",
+        "shop",
+        "web",
+        json!({}),
+        &[("web", SOURCE, image.digest(), false)],
+        Placement { nodes: &["node-a", "node-b"], ready: true },
+    )
+    .await;
+
+    let grpc = start_coordinator(&client, coordinator_config(&proxy.host(), true, 5)).await;
+    let agent_a = start_agent(&node_a, "node-a", grpc, agent_registry(&proxy.host(), Duration::from_secs(60))).await;
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    eventually("node-a copies", Duration::from_secs(30), || async {
+        let status = the_backup(&backups).await?.status.unwrap_or_default();
+        let busy = matches!(status.phase, Phase::Assigned | Phase::Pushing) && status.node.as_deref() == Some("node-a");
+        if busy { Ok(()) } else { Err(format!("{:?} on {:?}", status.phase, status.node)) }
+    })
+    .await;
+
+    // node-a's agent disappears mid-copy; node-b's is there and the registry
+    // is back.
+    start_agent(&node_b, "node-b", grpc, agent_registry(&proxy.host(), Duration::from_secs(60))).await;
+    agent_a.abort();
+    proxy.set_faults(Faults::default());
+
+    eventually("node-b completes the copy", Duration::from_secs(60), || async {
+        let status = the_backup(&backups).await?.status.unwrap_or_default();
+        let done = status.phase == Phase::Completed && status.node.as_deref() == Some("node-b");
+        if done { Ok(()) } else { Err(format!("{:?} on {:?}: {:?}", status.phase, status.node, status.last_error)) }
+    })
+    .await;
+    let status = the_backup(&backups).await.unwrap().status.unwrap();
+    assert!(status.attempts >= 2, "a second attempt, on another node");
+    let pinned = format!("{}/backup/quay.io/team/web@{}", proxy.host(), image.digest());
+    assert_eq!(status.backup_reference.as_deref(), Some(pinned.as_str()));
+    assert_eq!(
+        registry.manifest("backup/quay.io/team/web", "3").await.unwrap().expect("tagged").digest,
+        image.digest()
+    );
+
+    // Report-only: everything but the patch.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));
+}
