@@ -127,6 +127,13 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
         registry.manifest("mirror/docker.io/library/web", "2").await.unwrap().expect("manifest in the registry");
     assert_eq!(served.digest, image.digest());
 
+    // The inventory follows containerd: an image the kubelet pulls now is
+    // a candidate moments later.
+    let pulled = TestImage::single(MediaTypes::Oci, &[64 << 10], 22);
+    pulled.import(&containerd, "docker.io/library/new:1", &[], &[]).await.unwrap();
+    next_event(&mut events, "inventory update", |e| matches!(e, AgentEvent::Inventory { .. })).await;
+    assert_eq!(hub.candidates(pulled.digest()).len(), 1);
+
     // A bad assignment fails with a clear, final error, not a crash.
     hub.assign(
         "agent-node-a",
@@ -154,6 +161,26 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
         }
         other => panic!("expected failure, got {other:?}"),
     }
+
+    // An agent silent past the heartbeat deadline is dropped with the jobs
+    // it was running, for the controller to move elsewhere.
+    hub.assign(
+        "agent-node-a",
+        Assignment {
+            job_id: "job-3".into(),
+            source: "docker.io/library/web:2".into(),
+            digest: image.digest().into(),
+            target,
+            attempt: 1,
+            credentials_ref: String::new(),
+        },
+    )
+    .unwrap();
+    assert_eq!(hub.expire(Duration::ZERO), 1);
+    let lost = next_event(&mut events, "disconnect", |e| matches!(e, AgentEvent::Disconnected { .. })).await;
+    let AgentEvent::Disconnected { running_jobs, node, .. } = lost else { unreachable!() };
+    assert_eq!((node.as_str(), running_jobs), ("node-a", vec!["job-3".to_string()]));
+    assert!(hub.candidates(image.digest()).is_empty());
 
     // The coordinator goes away and comes back on the same address: the
     // agent reconnects and registers again with its inventory.

@@ -207,6 +207,19 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
     let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(listed.len(), 3);
 
+    // The rewrite is an Event on the workload.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "shop");
+    let rewritten: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("WorkloadRewritten"))
+        .filter_map(|e| e.regarding.and_then(|r| r.name))
+        .collect();
+    assert!(rewritten.contains(&"web".to_string()) && rewritten.contains(&"api".to_string()), "{rewritten:?}");
+
     // Metrics tell the same story.
     let metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
     for line in [

@@ -149,6 +149,14 @@ async fn a_lost_agent_loses_its_job_to_another_node_and_report_only_leaves_the_w
     .await;
 
     let grpc = start_coordinator(&client, coordinator_config(&proxy.host(), true, 5)).await;
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    eventually("the job waits for an agent, saying so", Duration::from_secs(30), || async {
+        let status = the_backup(&backups).await?.status.unwrap_or_default();
+        let error = status.last_error.unwrap_or_default();
+        let waiting = status.phase == Phase::Pending && error.contains("no connected agent");
+        if waiting { Ok(()) } else { Err(format!("{:?}: {error}", status.phase)) }
+    })
+    .await;
     let agent_a = start_agent(&node_a, "node-a", grpc, agent_registry(&proxy.host(), Duration::from_secs(60))).await;
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("node-a copies", Duration::from_secs(30), || async {
