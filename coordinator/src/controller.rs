@@ -305,13 +305,16 @@ pub async fn reconcile_backup(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Re
     match status.phase {
         Phase::Completed | Phase::Failed => Ok(Action::await_change()),
         Phase::Assigned | Phase::Pushing => {
-            let alive =
-                status.agent.as_deref().is_some_and(|agent| ctx.hub.agents().iter().any(|a| a.agent_id == agent));
-            if alive {
-                return Ok(Action::requeue(Duration::from_secs(30)));
+            let agent = status.agent.as_deref().and_then(|id| ctx.hub.agents().into_iter().find(|a| a.agent_id == id));
+            // A connected agent that no longer lists the job (it restarted)
+            // has lost it too; the grace covers a result still on its way.
+            let grace = ctx.config.heartbeat_deadline;
+            let running = agent.as_ref().is_some_and(|a| a.running_jobs.contains(&name));
+            if running || (agent.is_some() && since_transition(&status) < grace) {
+                return Ok(Action::requeue(Duration::from_secs(30).min(grace)));
             }
             let message = format!(
-                "agent {} on node {} went away during the copy",
+                "agent {} on node {} lost the copy",
                 status.agent.as_deref().unwrap_or("?"),
                 status.node.as_deref().unwrap_or("?")
             );
@@ -323,11 +326,7 @@ pub async fn reconcile_backup(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Re
         Phase::Pending => {
             if status.attempts > 0 {
                 let backoff = ctx.config.retry_backoff * 2u32.saturating_pow(status.attempts.saturating_sub(1).min(10));
-                let since = status
-                    .last_transition_time
-                    .as_ref()
-                    .and_then(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).try_into().ok())
-                    .unwrap_or(Duration::MAX);
+                let since = since_transition(&status);
                 if since < backoff {
                     return Ok(Action::requeue(backoff - since));
                 }
@@ -379,6 +378,15 @@ pub async fn reconcile_backup(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Re
             Ok(Action::requeue(Duration::from_secs(30)))
         }
     }
+}
+
+/// Time since the status last changed phase (forever when never).
+fn since_transition(status: &image_backup_crds::ImageBackupStatus) -> Duration {
+    status
+        .last_transition_time
+        .as_ref()
+        .and_then(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).try_into().ok())
+        .unwrap_or(Duration::MAX)
 }
 
 /// Applies what agents report to the ImageBackup statuses, until the hub
