@@ -155,25 +155,30 @@ async fn reconcile_workload(workload: Workload, ctx: Arc<Context>) -> Result<Act
             continue;
         }
         let name = image_backup_name(&source);
-        let backup = match ctx.backups().get_opt(&name).await.map_err(kube_err("getting ImageBackup", &name))? {
-            Some(backup) => backup,
+        // The digest the pods run is the one to back up: a tag may have
+        // moved since an ImageBackup for it was made.
+        let digest = match source.digest() {
+            Some(digest) => Some(digest.to_string()),
             None => {
-                let digest = match source.digest() {
-                    Some(digest) => Some(digest.to_string()),
-                    None => {
-                        if pod_digests.is_none() {
-                            pod_digests = Some(running_digests(&ctx.client, &workload).await?);
-                        }
-                        pod_digests.as_ref().and_then(|d| d.get(&container.name)).cloned()
-                    }
-                };
-                let Some(digest) = digest else {
-                    debug!(workload = %key, image = %source, "no pod reports the image's digest yet");
-                    waiting = true;
-                    continue;
-                };
-                create_backup(&ctx, &name, &source, &digest, &workload).await?
+                if pod_digests.is_none() {
+                    pod_digests = Some(running_digests(&ctx.client, &workload).await?);
+                }
+                pod_digests.as_ref().and_then(|d| d.get(&container.name)).cloned()
             }
+        };
+        let Some(digest) = digest else {
+            debug!(workload = %key, image = %source, "no pod reports the image's digest yet");
+            waiting = true;
+            continue;
+        };
+        let backup = match ctx.backups().get_opt(&name).await.map_err(kube_err("getting ImageBackup", &name))? {
+            Some(backup) if backup.spec.digest != digest => {
+                retarget(&ctx, &backup, &digest, &key).await?;
+                waiting = true;
+                continue;
+            }
+            Some(backup) => backup,
+            None => create_backup(&ctx, &name, &source, &digest, &workload).await?,
         };
         let status = backup.status.clone().unwrap_or_default();
         if !status.workloads.contains(&key) {
@@ -234,6 +239,46 @@ async fn reconcile_workload(workload: Workload, ctx: Arc<Context>) -> Result<Act
         }
         Err(e) => Err(ReconcileError::Kube { action: "patching workload", object: key, source: e }),
     }
+}
+
+/// Points an ImageBackup whose copy is finished at the digest the pods run
+/// now (the tag moved), starting a new copy; one still in flight is left to
+/// finish first.
+async fn retarget(ctx: &Context, backup: &ImageBackup, digest: &str, workload: &str) -> Result<(), ReconcileError> {
+    let name = backup.name_any();
+    let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    // Listed, the workload is woken by this ImageBackup's changes.
+    let mut workloads = backup.status.as_ref().map(|s| s.workloads.clone()).unwrap_or_default();
+    if !workloads.iter().any(|w| w == workload) {
+        workloads.push(workload.to_string());
+        workloads.sort();
+    }
+    if !matches!(phase, Phase::Completed | Phase::Failed) {
+        debug!(imagebackup = %name, "digest moved while a copy is in flight; waiting for it");
+        ctx.set_status(&name, json!({ "workloads": workloads })).await?;
+        return Ok(());
+    }
+    info!(imagebackup = %name, old = %backup.spec.digest, new = %digest, %workload, "the tag moved; copying the new digest");
+    ctx.backups()
+        .patch(&name, &PatchParams::default(), &Patch::Merge(json!({ "spec": { "digest": digest } })))
+        .await
+        .map_err(kube_err("retargeting ImageBackup", &name))?;
+    ctx.set_status(
+        &name,
+        json!({
+            "phase": "Pending",
+            "attempts": 0,
+            "backupReference": null,
+            "bytesDone": 0,
+            "progress": null,
+            "lastError": null,
+            "missingPlatforms": null,
+            "workloads": workloads,
+            "lastTransitionTime": now(),
+        }),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn create_backup(

@@ -6,8 +6,8 @@ use anyhow::{Context, bail};
 use containerd_client::{
     services::v1::{
         CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, Image,
-        WriteAction, WriteContentRequest, content_client::ContentClient, images_client::ImagesClient,
-        leases_client::LeasesClient,
+        UpdateImageRequest, WriteAction, WriteContentRequest, content_client::ContentClient,
+        images_client::ImagesClient, leases_client::LeasesClient,
     },
     tonic::{Request, transport::Channel},
     types::Descriptor,
@@ -105,10 +105,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
                 }),
                 ..Default::default()
             };
-            images
-                .create(self.request(CreateImageRequest { image: Some(image), source_date_epoch: None }, None))
-                .await
-                .with_context(|| format!("creating image {name}"))?;
+            let created = images
+                .create(self.request(CreateImageRequest { image: Some(image.clone()), source_date_epoch: None }, None))
+                .await;
+            match created {
+                Ok(_) => {}
+                // A re-pull of a tag that moved points the record at the new
+                // content, as the kubelet's pull does.
+                Err(status) if status.code() == containerd_client::tonic::Code::AlreadyExists => {
+                    images
+                        .update(self.request(
+                            UpdateImageRequest { image: Some(image), update_mask: None, source_date_epoch: None },
+                            None,
+                        ))
+                        .await
+                        .with_context(|| format!("updating image {name}"))?;
+                }
+                Err(status) => return Err(status).with_context(|| format!("creating image {name}")),
+            }
         }
         leases.delete(self.request(DeleteLeaseRequest { id: lease_id, sync: false }, None)).await?;
         Ok(())

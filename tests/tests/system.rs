@@ -230,6 +230,30 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
 
+    // The tag moves: a new workload runs web:1 with other content. The
+    // ImageBackup follows the digest its pods run, and web keeps the copy
+    // it was pinned to.
+    let web_next = TestImage::single(MediaTypes::Oci, &[200 << 10], 35);
+    web_next.import(&node_b, &web_ref, &[], &[]).await.unwrap();
+    w.deploy(
+        "Deployment",
+        "shop",
+        "web-next",
+        json!({}),
+        &[("web", &web_ref, web_next.digest(), false)],
+        Placement { nodes: &["node-b"], ready: true },
+    )
+    .await;
+    eventually("web-next runs the new digest's backup", Duration::from_secs(60), || async {
+        let (now, _) = w.images("Deployment", "shop", "web-next").await;
+        if now == [pinned(&web_next, &web_ref)] { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    assert_eq!(w.images("Deployment", "shop", "web").await.0, [pinned(&migrate, &migrate_ref), pinned(&web, &web_ref)]);
+    let old =
+        backup_registry.manifest(&format!("backup/{}/library/web", src.replace(':', "_")), web.digest()).await.unwrap();
+    assert!(old.is_some(), "the old digest stays in the registry for the workloads pinned to it");
+
     // The late workload becomes ready and is handled then.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
     let generation = deployments.get("late").await.unwrap().metadata.generation.unwrap_or(1);
