@@ -12,7 +12,7 @@ use image_backup_agent::{
     push::{PushOptions, Pusher},
     registry::RegistryConfig,
 };
-use image_backup_coordinator::rewrite::ORIGINAL_IMAGES_ANNOTATION;
+use image_backup_coordinator::{config::CoordinatorConfig, rewrite::ORIGINAL_IMAGES_ANNOTATION, run::run};
 use image_backup_crds::ImageBackup;
 use k8s_openapi::{
     api::{
@@ -47,6 +47,17 @@ pub async fn prepare(client: &Client, namespaces: &[&str]) {
         )
         .await;
     }
+}
+
+/// Starts the coordinator on loopback ports; returns its gRPC address and
+/// its metrics URL. It runs until the test ends.
+pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (std::net::SocketAddr, String) {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gRPC port");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
+    let addr = grpc.local_addr().expect("gRPC address");
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
+    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), std::future::pending()));
+    (addr, metrics_url)
 }
 
 /// Starts an agent daemon for `node` on a harness containerd; it runs until

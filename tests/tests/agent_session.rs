@@ -2,18 +2,13 @@
 //! gRPC, with real containerd and a real registry: registration, inventory,
 //! an assignment that lands in the registry, and a coordinator restart.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use image_backup_agent::{
-    containerd::{ContentStore, ReadPath},
-    daemon::{Agent, DaemonConfig},
-    push::{PushOptions, Pusher},
-    registry::RegistryConfig,
-};
+use image_backup_agent::registry::RegistryConfig;
 use image_backup_coordinator::agents::{AgentEvent, AgentHub, AgentSessions};
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer, job_result};
 use image_backup_tests::{
-    Containerd, MediaTypes, Registry, RegistryAuth, TestImage, containerd::NAMESPACE, init_tracing,
+    Containerd, MediaTypes, Registry, RegistryAuth, TestImage, cluster::start_agent, init_tracing,
 };
 use tokio::sync::oneshot;
 
@@ -29,30 +24,6 @@ async fn serve(hub: Arc<AgentHub>, listener: tokio::net::TcpListener, stop: ones
         })
         .await
         .expect("serve AgentService");
-}
-
-async fn start_agent(
-    containerd: &Containerd,
-    registry: &Registry,
-    addr: SocketAddr,
-    node: &str,
-) -> tokio::task::JoinHandle<()> {
-    let store =
-        ContentStore::connect(&containerd.socket(), NAMESPACE).await.unwrap().with_read_path(ReadPath::Auto).await;
-    let config = RegistryConfig { insecure_hosts: vec![registry.host()], ..RegistryConfig::default() };
-    let pusher = Pusher::new(store, config, PushOptions::default());
-    let agent = Agent::new(
-        DaemonConfig {
-            coordinator: format!("http://{addr}"),
-            node_name: node.into(),
-            agent_id: format!("agent-{node}"),
-            max_jobs: 2,
-            reconnect_max: Duration::from_millis(500),
-            progress_interval: Duration::from_millis(100),
-        },
-        pusher,
-    );
-    tokio::spawn(agent.run(std::future::pending()))
 }
 
 async fn next_event(
@@ -87,7 +58,8 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let mut events = hub.subscribe();
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(serve(hub.clone(), listener, stopped));
-    let _agent = start_agent(&containerd, &registry, addr, "node-a").await;
+    let registry_config = RegistryConfig { insecure_hosts: vec![registry.host()], ..RegistryConfig::default() };
+    let _agent = start_agent(&containerd, "node-a", addr, registry_config).await;
 
     next_event(&mut events, "inventory", |e| matches!(e, AgentEvent::Inventory { .. })).await;
     let agents = hub.agents();

@@ -10,12 +10,12 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use image_backup_agent::registry::RegistryConfig;
-use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, run::run, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_proto::v1::{ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
-    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent},
+    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
     init_tracing,
 };
 use k8s_openapi::api::apps::v1::Deployment;
@@ -135,18 +135,7 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
         retry_backoff: Duration::from_millis(500),
         heartbeat_deadline: Duration::from_secs(10),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = listener.local_addr().unwrap();
-    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
-    tokio::spawn(run(
-        client.clone(),
-        config,
-        listener,
-        metrics_listener,
-        "coordinator-0".into(),
-        std::future::pending(),
-    ));
+    let (grpc, metrics_url) = start_coordinator(&client, config).await;
     let agent_registry = RegistryConfig { insecure_hosts: vec![backup_host.clone()], ..RegistryConfig::default() };
     for (node, containerd) in [("node-a", &node_a), ("node-b", &node_b)] {
         start_agent(containerd, node, grpc, agent_registry.clone()).await;

@@ -4,15 +4,15 @@
 use std::time::Duration;
 
 use image_backup_agent::registry::{RegistryConfig, RetryPolicy};
-use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, run::run, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
-    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent},
+    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
     init_tracing,
 };
 use k8s_openapi::api::events::v1::Event;
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::json;
 
 const SOURCE: &str = "quay.io/team/web:3";
@@ -49,14 +49,6 @@ fn agent_registry(backup_host: &str, give_up_after: Duration) -> RegistryConfig 
     }
 }
 
-async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> std::net::SocketAddr {
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
-    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), std::future::pending()));
-    addr
-}
-
 async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
     let list = backups.list(&Default::default()).await.map_err(|e| e.to_string())?;
     list.items.into_iter().find(|b| b.spec.source == SOURCE).ok_or_else(|| "no ImageBackup yet".to_string())
@@ -84,7 +76,7 @@ async fn a_registry_that_refuses_leaves_the_job_failed_with_the_reason_and_the_w
     )
     .await;
 
-    let grpc = start_coordinator(&client, coordinator_config(&proxy.host(), false, 2)).await;
+    let (grpc, _) = start_coordinator(&client, coordinator_config(&proxy.host(), false, 2)).await;
     start_agent(&node, "node-a", grpc, agent_registry(&proxy.host(), Duration::from_millis(300))).await;
 
     let backups: Api<ImageBackup> = Api::all(client.clone());
@@ -148,7 +140,7 @@ async fn a_lost_agent_loses_its_job_to_another_node_and_report_only_leaves_the_w
     )
     .await;
 
-    let grpc = start_coordinator(&client, coordinator_config(&proxy.host(), true, 5)).await;
+    let (grpc, _) = start_coordinator(&client, coordinator_config(&proxy.host(), true, 5)).await;
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("the job waits for an agent, saying so", Duration::from_secs(30), || async {
         let status = the_backup(&backups).await?.status.unwrap_or_default();
