@@ -529,12 +529,18 @@ impl Job<'_> {
                 }
                 counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 progress.streamed(chunk.len() as u64);
-                pending.extend_from_slice(&chunk);
-                // containerd sends 32 KiB messages; handing the socket 1 MiB
-                // writes costs a memcpy and saves the registry most of its
-                // read wakeups, and the registry's CPU is what limits a push.
-                if pending.len() >= UPLOAD_WRITE || seen == expected.size {
-                    yield pending.split().freeze();
+                // containerd's API sends 32 KiB messages; handing the socket
+                // 1 MiB writes costs a memcpy and saves the registry most of
+                // its read wakeups, and the registry's CPU is what limits a
+                // push. Chunks that are large already (read from the content
+                // directory) pass through without the copy.
+                if pending.is_empty() && chunk.len() >= UPLOAD_WRITE {
+                    yield chunk;
+                } else {
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() >= UPLOAD_WRITE || seen == expected.size {
+                        yield pending.split().freeze();
+                    }
                 }
             }
             if seen != expected.size {
