@@ -91,6 +91,13 @@ mod tests {
     use crate::workload::tests::deployment;
     use serde_json::json;
 
+    fn as_json(workload: &Workload) -> serde_json::Value {
+        match workload {
+            Workload::Deployment(d) => serde_json::to_value(d).unwrap(),
+            Workload::DaemonSet(d) => serde_json::to_value(d).unwrap(),
+        }
+    }
+
     const PINNED: &str = "backup.local/mirror/docker.io/library/nginx@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     #[test]
@@ -98,11 +105,7 @@ mod tests {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
         let patch = backup_patch(&workload, &backups).unwrap();
-        let mut doc = serde_json::to_value(match &workload {
-            Workload::Deployment(d) => d,
-            Workload::DaemonSet(_) => unreachable!(),
-        })
-        .unwrap();
+        let mut doc = as_json(&workload);
         json_patch::patch(&mut doc, &patch).unwrap();
         assert_eq!(doc["spec"]["template"]["spec"]["containers"][0]["image"], PINNED);
         assert_eq!(doc["spec"]["template"]["spec"]["containers"][1]["image"], "docker.io/library/busybox:1.36");
@@ -116,11 +119,7 @@ mod tests {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
         let patch = backup_patch(&workload, &backups).unwrap();
-        let mut changed = serde_json::to_value(match &workload {
-            Workload::Deployment(d) => d,
-            Workload::DaemonSet(_) => unreachable!(),
-        })
-        .unwrap();
+        let mut changed = as_json(&workload);
         changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.27");
         let before = changed.clone();
         assert!(json_patch::patch(&mut changed, &patch).is_err());

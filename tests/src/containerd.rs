@@ -20,7 +20,8 @@ pub const NAMESPACE: &str = "k8s.io";
 
 pub struct Containerd {
     dir: TempDir,
-    daemon: Daemon,
+    /// Held for its Drop, which stops the process.
+    _daemon: Daemon,
     channel: Channel,
 }
 
@@ -55,7 +56,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
         let probe = socket.clone();
         daemon.wait_until(Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&probe).is_ok())?;
         let channel = containerd_client::connect(&socket).await.context("connecting to test containerd")?;
-        Ok(Self { dir, daemon, channel })
+        Ok(Self { dir, _daemon: daemon, channel })
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -66,10 +67,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let (algorithm, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
         self.dir.path().join("root/io.containerd.content.v1.content/blobs").join(algorithm).join(hex)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.daemon.pid()
     }
 
     fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {

@@ -91,10 +91,6 @@ impl Proxy {
         format!("127.0.0.1:{}", self.port)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
     pub fn uploads(&self) -> u64 {
         self.counters.uploads.load(Relaxed)
     }

@@ -24,7 +24,8 @@ pub enum RegistryAuth {
 
 pub struct Registry {
     dir: TempDir,
-    daemon: Daemon,
+    /// Held for its Drop, which stops the process.
+    _daemon: Daemon,
     port: u16,
     auth: RegistryAuth,
     http: reqwest::Client,
@@ -77,20 +78,12 @@ impl Registry {
         command.arg("serve").arg(dir.path().join("config.yml"));
         let mut daemon = Daemon::spawn("docker-registry", command, &dir.path().join("registry.log"))?;
         daemon.wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
-        Ok(Self { dir, daemon, port, auth, http: http.build()? })
+        Ok(Self { dir, _daemon: daemon, port, auth, http: http.build()? })
     }
 
     /// `127.0.0.1:PORT`, as references name it.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.daemon.pid()
     }
 
     /// PEM of the CA that signed the registry's certificate (TLS only).
