@@ -10,7 +10,10 @@ use crate::{
     daemon::{Agent, DaemonConfig},
     progress::{Progress, spawn_printer},
     push::{PushOptions, Pusher},
-    reference::ImageRef,
+};
+use image_backup_oci::{
+    ImageRef,
+    access::RegistryAccess,
     registry::{RegistryConfig, RetryPolicy},
 };
 
@@ -67,32 +70,6 @@ pub struct ContainerdArgs {
     /// when it is visible here (several times cheaper), else the API.
     #[arg(long, env = "IMAGE_BACKUP_CONTENT_READ", value_enum, default_value = "auto")]
     pub content_read: ReadPath,
-}
-
-/// How to reach registries; shared with the coordinator, which verifies
-/// backups in the same registry.
-#[derive(Args, Debug, Clone)]
-pub struct RegistryAccess {
-    /// Registry hosts (host:port) reached over plain HTTP; comma-separated.
-    #[arg(long = "insecure-registry", env = "IMAGE_BACKUP_INSECURE_REGISTRIES", value_delimiter = ',')]
-    pub insecure: Vec<String>,
-    /// Extra CA bundle (PEM) trusted for registry TLS.
-    #[arg(long = "registry-ca", env = "IMAGE_BACKUP_REGISTRY_CA")]
-    pub ca_bundle: Option<PathBuf>,
-    /// docker config.json with registry credentials.
-    #[arg(long = "docker-config", env = "IMAGE_BACKUP_DOCKER_CONFIG")]
-    pub docker_config: Option<PathBuf>,
-}
-
-impl RegistryAccess {
-    pub fn config(&self, retry: RetryPolicy) -> RegistryConfig {
-        RegistryConfig {
-            insecure_hosts: self.insecure.iter().filter(|h| !h.is_empty()).cloned().collect(),
-            ca_bundle: self.ca_bundle.clone(),
-            docker_config: self.docker_config.clone(),
-            retry,
-        }
-    }
 }
 
 #[derive(Args, Debug)]

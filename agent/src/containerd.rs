@@ -22,7 +22,7 @@ use containerd_client::{
 use futures::{Stream, StreamExt, TryStreamExt};
 use tracing::debug;
 
-use crate::reference::ImageRef;
+use image_backup_oci::ImageRef;
 
 /// Namespace the kubelet's CRI plugin keeps its images in.
 pub const K8S_NAMESPACE: &str = "k8s.io";

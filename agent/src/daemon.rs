@@ -12,6 +12,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName};
 use image_backup_proto::v1::{
     AgentMessage, Assignment, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress, JobResult, JobSuccess,
     Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register, agent_message,
@@ -25,7 +26,6 @@ use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
     progress::Progress,
     push::{PushError, Pusher},
-    reference::ImageRef,
 };
 
 #[derive(Clone, Debug)]
@@ -405,7 +405,7 @@ impl Drop for AbortOnDrop {
 
 /// The exact image the pods run: the normalized source pinned to the digest
 /// the coordinator asks for.
-fn source_reference(source: &str, digest: &str) -> Result<ImageRef, crate::reference::ParseRefError> {
+fn source_reference(source: &str, digest: &str) -> Result<ImageRef, ParseRefError> {
     let parsed = ImageRef::parse(source)?;
     if digest.is_empty() || parsed.digest() == Some(digest) {
         return Ok(parsed);
@@ -437,12 +437,9 @@ pub fn node_platform() -> ProtoPlatform {
     ProtoPlatform { os: std::env::consts::OS.into(), architecture: architecture.into(), variant: String::new() }
 }
 
-fn to_proto_platform(p: &crate::push::Platform) -> ProtoPlatform {
-    ProtoPlatform {
-        os: p.os.clone(),
-        architecture: p.architecture.clone(),
-        variant: p.variant.clone().unwrap_or_default(),
-    }
+fn to_proto_platform(p: &PlatformName) -> ProtoPlatform {
+    let (os, architecture, variant) = p.parts();
+    ProtoPlatform { os: os.into(), architecture: architecture.into(), variant: variant.into() }
 }
 
 fn to_proto_manifest(m: crate::push::PlatformManifest) -> ProtoPlatformManifest {

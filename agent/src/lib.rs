@@ -7,5 +7,3 @@ pub mod containerd;
 pub mod daemon;
 pub mod progress;
 pub mod push;
-pub mod reference;
-pub mod registry;

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -15,46 +14,28 @@ use std::{
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use oci_spec::image::{ImageIndex, ImageManifest};
+use oci_spec::image::ImageManifest;
 use sha2::{Digest as _, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
+
+use image_backup_oci::{
+    ImageRef,
+    media::{PlatformName, is_index, media_type_of},
+    registry::{MountOutcome, Registry, RegistryConfig, RegistryError, retry_with_policy},
+};
 
 use crate::{
     containerd::{ContainerdError, ContentStore, DISTRIBUTION_SOURCE_LABEL, Descriptor, Lease},
     progress::{BlobOutcome, Progress},
-    reference::ImageRef,
-    registry::{MountOutcome, Registry, RegistryConfig, RegistryError, retry_with_policy},
 };
 
 /// Bytes handed to the HTTP connection at once when streaming a blob.
 const UPLOAD_WRITE: usize = 1 << 20;
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-/// An OS/architecture/variant triple, as an index names its children.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        match &self.variant {
-            Some(v) => write!(f, "/{v}"),
-            None => Ok(()),
-        }
-    }
-}
-
 /// A child manifest of an index and its platform.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlatformManifest {
-    pub platform: Platform,
+    pub platform: PlatformName,
     pub digest: String,
 }
 
@@ -564,31 +545,13 @@ impl Job<'_> {
 }
 
 /// The child manifests of an index with their platforms.
-fn index_children(index: &Descriptor, bytes: &[u8]) -> Result<Vec<(Platform, Descriptor)>, PushError> {
-    let parsed: ImageIndex = serde_json::from_slice(bytes).map_err(|e| PushError::Manifest {
+fn index_children(index: &Descriptor, bytes: &[u8]) -> Result<Vec<(PlatformName, Descriptor)>, PushError> {
+    let children = image_backup_oci::media::index_children(bytes).map_err(|e| PushError::Manifest {
         digest: index.digest.clone(),
         media_type: index.media_type.clone(),
         detail: e.to_string(),
     })?;
-    Ok(parsed
-        .manifests()
-        .iter()
-        .map(|child| {
-            let platform = child.platform().as_ref().map_or_else(
-                || Platform { os: "unknown".into(), architecture: "unknown".into(), variant: None },
-                |p| Platform {
-                    os: p.os().to_string(),
-                    architecture: p.architecture().to_string(),
-                    variant: p.variant().clone(),
-                },
-            );
-            (platform, to_descriptor(child))
-        })
-        .collect())
-}
-
-fn is_index(media_type: &str) -> bool {
-    media_type == OCI_INDEX || media_type == DOCKER_LIST
+    Ok(children.into_iter().map(|(platform, child)| (platform, to_descriptor(&child))).collect())
 }
 
 fn to_descriptor(d: &oci_spec::image::Descriptor) -> Descriptor {
@@ -596,22 +559,9 @@ fn to_descriptor(d: &oci_spec::image::Descriptor) -> Descriptor {
 }
 
 /// containerd records the media type it resolved; a bare digest reference
-/// may leave it empty, and the manifest's own `mediaType` field says it.
+/// may leave it empty.
 fn effective_media_type(descriptor: &Descriptor, bytes: &[u8]) -> String {
-    if !descriptor.media_type.is_empty() {
-        return descriptor.media_type.clone();
-    }
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        manifests: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Probe>(bytes) {
-        Ok(Probe { media_type: Some(m), .. }) => m,
-        Ok(Probe { manifests: Some(_), .. }) => OCI_INDEX.into(),
-        _ => OCI_MANIFEST.into(),
-    }
+    media_type_of(&descriptor.media_type, bytes)
 }
 
 fn check_digest(expected: &str, size: u64, bytes: &[u8]) -> Result<(), PushError> {

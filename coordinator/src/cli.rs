@@ -4,9 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use image_backup_agent::{cli::RegistryAccess, registry::RetryPolicy};
+use image_backup_oci::{access::RegistryAccess, registry::RetryPolicy};
 
-use crate::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
+use crate::{config::CoordinatorConfig, workload::Exclusions};
+use image_backup_oci::BackupTarget;
 
 #[derive(Parser, Debug)]
 #[command(

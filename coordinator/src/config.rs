@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use image_backup_agent::registry::RegistryConfig;
+use image_backup_oci::registry::RegistryConfig;
 
-use crate::{naming::BackupTarget, workload::Exclusions};
+use crate::workload::Exclusions;
+use image_backup_oci::BackupTarget;
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {

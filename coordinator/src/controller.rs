@@ -15,11 +15,11 @@ use std::{
 };
 
 use futures::StreamExt;
-use image_backup_agent::{
-    reference::ImageRef,
+use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
+use image_backup_oci::{
+    ImageRef,
     registry::{Registry, RegistryError},
 };
-use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
 use image_backup_proto::v1::{Assignment, JobResult, job_result};
 use k8s_openapi::{
     api::{
@@ -44,7 +44,6 @@ use crate::{
     config::CoordinatorConfig,
     jobs::JobBoard,
     metrics::Metrics,
-    naming::image_backup_name,
     rewrite::{RewriteError, backup_patch},
     workload::Workload,
 };
@@ -154,7 +153,7 @@ async fn reconcile_workload(workload: Workload, ctx: Arc<Context>) -> Result<Act
         if ctx.config.backup.holds(&source) {
             continue;
         }
-        let name = image_backup_name(&source);
+        let name = image_backup_crds::name_for(&source);
         // The digest the pods run is the one to back up: a tag may have
         // moved since an ImageBackup for it was made.
         let digest = match source.digest() {

@@ -150,7 +150,7 @@ impl JobService for Jobs {
             return Err(Status::invalid_argument("name is required: an ImageBackup name or a source reference"));
         }
         // A source reference is normalized the way ImageBackups record it.
-        let as_source = image_backup_agent::reference::ImageRef::parse(&wanted).ok().map(|r| r.to_string());
+        let as_source = image_backup_oci::ImageRef::parse(&wanted).ok().map(|r| r.to_string());
         let jobs = self.board.jobs.read().await;
         jobs.get(&wanted)
             .or_else(|| jobs.values().find(|job| Some(&job.source) == as_source.as_ref() || job.source == wanted))

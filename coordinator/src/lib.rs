@@ -9,7 +9,6 @@ pub mod config;
 pub mod controller;
 pub mod jobs;
 pub mod metrics;
-pub mod naming;
 pub mod rewrite;
 pub mod run;
 pub mod workload;

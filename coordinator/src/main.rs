@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use image_backup_agent::cli::shutdown_signal;
 use image_backup_coordinator::{cli::Cli, run::run};
 use tracing_subscriber::EnvFilter;
 
@@ -30,4 +29,18 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.metrics_addr))?;
     run(client, cli.config(), listener, metrics, cli.id.clone(), shutdown_signal()).await?;
     Ok(())
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

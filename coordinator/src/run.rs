@@ -26,7 +26,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("backup registry settings: {0}")]
-    Registry(#[from] image_backup_agent::registry::RegistryError),
+    Registry(#[from] image_backup_oci::registry::RegistryError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("metrics and probes server: {0}")]

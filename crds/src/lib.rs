@@ -2,6 +2,10 @@
 //! deterministically so that creating it is idempotent across events,
 //! workloads and coordinator restarts.
 
+mod name;
+
+pub use name::name_for;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;

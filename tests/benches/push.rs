@@ -23,9 +23,8 @@ use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     progress::Progress,
     push::{PushOptions, Pusher},
-    reference::ImageRef,
-    registry::RegistryConfig,
 };
+use image_backup_oci::{ImageRef, registry::RegistryConfig};
 use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage, containerd::NAMESPACE};
 
 const MB: usize = 1 << 20;

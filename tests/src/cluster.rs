@@ -10,10 +10,10 @@ use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     daemon::{Agent, DaemonConfig},
     push::{PushOptions, Pusher},
-    registry::RegistryConfig,
 };
 use image_backup_coordinator::{config::CoordinatorConfig, rewrite::ORIGINAL_IMAGES_ANNOTATION, run::run};
 use image_backup_crds::ImageBackup;
+use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},

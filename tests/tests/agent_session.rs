@@ -4,8 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use image_backup_agent::registry::RegistryConfig;
 use image_backup_coordinator::agents::{AgentEvent, AgentHub, AgentSessions};
+use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer, job_result};
 use image_backup_tests::{
     Containerd, MediaTypes, Registry, RegistryAuth, TestImage, cluster::start_agent, init_tracing,

@@ -7,7 +7,9 @@ use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     progress::Progress,
     push::{PushError, PushOptions, PushReport, Pusher},
-    reference::ImageRef,
+};
+use image_backup_oci::{
+    ImageRef,
     registry::{RegistryConfig, RetryPolicy},
 };
 use image_backup_tests::{

@@ -9,9 +9,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use image_backup_agent::registry::RegistryConfig;
-use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::BackupTarget;
+use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use image_backup_agent::registry::{RegistryConfig, RetryPolicy};
-use image_backup_coordinator::{config::CoordinatorConfig, naming::BackupTarget, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::BackupTarget;
+use image_backup_oci::registry::{RegistryConfig, RetryPolicy};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
