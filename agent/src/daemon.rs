@@ -56,12 +56,16 @@ pub enum SessionError {
     Containerd(#[from] ContainerdError),
 }
 
+/// How often running copies are logged at info.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Heartbeat period until the coordinator says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
 struct RunningJob {
     task: tokio::task::AbortHandle,
     progress: Arc<Progress>,
+    attempt: u32,
 }
 
 /// The node agent in daemon mode. Cheap to share; all state is behind locks.
@@ -235,8 +239,15 @@ impl Agent {
 
     async fn report_progress(self: Arc<Self>, tx: mpsc::Sender<AgentMessage>) {
         let mut interval = tokio::time::interval(self.config.progress_interval);
+        // An operator following `kubectl logs` wants a line now and then,
+        // not one per report.
+        let mut last_logged = tokio::time::Instant::now();
         loop {
             interval.tick().await;
+            let log_now = last_logged.elapsed() >= PROGRESS_LOG_INTERVAL;
+            if log_now {
+                last_logged = tokio::time::Instant::now();
+            }
             let reports: Vec<JobProgress> = lock(&self.jobs)
                 .iter()
                 .map(|(job_id, job)| {
@@ -248,10 +259,21 @@ impl Agent {
                         blobs_done: s.blobs_done,
                         blobs_total: s.blobs_total,
                         blobs_skipped: s.blobs_existing + s.blobs_mounted,
+                        attempt: job.attempt,
                     }
                 })
                 .collect();
             for report in reports {
+                if log_now {
+                    info!(
+                        job = %report.job_id,
+                        attempt = report.attempt,
+                        done_mb = report.bytes_done / 1_000_000,
+                        total_mb = report.bytes_total / 1_000_000,
+                        blobs = format_args!("{}/{}", report.blobs_done, report.blobs_total),
+                        "copying"
+                    );
+                }
                 if tx.send(message(agent_message::Message::Progress(report))).await.is_err() {
                     return;
                 }
@@ -309,22 +331,25 @@ impl Agent {
                 retryable: true,
                 ..JobFailure::default()
             };
-            self.deliver(JobResult { job_id, outcome: Some(job_result::Outcome::Failure(failure)) });
+            let attempt = assignment.attempt;
+            self.deliver(JobResult { job_id, outcome: Some(job_result::Outcome::Failure(failure)), attempt });
             return;
         }
         let progress = Progress::new();
         let span = info_span!("job", job = %job_id, source = %assignment.source, attempt = assignment.attempt);
         let agent = self.clone();
         let job_progress = progress.clone();
+        let attempt = assignment.attempt;
         let task = tokio::spawn(
             async move {
                 let outcome = agent.copy(&assignment, job_progress).await;
                 lock(&agent.jobs).remove(&assignment.job_id);
-                agent.deliver(JobResult { job_id: assignment.job_id.clone(), outcome: Some(outcome) });
+                let result = JobResult { job_id: assignment.job_id.clone(), outcome: Some(outcome), attempt };
+                agent.deliver(result);
             }
             .instrument(span),
         );
-        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress });
+        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt });
     }
 
     async fn copy(&self, assignment: &Assignment, progress: Arc<Progress>) -> job_result::Outcome {
@@ -339,19 +364,31 @@ impl Agent {
             Ok(target) => target,
             Err(e) => return failure(e.to_string(), false),
         };
-        info!(%target, "copying");
+        info!(%target, digest = %assignment.digest, "copy started");
         match self.pusher.push(&source, &target, progress).await {
-            Ok(report) => job_result::Outcome::Success(JobSuccess {
-                pinned_reference: report.pinned,
-                digest: report.digest,
-                bytes_uploaded: report.bytes_uploaded,
-                blobs_uploaded: report.blobs_uploaded,
-                blobs_mounted: report.blobs_mounted,
-                blobs_existing: report.blobs_existing,
-                duration_seconds: report.duration.as_secs_f64(),
-            }),
+            Ok(report) => {
+                info!(
+                    pinned = %report.pinned,
+                    uploaded_bytes = report.bytes_uploaded,
+                    uploaded = report.blobs_uploaded,
+                    mounted = report.blobs_mounted,
+                    existing = report.blobs_existing,
+                    elapsed = ?report.duration,
+                    "copy finished"
+                );
+                job_result::Outcome::Success(JobSuccess {
+                    pinned_reference: report.pinned,
+                    digest: report.digest,
+                    bytes_uploaded: report.bytes_uploaded,
+                    blobs_uploaded: report.blobs_uploaded,
+                    blobs_mounted: report.blobs_mounted,
+                    blobs_existing: report.blobs_existing,
+                    duration_seconds: report.duration.as_secs_f64(),
+                })
+            }
             Err(PushError::IncompleteIndex { digest, missing, pushed }) => {
                 let message = PushError::IncompleteIndex { digest, missing: missing.clone(), pushed: pushed.clone() };
+                warn!(error = %message, "copy failed");
                 job_result::Outcome::Failure(JobFailure {
                     message: message.to_string(),
                     retryable: false,

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use clap::Parser;
 use image_backup_oci::{access::RegistryAccess, registry::RetryPolicy};
 
-use crate::{config::CoordinatorConfig, workload::Exclusions};
+use crate::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_oci::BackupTarget;
 
 #[derive(Parser, Debug)]

@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
-use image_backup_oci::registry::RegistryConfig;
+use image_backup_oci::{BackupTarget, registry::RegistryConfig};
 
-use crate::workload::Exclusions;
-use image_backup_oci::BackupTarget;
+use crate::workloads::workload::Exclusions;
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {

@@ -2,13 +2,20 @@
 //! keeps one ImageBackup per source image, assigns copies to node agents and
 //! patches workloads to the backup references once every copy is verified.
 //!
+//! - [`workloads`]: the workload reconciler (images, pod digests, the patch)
+//! - [`backups`]: the ImageBackup reconciler, the one writer of its status
+//! - [`jobs`]: jobs apart from Kubernetes (agent reports, the state machine)
+//! - [`agents`]: agent sessions, what their nodes hold, their free slots
+//! - [`grpc`]: JobService, health and reflection
 
 pub mod agents;
+pub mod backups;
 pub mod cli;
 pub mod config;
-pub mod controller;
+pub mod context;
+pub mod grpc;
 pub mod jobs;
 pub mod metrics;
-pub mod rewrite;
+pub mod probes;
 pub mod run;
-pub mod workload;
+pub mod workloads;

@@ -1,16 +1,22 @@
-//! Prometheus metrics and the HTTP probes, on their own port so scraping
-//! and kubelet probes never compete with agent sessions.
+//! Prometheus metrics: reconciles per kind (count, failures, duration), jobs
+//! by phase, agents, status writes, patches and pushed bytes.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use image_backup_crds::{ImageBackup, Phase};
+use kube::runtime::reflector::Store;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::{agents::AgentHub, jobs::JobBoard};
+use crate::{agents::AgentHub, jobs::machine::Transition};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
@@ -22,47 +28,124 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabel {
+    pub transition: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    reconciles: Family<KindLabel, Counter>,
+    reconcile_failures: Family<KindLabel, Counter>,
+    reconcile_seconds: Family<KindLabel, Histogram>,
     jobs: Family<PhaseLabel, Gauge>,
     agents: Gauge,
-    pub bytes_pushed: Counter,
-    pub push_seconds: Histogram,
-    pub patches: Family<OutcomeLabel, Counter>,
+    status_writes: Family<TransitionLabel, Counter>,
+    bytes_pushed: Counter,
+    push_seconds: Histogram,
+    patches: Family<OutcomeLabel, Counter>,
 }
+
+/// Observes a reconcile's duration when dropped.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    kind: &'static str,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        let label = KindLabel { kind: self.kind.into() };
+        self.metrics.reconcile_seconds.get_or_create(&label).observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+// === impl Metrics ===
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("image_backup");
+        let reconciles = Family::<KindLabel, Counter>::default();
+        registry.register("reconciles", "Reconciles by kind", reconciles.clone());
+        let reconcile_failures = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that ended in an error, by kind",
+            reconcile_failures.clone(),
+        );
+        let reconcile_seconds = Family::<KindLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
+        });
+        registry.register("reconcile_duration_seconds", "Duration of reconciles, by kind", reconcile_seconds.clone());
         let jobs = Family::<PhaseLabel, Gauge>::default();
         registry.register("jobs", "ImageBackups by phase", jobs.clone());
         let agents = Gauge::default();
         registry.register("connected_agents", "Agents with a live session", agents.clone());
+        let status_writes = Family::<TransitionLabel, Counter>::default();
+        registry.register("status_writes", "ImageBackup status writes, by transition", status_writes.clone());
         let bytes_pushed = Counter::default();
         registry.register("pushed_bytes", "Bytes agents uploaded to the backup registry", bytes_pushed.clone());
         let push_seconds = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]);
         registry.register("push_duration_seconds", "Duration of successful copies", push_seconds.clone());
         let patches = Family::<OutcomeLabel, Counter>::default();
         registry.register("workload_patches", "Workload patches to backup references, by outcome", patches.clone());
-        Arc::new(Self { registry, jobs, agents, bytes_pushed, push_seconds, patches })
+        Arc::new(Self {
+            registry,
+            reconciles,
+            reconcile_failures,
+            reconcile_seconds,
+            jobs,
+            agents,
+            status_writes,
+            bytes_pushed,
+            push_seconds,
+            patches,
+        })
+    }
+
+    /// Counts a reconcile of `kind` and times it until the guard drops.
+    pub fn reconcile_started(&self, kind: &'static str) -> ReconcileTimer<'_> {
+        self.reconciles.get_or_create(&KindLabel { kind: kind.into() }).inc();
+        ReconcileTimer { metrics: self, kind, start: Instant::now() }
+    }
+
+    pub fn reconcile_failed(&self, kind: &str) {
+        self.reconcile_failures.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    pub fn status_written(&self, transition: &Transition) {
+        let name = match transition {
+            Transition::Restart { .. } => "restart",
+            Transition::Waiting { .. } => "waiting",
+            Transition::Assigned { .. } => "assigned",
+            Transition::Progress { .. } => "progress",
+            Transition::Completed { .. } => "completed",
+            Transition::Retry { .. } => "retry",
+            Transition::Failed { .. } => "failed",
+            Transition::Lost { .. } => "lost",
+        };
+        self.status_writes.get_or_create(&TransitionLabel { transition: name.into() }).inc();
+    }
+
+    pub fn pushed(&self, bytes: u64, seconds: f64) {
+        self.bytes_pushed.inc_by(bytes);
+        self.push_seconds.observe(seconds);
     }
 
     pub fn patched(&self, outcome: &str) {
         self.patches.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
-    /// The exposition text, with the gauges read from the hub and board now.
-    pub async fn render(&self, hub: &AgentHub, board: &JobBoard) -> String {
+    /// The exposition text, with the gauges read from the hub and the
+    /// ImageBackup store now.
+    pub fn render(&self, hub: &AgentHub, backups: &Store<ImageBackup>) -> String {
         self.agents.set(i64::try_from(hub.agents().len()).unwrap_or(i64::MAX));
-        let mut counts = std::collections::BTreeMap::<String, i64>::new();
-        for phase in ["Pending", "Assigned", "Pushing", "Completed", "Failed"] {
-            counts.insert(phase.into(), 0);
+        let mut counts = [0i64; 5];
+        for backup in backups.state() {
+            counts[phase_index(backup.status.as_ref().map(|s| s.phase).unwrap_or_default())] += 1;
         }
-        for job in board.jobs().await {
-            *counts.entry(crate::jobs::phase_name(job.phase).into()).or_default() += 1;
-        }
-        for (phase, count) in counts {
-            self.jobs.get_or_create(&PhaseLabel { phase }).set(count);
+        for (phase, count) in ["Pending", "Assigned", "Pushing", "Completed", "Failed"].into_iter().zip(counts) {
+            self.jobs.get_or_create(&PhaseLabel { phase: phase.into() }).set(count);
         }
         let mut text = String::new();
         if encode(&mut text, &self.registry).is_err() {
@@ -72,30 +155,12 @@ impl Metrics {
     }
 }
 
-#[derive(Clone)]
-struct Probe {
-    metrics: Arc<Metrics>,
-    hub: Arc<AgentHub>,
-    board: Arc<JobBoard>,
-}
-
-/// `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    hub: Arc<AgentHub>,
-    board: Arc<JobBoard>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
-        .with_state(Probe { metrics, hub, board });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}
-
-async fn render(State(probe): State<Probe>) -> impl IntoResponse {
-    let text = probe.metrics.render(&probe.hub, &probe.board).await;
-    (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+fn phase_index(phase: Phase) -> usize {
+    match phase {
+        Phase::Pending => 0,
+        Phase::Assigned => 1,
+        Phase::Pushing => 2,
+        Phase::Completed => 3,
+        Phase::Failed => 4,
+    }
 }

@@ -1,30 +1,55 @@
-//! Wiring: the controllers, the agent-event follower, heartbeat expiry and
-//! the gRPC port, run until shutdown.
+//! Wiring: one ImageBackup watch shared by the three controllers and
+//! JobService, the controllers, heartbeat expiry, the gRPC port and the
+//! probes, run until shutdown.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{FutureExt, StreamExt};
 use image_backup_crds::ImageBackup;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::{
-    Api, Client,
-    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+    Api, Client, Resource,
+    api::ListParams,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{self, Action},
+        reflector::{self, ObjectRef},
+        watcher,
+    },
 };
-use tracing::{info, warn};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, info, warn};
 
 use crate::{
     agents::AgentHub,
+    backups,
     config::CoordinatorConfig,
-    controller::{
-        Context, ReconcileError, agent_triggers, follow_agents, reconcile_backup, reconcile_daemonset,
-        reconcile_deployment,
-    },
-    jobs::{JobBoard, grpc_routes},
+    context::{Context, Error},
+    grpc::{JobFeed, Jobs, grpc_routes},
+    jobs::LiveJobs,
     metrics::Metrics,
+    probes::{self, Probes},
+    workloads::{self, usage::Usage},
 };
+
+/// Changes a slow controller may fall behind the shared ImageBackup watch.
+const SHARED_BUFFER: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error(
+        "the ImageBackup CRD (imagebackups.backup.k8slab.io) is not served by the API server: apply deploy/crds/ first"
+    )]
+    CrdMissing,
+    #[error("cannot list ImageBackups: {0}")]
+    CrdCheck(kube::Error),
     #[error("backup registry settings: {0}")]
     Registry(#[from] image_backup_oci::registry::RegistryError),
     #[error("gRPC reflection: {0}")]
@@ -33,8 +58,8 @@ pub enum RunError {
     Probes(std::io::Error),
     #[error("gRPC listener: {0}")]
     Listener(std::io::Error),
-    #[error("gRPC server on {addr}: {source}")]
-    Grpc { addr: SocketAddr, source: tonic::transport::Error },
+    #[error("gRPC server on {addr}: {error}")]
+    Grpc { addr: SocketAddr, error: tonic::transport::Error },
 }
 
 /// Runs the coordinator until `shutdown` resolves.
@@ -46,16 +71,40 @@ pub async fn run(
     coordinator_id: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let hub = AgentHub::new(coordinator_id, Duration::from_secs(5));
-    let board = JobBoard::new();
+    check_crd(&client).await?;
+    let (jobs, woken) = LiveJobs::new();
+    let jobs = Arc::new(jobs);
+    let hub = AgentHub::new(coordinator_id, Duration::from_secs(5), jobs.clone());
     let deadline = config.heartbeat_deadline;
     let metrics = Metrics::new();
-    let ctx = Context::new(client.clone(), config, hub.clone(), board.clone(), metrics.clone())?;
+    let usage = Arc::new(Usage::default());
+    let feed = JobFeed::new(usage.clone());
+
+    let (backup_store, writer) = reflector::store_shared::<ImageBackup>(SHARED_BUFFER);
+    let subscribe = || writer.subscribe().expect("a shared store's writer always subscribes");
+    let (for_backups, for_deployments, for_daemonsets) = (subscribe(), subscribe(), subscribe());
+    let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(writer)
+        .for_each(|event| {
+            match &event {
+                Ok(event) => feed.observe(event),
+                Err(e) => warn!(error = %e, "ImageBackup watch failed; retrying"),
+            }
+            futures::future::ready(())
+        });
+
+    let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
     let shutdown = shutdown.shared();
-    let probes = crate::metrics::serve(metrics_listener, metrics, hub.clone(), board.clone(), shutdown.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let probes = probes::serve(
+        metrics_listener,
+        Probes { metrics: metrics.clone(), hub: hub.clone(), backups: backup_store.clone(), ready: ready.clone() },
+        shutdown.clone(),
+    );
 
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
-    let routes = grpc_routes(board.clone(), hub.clone()).await?;
+    let routes = grpc_routes(Jobs { backups: backup_store.clone(), feed: feed.clone(), agents: hub.clone() }).await?;
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_routes(routes)
@@ -82,60 +131,85 @@ pub async fn run(
         }
     };
 
-    let backups = Api::<ImageBackup>::all(client.clone());
-    let backup_controller = Controller::new(backups.clone(), watcher::Config::default())
-        .reconcile_all_on(agent_triggers(&hub))
+    // Agent reports and freed slots wake exactly the jobs they concern.
+    let wakes = UnboundedReceiverStream::new(woken).map(|name| ObjectRef::<ImageBackup>::new(&name));
+    let backup_controller = Controller::for_shared_stream(for_backups, backup_store.clone())
+        .reconcile_on(wakes)
         .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile_backup, error_policy, ctx.clone())
+        .run(backups::reconcile, error_policy, ctx.clone())
         .for_each(|result| async move { log_result("ImageBackup", result) });
 
-    // Workloads wake up when one of their ImageBackups changes.
-    let deployment_controller = Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .watches(backups.clone(), watcher::Config::default(), |backup| workloads_of(&backup, "Deployment"))
-        .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile_deployment, error_policy, ctx.clone())
+    // Workloads wake up when one of their ImageBackups finishes.
+    let deployments = Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .watches_shared_stream(for_deployments, {
+            let ctx = ctx.clone();
+            move |backup| workloads::users_of::<Deployment>(&ctx, &backup, "Deployment")
+        })
+        .graceful_shutdown_on(shutdown.clone());
+    let daemonsets = Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
+        .watches_shared_stream(for_daemonsets, {
+            let ctx = ctx.clone();
+            move |backup| workloads::users_of::<DaemonSet>(&ctx, &backup, "DaemonSet")
+        })
+        .graceful_shutdown_on(shutdown.clone());
+    let synced = {
+        let stores = (backup_store.clone(), deployments.store(), daemonsets.store());
+        async move {
+            let (backups, deployments, daemonsets) = stores;
+            let _ =
+                tokio::join!(backups.wait_until_ready(), deployments.wait_until_ready(), daemonsets.wait_until_ready());
+            ready.store(true, Ordering::Release);
+            info!("caches synced; ready");
+        }
+    };
+    let deployments = deployments
+        .run(workloads::reconcile_deployment, error_policy, ctx.clone())
         .for_each(|result| async move { log_result("Deployment", result) });
-    let daemonset_controller = Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
-        .watches(backups, watcher::Config::default(), |backup| workloads_of(&backup, "DaemonSet"))
-        .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile_daemonset, error_policy, ctx.clone())
+    let daemonsets = daemonsets
+        .run(workloads::reconcile_daemonset, error_policy, ctx.clone())
         .for_each(|result| async move { log_result("DaemonSet", result) });
 
-    let follower = follow_agents(ctx.clone());
     tokio::select! {
-        result = grpc => result.map_err(|source| RunError::Grpc { addr, source })?,
+        result = grpc => result.map_err(|error| RunError::Grpc { addr, error })?,
         result = probes => result.map_err(RunError::Probes)?,
-        () = async { tokio::join!(backup_controller, deployment_controller, daemonset_controller); } => {},
-        () = follower => {},
+        () = async { tokio::join!(backup_controller, deployments, daemonsets, synced); } => {},
+        () = backup_watch => {},
         () = expiry => {},
     }
     info!("coordinator stopped");
     Ok(())
 }
 
-fn workloads_of<K>(backup: &ImageBackup, kind: &str) -> Vec<ObjectRef<K>>
-where
-    K: kube::Resource<DynamicType = ()>,
-{
-    backup
-        .status
-        .iter()
-        .flat_map(|s| s.workloads.iter())
-        .filter_map(|key| {
-            let mut parts = key.splitn(3, '/');
-            let (k, namespace, name) = (parts.next()?, parts.next()?, parts.next()?);
-            (k == kind).then(|| ObjectRef::new(name).within(namespace))
-        })
-        .collect()
+/// Fails at start, with a message that says what to do, when the CRD is
+/// not installed or the coordinator may not read it.
+async fn check_crd(client: &Client) -> Result<(), RunError> {
+    match Api::<ImageBackup>::all(client.clone()).list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(RunError::CrdMissing),
+        Err(e) => Err(RunError::CrdCheck(e)),
+    }
 }
 
-fn error_policy<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action {
-    warn!(%error, "reconcile failed; retrying");
+fn error_policy<K: Resource>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    ctx.metrics.reconcile_failed(&kind);
+    let name = object.meta().name.clone().unwrap_or_default();
+    let namespace = object.meta().namespace.clone().unwrap_or_default();
+    warn!(%kind, %namespace, %name, %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
-fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(kind: &str, result: Result<T, E>) {
-    if let Err(e) = result {
-        tracing::debug!(kind, error = %e, "controller");
+fn log_result<T>(kind: &str, result: Result<T, controller::Error<Error, watcher::Error>>) {
+    match result {
+        Ok(_) => {}
+        // Reported by the error policy already.
+        Err(controller::Error::ReconcilerFailed(..)) => {}
+        // Deleted between the event and the reconcile.
+        Err(controller::Error::ObjectNotFound(object)) => debug!(kind, %object, "gone before its reconcile"),
+        // A watch that fails (a 403, a CRD removed) stalls everything.
+        Err(e) => warn!(kind, error = %e, "controller stream failed"),
     }
 }

@@ -29,6 +29,7 @@ pub const GROUP: &str = "backup.k8slab.io";
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.message"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -78,9 +79,13 @@ pub struct ImageBackupStatus {
     /// Platforms of an index that no connected node holds yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_platforms: Vec<String>,
-    /// Workloads (`kind/namespace/name`) that run this image.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub workloads: Vec<String>,
+    /// What the job waits for, in words (`waiting for a free agent ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The spec generation this status describes; a newer spec (the digest
+    /// moved) starts the job over.
+    #[serde(default)]
+    pub observed_generation: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -119,6 +124,6 @@ mod tests {
         let version = &crd.spec.versions[0];
         assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
         let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Source", "Phase", "Node", "Progress", "Age"]);
+        assert_eq!(columns, ["Source", "Phase", "Node", "Progress", "Message", "Age"]);
     }
 }

@@ -11,7 +11,7 @@ use image_backup_agent::{
     daemon::{Agent, DaemonConfig},
     push::{PushOptions, Pusher},
 };
-use image_backup_coordinator::{config::CoordinatorConfig, rewrite::ORIGINAL_IMAGES_ANNOTATION, run::run};
+use image_backup_coordinator::{config::CoordinatorConfig, run::run, workloads::rewrite::ORIGINAL_IMAGES_ANNOTATION};
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{

@@ -4,7 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use image_backup_coordinator::agents::{AgentEvent, AgentHub, AgentSessions};
+use image_backup_coordinator::{
+    agents::{AgentEvent, AgentHub, AgentSessions},
+    jobs::LiveJobs,
+};
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer, job_result};
 use image_backup_tests::{
@@ -54,7 +57,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let hub = AgentHub::new("coordinator-a", Duration::from_secs(1));
+    let hub = AgentHub::new("coordinator-a", Duration::from_secs(1), Arc::new(LiveJobs::new().0));
     let mut events = hub.subscribe();
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(serve(hub.clone(), listener, stopped));
@@ -65,9 +68,10 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let agents = hub.agents();
     assert_eq!(agents.len(), 1);
     assert_eq!((agents[0].node_name.as_str(), agents[0].max_jobs), ("node-a", 2));
-    let candidates = hub.candidates(image.digest());
-    assert_eq!(candidates.iter().map(|a| a.agent_id.as_str()).collect::<Vec<_>>(), ["agent-node-a"]);
-    assert!(hub.candidates("sha256:0000000000000000000000000000000000000000000000000000000000000000").is_empty());
+    let holders = hub.holders(image.digest());
+    assert_eq!(holders.free, Some(("agent-node-a".to_string(), "node-a".to_string())));
+    let nobody = hub.holders("sha256:0000000000000000000000000000000000000000000000000000000000000000");
+    assert_eq!((nobody.free, nobody.busy), (None, 0));
 
     let target = format!("{}/mirror/docker.io/library/web:2", registry.host());
     hub.assign(
@@ -104,7 +108,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let pulled = TestImage::single(MediaTypes::Oci, &[64 << 10], 22);
     pulled.import(&containerd, "docker.io/library/new:1", &[], &[]).await.unwrap();
     next_event(&mut events, "inventory update", |e| matches!(e, AgentEvent::Inventory { .. })).await;
-    assert_eq!(hub.candidates(pulled.digest()).len(), 1);
+    assert!(hub.holders(pulled.digest()).free.is_some());
 
     // A bad assignment fails with a clear, final error, not a crash.
     hub.assign(
@@ -152,18 +156,18 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let lost = next_event(&mut events, "disconnect", |e| matches!(e, AgentEvent::Disconnected { .. })).await;
     let AgentEvent::Disconnected { running_jobs, node, .. } = lost else { unreachable!() };
     assert_eq!((node.as_str(), running_jobs), ("node-a", vec!["job-3".to_string()]));
-    assert!(hub.candidates(image.digest()).is_empty());
+    assert_eq!(hub.holders(image.digest()), Default::default());
 
     // The coordinator goes away and comes back on the same address: the
     // agent reconnects and registers again with its inventory.
     hub.close_sessions();
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(20), server).await.expect("coordinator stops").unwrap();
-    let hub = AgentHub::new("coordinator-b", Duration::from_secs(1));
+    let hub = AgentHub::new("coordinator-b", Duration::from_secs(1), Arc::new(LiveJobs::new().0));
     let mut events = hub.subscribe();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (_stop, stopped) = oneshot::channel();
     tokio::spawn(serve(hub.clone(), listener, stopped));
     next_event(&mut events, "inventory after restart", |e| matches!(e, AgentEvent::Inventory { .. })).await;
-    assert_eq!(hub.candidates(image.digest()).len(), 1);
+    assert!(hub.holders(image.digest()).free.is_some());
 }

@@ -5,15 +5,20 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use std::sync::Arc;
+
 use image_backup_coordinator::{
     agents::AgentHub,
-    jobs::{JobBoard, grpc_routes},
+    grpc::{JobFeed, Jobs, grpc_routes},
+    jobs::LiveJobs,
+    workloads::usage::{Usage, WorkloadKey},
 };
 use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
 use image_backup_proto::v1::{
     GetJobRequest, JobPhase, ListAgentsRequest, ListJobsRequest, WatchJobsRequest, job_event,
     job_service_client::JobServiceClient,
 };
+use kube::runtime::{reflector, watcher};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -22,24 +27,36 @@ use tonic_reflection::pb::v1::{
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-fn backup(name: &str, source: &str, phase: Phase) -> ImageBackup {
-    let mut backup = ImageBackup::new(name, ImageBackupSpec { source: source.into(), digest: DIGEST.into() });
-    backup.status = Some(ImageBackupStatus {
-        phase,
-        node: Some("node-a".into()),
-        workloads: vec!["Deployment/shop/web".into()],
-        ..ImageBackupStatus::default()
-    });
+const NGINX: &str = "docker.io/library/nginx:1.25";
+const REDIS: &str = "docker.io/library/redis:7";
+
+fn name(source: &str) -> String {
+    image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(source).unwrap())
+}
+
+fn backup(source: &str, phase: Phase) -> ImageBackup {
+    let mut backup = ImageBackup::new(&name(source), ImageBackupSpec { source: source.into(), digest: DIGEST.into() });
+    backup.status = Some(ImageBackupStatus { phase, node: Some("node-a".into()), ..ImageBackupStatus::default() });
     backup
 }
 
 #[tokio::test]
 async fn reflection_health_and_job_service() {
-    let board = JobBoard::new();
-    let hub = AgentHub::new("coordinator-test", Duration::from_secs(10));
-    board.upsert(&backup("nginx", "docker.io/library/nginx:1.25", Phase::Completed)).await;
-    board.upsert(&backup("redis", "docker.io/library/redis:7", Phase::Pushing)).await;
-    let routes = grpc_routes(board.clone(), hub).await.unwrap();
+    let hub = AgentHub::new("coordinator-test", Duration::from_secs(10), Arc::new(LiveJobs::new().0));
+    let usage = Arc::new(Usage::default());
+    let web = WorkloadKey { kind: "Deployment", namespace: "shop".into(), name: "web".into() };
+    usage.set(&web, [name(NGINX)].into());
+    let feed = JobFeed::new(usage);
+    // What the ImageBackup watch would bring: each event goes to the store
+    // and to the feed.
+    let (store, mut writer) = reflector::store::<ImageBackup>();
+    let mut apply = |event: watcher::Event<ImageBackup>| {
+        writer.apply_watcher_event(&event);
+        feed.observe(&event);
+    };
+    apply(watcher::Event::Apply(backup(NGINX, Phase::Completed)));
+    apply(watcher::Event::Apply(backup(REDIS, Phase::Pushing)));
+    let routes = grpc_routes(Jobs { backups: store, feed: feed.clone(), agents: hub }).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -88,7 +105,7 @@ async fn reflection_health_and_job_service() {
 
     let mut jobs = JobServiceClient::new(channel);
     let all = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
-    assert_eq!(all.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(), ["nginx", "redis"]);
+    assert_eq!(all.iter().map(|j| j.source.as_str()).collect::<Vec<_>>(), [NGINX, REDIS]);
     let completed = jobs
         .list_jobs(ListJobsRequest { phases: vec![JobPhase::Completed as i32], ..ListJobsRequest::default() })
         .await
@@ -99,21 +116,21 @@ async fn reflection_health_and_job_service() {
     assert_eq!(completed[0].workloads, ["Deployment/shop/web"]);
     // By source, as a user would type it.
     let job = jobs.get_job(GetJobRequest { name: "redis:7".into() }).await.unwrap().into_inner();
-    assert_eq!((job.name.as_str(), job.phase), ("redis", JobPhase::Pushing as i32));
+    assert_eq!((job.name, job.phase), (name(REDIS), JobPhase::Pushing as i32));
     let missing = jobs.get_job(GetJobRequest { name: "absent".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert!(jobs.list_agents(ListAgentsRequest {}).await.unwrap().into_inner().agents.is_empty());
 
     let mut watch = jobs.watch_jobs(WatchJobsRequest::default()).await.unwrap().into_inner();
-    for expected in ["nginx", "redis"] {
+    for expected in [NGINX, REDIS] {
         let event = watch.next().await.unwrap().unwrap();
-        assert_eq!((event.r#type, event.job.unwrap().name.as_str()), (job_event::Type::Added as i32, expected));
+        assert_eq!((event.r#type, event.job.unwrap().source.as_str()), (job_event::Type::Added as i32, expected));
     }
-    board.upsert(&backup("redis", "docker.io/library/redis:7", Phase::Completed)).await;
+    apply(watcher::Event::Apply(backup(REDIS, Phase::Completed)));
     let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(event.r#type, job_event::Type::Modified as i32);
     assert_eq!(event.job.unwrap().phase, JobPhase::Completed as i32);
-    board.remove("nginx").await;
+    apply(watcher::Event::Delete(backup(NGINX, Phase::Completed)));
     let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!((event.r#type, event.job.unwrap().name.as_str()), (job_event::Type::Deleted as i32, "nginx"));
+    assert_eq!((event.r#type, event.job.unwrap().source.as_str()), (job_event::Type::Deleted as i32, NGINX));
 }

@@ -9,11 +9,11 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use image_backup_coordinator::{config::CoordinatorConfig, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::BackupTarget;
 use image_backup_oci::registry::RegistryConfig;
-use image_backup_proto::v1::{ListJobsRequest, job_service_client::JobServiceClient};
+use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
@@ -180,8 +180,6 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
         let served = backup_registry.manifest(repository, image.digest()).await.unwrap().expect("served by digest");
         assert_eq!(served.digest, image.digest());
     }
-    let shared = all.iter().find(|b| b.spec.source == web_ref).unwrap();
-    assert_eq!(shared.status.as_ref().unwrap().workloads, ["DaemonSet/ops/logger", "Deployment/shop/web"]);
     // Each distinct image was copied once: one upload per distinct blob.
     let blobs: usize = [&web, &migrate, &api].iter().map(|i| i.platforms[0].layers.len() + 1).sum();
     assert_eq!(proxy.uploads(), blobs as u64);
@@ -196,6 +194,9 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
     let mut jobs = JobServiceClient::connect(format!("http://{grpc}")).await.unwrap();
     let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(listed.len(), 3);
+    // ... and which workloads use an image.
+    let shared = jobs.get_job(GetJobRequest { name: web_ref.clone() }).await.unwrap().into_inner();
+    assert_eq!(shared.workloads, ["DaemonSet/ops/logger", "Deployment/shop/web"]);
 
     // The rewrite is an Event on the workload.
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "shop");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{config::CoordinatorConfig, workload::Exclusions};
+use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::BackupTarget;
 use image_backup_oci::registry::{RegistryConfig, RetryPolicy};
@@ -145,9 +145,9 @@ async fn a_lost_agent_loses_its_job_to_another_node_and_report_only_leaves_the_w
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("the job waits for an agent, saying so", Duration::from_secs(30), || async {
         let status = the_backup(&backups).await?.status.unwrap_or_default();
-        let error = status.last_error.unwrap_or_default();
-        let waiting = status.phase == Phase::Pending && error.contains("no connected agent");
-        if waiting { Ok(()) } else { Err(format!("{:?}: {error}", status.phase)) }
+        let message = status.message.unwrap_or_default();
+        let waiting = status.phase == Phase::Pending && message.contains("no connected agent");
+        if waiting { Ok(()) } else { Err(format!("{:?}: {message}", status.phase)) }
     })
     .await;
     let agent_a = start_agent(&node_a, "node-a", grpc, agent_registry(&proxy.host(), Duration::from_secs(60))).await;

@@ -4,26 +4,34 @@
 //! the agents report; nothing here is durable (the ImageBackup statuses
 //! are), so a restarted coordinator rebuilds it from the agents' next
 //! sessions.
+//!
+//! Reports about jobs go to [`LiveJobs`], which wakes the ImageBackup
+//! reconciler; a freed slot or a changed inventory wakes the jobs that wait
+//! for an agent, so a job starts the moment an agent can take it.
+
+mod session;
 
 use std::{
     collections::{HashMap, HashSet},
-    pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime},
 };
 
-use futures::Stream;
+use image_backup_oci::media::is_index;
 use image_backup_proto::v1::{
-    AgentMessage, Assignment, Cancel, CoordinatorMessage, InventoryImage, JobProgress, JobResult, Platform, Register,
-    Registered, agent_message, agent_service_server::AgentService, coordinator_message,
+    Assignment, Cancel, CoordinatorMessage, InventoryImage, JobProgress, JobResult, Platform, Register, agent_message,
+    coordinator_message,
 };
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+pub use session::AgentSessions;
+
+use crate::jobs::{
+    LiveJobs,
+    machine::{Holder, Holders},
+};
 
 /// What happened on an agent session, for the controllers to act on.
 #[derive(Clone, Debug)]
@@ -85,6 +93,9 @@ struct Agent {
     last_heartbeat: Instant,
     last_heartbeat_wall: SystemTime,
     running: HashSet<String>,
+    /// When each job was handed over: a heartbeat sent before the agent
+    /// read its assignment must not make the job look lost or the slot free.
+    assigned_at: HashMap<String, Instant>,
     /// Images by containerd name.
     images: HashMap<String, InventoryImage>,
     tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
@@ -105,10 +116,6 @@ impl Agent {
     }
 }
 
-fn is_index(media_type: &str) -> bool {
-    media_type.ends_with("image.index.v1+json") || media_type.ends_with("manifest.list.v2+json")
-}
-
 /// Every connected agent. Shared by the gRPC service and the controllers.
 pub struct AgentHub {
     coordinator_id: String,
@@ -116,10 +123,12 @@ pub struct AgentHub {
     agents: Mutex<HashMap<String, Agent>>,
     sessions: AtomicU64,
     events: broadcast::Sender<AgentEvent>,
+    jobs: Arc<LiveJobs>,
+    started: Instant,
 }
 
 impl AgentHub {
-    pub fn new(coordinator_id: impl Into<String>, heartbeat_interval: Duration) -> Arc<Self> {
+    pub fn new(coordinator_id: impl Into<String>, heartbeat_interval: Duration, jobs: Arc<LiveJobs>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
             coordinator_id: coordinator_id.into(),
@@ -127,7 +136,14 @@ impl AgentHub {
             agents: Mutex::default(),
             sessions: AtomicU64::new(0),
             events,
+            jobs,
+            started: Instant::now(),
         })
+    }
+
+    /// How long this hub has been up.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Session events from now on.
@@ -164,26 +180,41 @@ impl AgentHub {
         agents
     }
 
-    /// Agents whose node holds the content of `digest` and that have room
-    /// for another job, least busy first.
-    pub fn candidates(&self, digest: &str) -> Vec<AgentInfo> {
-        let holders: HashSet<String> = self
-            .lock()
-            .iter()
-            .filter(|(_, a)| a.holds(digest) && a.running.len() < a.register.max_concurrent_jobs.max(1) as usize)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let mut agents: Vec<AgentInfo> = self.agents().into_iter().filter(|a| holders.contains(&a.agent_id)).collect();
-        agents.sort_by_key(|a| (a.running_jobs.len(), a.node_name.clone()));
-        agents
+    /// The least busy agent with a free slot whose node holds the content
+    /// of `digest`, and how many holding agents are full.
+    pub fn holders(&self, digest: &str) -> Holders {
+        let agents = self.lock();
+        let mut free: Vec<(&String, &Agent)> = Vec::new();
+        let mut busy = 0;
+        for (id, agent) in agents.iter().filter(|(_, a)| a.holds(digest)) {
+            if agent.running.len() < agent.register.max_concurrent_jobs.max(1) as usize {
+                free.push((id, agent));
+            } else {
+                busy += 1;
+            }
+        }
+        let best =
+            free.into_iter().min_by_key(|(id, a)| (a.running.len(), a.register.node_name.clone(), (*id).clone()));
+        Holders { free: best.map(|(id, a)| (id.clone(), a.register.node_name.clone())), busy }
     }
 
-    /// Sends an assignment to an agent and counts it as running there.
-    pub fn assign(&self, agent_id: &str, assignment: Assignment) -> Result<(), AssignError> {
+    /// Whether `agent_id` is connected and runs `job`.
+    pub fn holder(&self, agent_id: &str, job: &str) -> Holder {
+        match self.lock().get(agent_id) {
+            Some(agent) if agent.running.contains(job) => Holder::Running,
+            Some(_) => Holder::NotRunning,
+            None => Holder::Absent,
+        }
+    }
+
+    /// Takes a slot of `agent_id` for an attempt of `job`, before the
+    /// attempt is recorded; [`AgentHub::send`] delivers it afterwards and
+    /// [`AgentHub::release`] gives the slot back if recording failed.
+    pub fn reserve(&self, agent_id: &str, job: &str, attempt: u32) -> Result<(), AssignError> {
         let mut agents = self.lock();
         let agent = agents.get_mut(agent_id).ok_or_else(|| AssignError::NotConnected(agent_id.to_string()))?;
         let max = agent.register.max_concurrent_jobs.max(1);
-        if !agent.running.contains(&assignment.job_id) && agent.running.len() >= max as usize {
+        if !agent.running.contains(job) && agent.running.len() >= max as usize {
             return Err(AssignError::Full {
                 agent_id: agent_id.into(),
                 node: agent.register.node_name.clone(),
@@ -191,11 +222,35 @@ impl AgentHub {
                 max,
             });
         }
-        let job_id = assignment.job_id.clone();
-        let message = CoordinatorMessage { message: Some(coordinator_message::Message::Assignment(assignment)) };
-        agent.tx.try_send(Ok(message)).map_err(|_| AssignError::NotConnected(agent_id.to_string()))?;
-        agent.running.insert(job_id);
+        self.jobs.assigned(job, attempt, agent_id, &agent.register.node_name);
+        agent.assigned_at.insert(job.to_string(), Instant::now());
+        agent.running.insert(job.to_string());
         Ok(())
+    }
+
+    /// Gives back a slot taken by [`AgentHub::reserve`].
+    pub fn release(&self, agent_id: &str, job: &str) {
+        if let Some(agent) = self.lock().get_mut(agent_id) {
+            agent.running.remove(job);
+            agent.assigned_at.remove(job);
+        }
+        self.jobs.forget(job);
+        self.jobs.wake_waiting();
+    }
+
+    /// Delivers a reserved, recorded assignment.
+    pub fn send(&self, agent_id: &str, assignment: Assignment) -> Result<(), AssignError> {
+        let agents = self.lock();
+        let agent = agents.get(agent_id).ok_or_else(|| AssignError::NotConnected(agent_id.to_string()))?;
+        let message = CoordinatorMessage { message: Some(coordinator_message::Message::Assignment(assignment)) };
+        agent.tx.try_send(Ok(message)).map_err(|_| AssignError::NotConnected(agent_id.to_string()))
+    }
+
+    /// Reserves and delivers at once (tests and tools that keep no status).
+    pub fn assign(&self, agent_id: &str, assignment: Assignment) -> Result<(), AssignError> {
+        self.reserve(agent_id, &assignment.job_id, assignment.attempt)?;
+        let job = assignment.job_id.clone();
+        self.send(agent_id, assignment).inspect_err(|_| self.release(agent_id, &job))
     }
 
     /// Asks an agent to stop a job (reassigned elsewhere, or deleted).
@@ -225,6 +280,8 @@ impl AgentHub {
         let count = expired.len();
         for (agent_id, agent) in expired {
             warn!(agent = %agent_id, node = %agent.register.node_name, "agent missed its heartbeat deadline");
+            let reason = format!("agent {agent_id} on node {} missed its heartbeat deadline", agent.register.node_name);
+            self.jobs.agent_lost(&agent_id, &reason);
             self.publish(AgentEvent::Disconnected {
                 agent_id,
                 node: agent.register.node_name,
@@ -240,6 +297,8 @@ impl AgentHub {
         let agents: Vec<(String, Agent)> = self.lock().drain().collect();
         for (agent_id, agent) in agents {
             // Dropping the sender ends the reply stream the agent reads.
+            let reason = format!("agent {agent_id} on node {}: this coordinator stopped", agent.register.node_name);
+            self.jobs.agent_lost(&agent_id, &reason);
             self.publish(AgentEvent::Disconnected {
                 agent_id,
                 node: agent.register.node_name,
@@ -254,6 +313,7 @@ impl AgentHub {
         let node = agent.register.node_name.clone();
         agent.last_heartbeat = Instant::now();
         agent.last_heartbeat_wall = SystemTime::now();
+        let running_before = agent.running.len();
         let event = match message {
             agent_message::Message::Register(_) => {
                 debug!("repeated registration ignored");
@@ -272,19 +332,36 @@ impl AgentHub {
                 Some(AgentEvent::Inventory { agent_id: agent_id.into(), node })
             }
             agent_message::Message::Heartbeat(beat) => {
-                // The agent's own list is the truth about what it runs.
-                agent.running = beat.running_job_ids.into_iter().collect();
+                // The agent's own list is the truth about what it runs, but
+                // for assignments it may not have read yet.
+                let in_transit = 2 * self.heartbeat_interval;
+                agent.assigned_at.retain(|_, at| at.elapsed() < in_transit);
+                let mut running: HashSet<String> = beat.running_job_ids.into_iter().collect();
+                running.extend(agent.assigned_at.keys().filter(|job| agent.running.contains(*job)).cloned());
+                agent.running = running;
                 None
             }
             agent_message::Message::Progress(progress) => {
+                if !self.jobs.progress(agent_id, &node, &progress) {
+                    debug!(job = %progress.job_id, attempt = progress.attempt, "progress of a stale attempt dropped");
+                }
                 Some(AgentEvent::Progress { agent_id: agent_id.into(), node, progress })
             }
             agent_message::Message::Result(result) => {
                 agent.running.remove(&result.job_id);
+                agent.assigned_at.remove(&result.job_id);
+                if !self.jobs.result(agent_id, &node, &result) {
+                    info!(job = %result.job_id, attempt = result.attempt, "result of a stale attempt dropped");
+                }
                 Some(AgentEvent::Result { agent_id: agent_id.into(), node, result })
             }
         };
+        let capacity_changed =
+            agent.running.len() < running_before || matches!(event, Some(AgentEvent::Inventory { .. }));
         drop(agents);
+        if capacity_changed {
+            self.jobs.wake_waiting();
+        }
         if let Some(event) = event {
             self.publish(event);
         }
@@ -300,82 +377,13 @@ impl AgentHub {
         };
         if let Some(agent) = removed {
             info!(agent = %agent_id, node = %agent.register.node_name, "agent disconnected");
+            let reason = format!("agent {agent_id} on node {} disconnected", agent.register.node_name);
+            self.jobs.agent_lost(agent_id, &reason);
             self.publish(AgentEvent::Disconnected {
                 agent_id: agent_id.into(),
                 node: agent.register.node_name,
                 running_jobs: agent.running.into_iter().collect(),
             });
         }
-    }
-}
-
-/// The gRPC face of the hub.
-#[derive(Clone)]
-pub struct AgentSessions(pub Arc<AgentHub>);
-
-type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl AgentService for AgentSessions {
-    type SessionStream = SessionStream;
-
-    async fn session(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<SessionStream>, Status> {
-        let mut inbound = request.into_inner();
-        let register = match inbound.message().await? {
-            Some(AgentMessage { message: Some(agent_message::Message::Register(register)) }) => register,
-            _ => return Err(Status::invalid_argument("the first message of a session must be Register")),
-        };
-        if register.node_name.is_empty() || register.agent_id.is_empty() {
-            return Err(Status::invalid_argument("Register needs node_name and agent_id"));
-        }
-        let hub = self.0.clone();
-        let session = hub.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-        let agent_id = register.agent_id.clone();
-        let node = register.node_name.clone();
-        let (tx, rx) = mpsc::channel(256);
-        let registered = Registered {
-            heartbeat_interval_seconds: u32::try_from(hub.heartbeat_interval.as_secs()).unwrap_or(10).max(1),
-            coordinator_id: hub.coordinator_id.clone(),
-        };
-        let _ =
-            tx.try_send(Ok(CoordinatorMessage { message: Some(coordinator_message::Message::Registered(registered)) }));
-        let now = SystemTime::now();
-        let replaced = hub.lock().insert(
-            agent_id.clone(),
-            Agent {
-                session,
-                running: register.running_job_ids.iter().cloned().collect(),
-                register,
-                connected_at: now,
-                last_heartbeat: Instant::now(),
-                last_heartbeat_wall: now,
-                images: HashMap::new(),
-                tx,
-            },
-        );
-        if replaced.is_some() {
-            info!(agent = %agent_id, "agent reconnected; its previous session is replaced");
-        }
-        info!(agent = %agent_id, %node, "agent connected");
-        hub.publish(AgentEvent::Connected { agent_id: agent_id.clone(), node: node.clone() });
-        let span = info_span!("agent_session", agent = %agent_id, %node);
-        tokio::spawn(
-            async move {
-                loop {
-                    match inbound.next().await {
-                        Some(Ok(AgentMessage { message: Some(message) })) => hub.handle(&agent_id, session, message),
-                        Some(Ok(AgentMessage { message: None })) => {}
-                        Some(Err(status)) => {
-                            debug!(%status, "agent stream failed");
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                hub.disconnect(&agent_id, session);
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

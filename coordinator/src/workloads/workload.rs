@@ -11,6 +11,8 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
+use super::usage::WorkloadKey;
+
 /// Label that keeps a workload out of backups (`backup.k8slab.io/skip=true`).
 pub const SKIP_LABEL: &str = "backup.k8slab.io/skip";
 
@@ -69,9 +71,8 @@ impl Workload {
         self.metadata().name.as_deref().unwrap_or_default()
     }
 
-    /// `Kind/namespace/name`, as ImageBackup statuses list their workloads.
-    pub fn key(&self) -> String {
-        format!("{}/{}/{}", self.kind(), self.namespace(), self.name())
+    pub fn key(&self) -> WorkloadKey {
+        WorkloadKey { kind: self.kind(), namespace: self.namespace().into(), name: self.name().into() }
     }
 
     pub fn pod_spec(&self) -> Option<&PodSpec> {

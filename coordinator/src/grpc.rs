@@ -1,10 +1,14 @@
 //! The coordinator's view of backup jobs for people and tools: JobService
 //! (ListJobs, GetJob, ListAgents, WatchJobs) over the ImageBackup objects
 //! the controller sees, plus gRPC health and server reflection so grpcurl
-//! needs no .proto file. The API server stays the source of truth; the
-//! board mirrors what the controller last read or wrote.
+//! needs no .proto file. Jobs are read from the ImageBackup reflector
+//! store the controller uses, so a deleted ImageBackup is gone here too.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 
 use futures::Stream;
 use image_backup_crds::{ImageBackup, Phase};
@@ -12,43 +16,48 @@ use image_backup_proto::v1::{
     Agent as ProtoAgent, GetJobRequest, Job, JobEvent, JobPhase, ListAgentsRequest, ListAgentsResponse,
     ListJobsRequest, ListJobsResponse, WatchJobsRequest, job_event, job_service_server::JobService,
 };
-use tokio::sync::{RwLock, broadcast};
+use kube::{
+    ResourceExt,
+    runtime::{reflector::Store, watcher},
+};
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use crate::agents::AgentHub;
+use crate::{agents::AgentHub, workloads::usage::Usage};
 
-/// Every job the controller knows, and a feed of their changes.
-pub struct JobBoard {
-    jobs: RwLock<BTreeMap<String, Job>>,
+/// Changes of ImageBackups for WatchJobs, fed from the ImageBackup watch
+/// (deletions included, which a reconciler never sees).
+pub struct JobFeed {
     changes: broadcast::Sender<JobEvent>,
+    known: Mutex<HashSet<String>>,
+    usage: Arc<Usage>,
 }
 
-impl JobBoard {
-    pub fn new() -> Arc<Self> {
+// === impl JobFeed ===
+
+impl JobFeed {
+    pub fn new(usage: Arc<Usage>) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
-        Arc::new(Self { jobs: RwLock::default(), changes })
+        Arc::new(Self { changes, known: Mutex::default(), usage })
     }
 
-    /// Records the current state of an ImageBackup.
-    pub async fn upsert(&self, backup: &ImageBackup) {
-        let job = to_job(backup);
-        let mut jobs = self.jobs.write().await;
-        let kind = match jobs.insert(job.name.clone(), job.clone()) {
-            Some(previous) if previous == job => return,
-            Some(_) => job_event::Type::Modified,
-            None => job_event::Type::Added,
+    /// Publishes what a watch event changed.
+    pub fn observe(&self, event: &watcher::Event<ImageBackup>) {
+        let mut known = self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (kind, backup) = match event {
+            watcher::Event::Apply(backup) | watcher::Event::InitApply(backup) => {
+                let kind =
+                    if known.insert(backup.name_any()) { job_event::Type::Added } else { job_event::Type::Modified };
+                (kind, backup)
+            }
+            watcher::Event::Delete(backup) => {
+                known.remove(&backup.name_any());
+                (job_event::Type::Deleted, backup)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => return,
         };
-        let _ = self.changes.send(JobEvent { r#type: kind as i32, job: Some(job) });
-    }
-
-    pub async fn remove(&self, name: &str) {
-        if let Some(job) = self.jobs.write().await.remove(name) {
-            let _ = self.changes.send(JobEvent { r#type: job_event::Type::Deleted as i32, job: Some(job) });
-        }
-    }
-
-    pub async fn jobs(&self) -> Vec<Job> {
-        self.jobs.read().await.values().cloned().collect()
+        // No subscriber is not an error.
+        let _ = self.changes.send(JobEvent { r#type: kind as i32, job: Some(to_job(backup, &self.usage)) });
     }
 }
 
@@ -63,23 +72,11 @@ pub fn proto_phase(phase: Phase) -> JobPhase {
     }
 }
 
-/// The phase name as ImageBackup statuses spell it.
-pub fn phase_name(phase: i32) -> &'static str {
-    match JobPhase::try_from(phase) {
-        Ok(JobPhase::Pending) => "Pending",
-        Ok(JobPhase::Assigned) => "Assigned",
-        Ok(JobPhase::Pushing) => "Pushing",
-        Ok(JobPhase::Completed) => "Completed",
-        Ok(JobPhase::Failed) => "Failed",
-        _ => "Unknown",
-    }
-}
-
 fn timestamp(time: &k8s_openapi::jiff::Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: time.as_second(), nanos: time.subsec_nanosecond() }
 }
 
-fn to_job(backup: &ImageBackup) -> Job {
+fn to_job(backup: &ImageBackup, usage: &Usage) -> Job {
     let status = backup.status.clone().unwrap_or_default();
     Job {
         name: backup.metadata.name.clone().unwrap_or_default(),
@@ -93,7 +90,7 @@ fn to_job(backup: &ImageBackup) -> Job {
         bytes_total: status.bytes_total,
         backup_reference: status.backup_reference.unwrap_or_default(),
         last_error: status.last_error.unwrap_or_default(),
-        workloads: status.workloads,
+        workloads: usage.workloads_of(&backup.name_any()).iter().map(ToString::to_string).collect(),
         created_at: backup.metadata.creation_timestamp.as_ref().map(|t| timestamp(&t.0)),
         updated_at: status.last_transition_time.as_ref().map(|t| timestamp(&t.0)),
         missing_platforms: status
@@ -121,11 +118,21 @@ fn system_time(time: std::time::SystemTime) -> prost_types::Timestamp {
     time.into()
 }
 
-/// JobService over the board and the agent hub.
+/// JobService over the ImageBackup store, the agent hub and the usage
+/// index.
 #[derive(Clone)]
 pub struct Jobs {
-    pub board: Arc<JobBoard>,
+    pub backups: Store<ImageBackup>,
+    pub feed: Arc<JobFeed>,
     pub agents: Arc<AgentHub>,
+}
+
+impl Jobs {
+    fn jobs(&self) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self.backups.state().iter().map(|b| to_job(b, &self.feed.usage)).collect();
+        jobs.sort_by(|a, b| a.name.cmp(&b.name));
+        jobs
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send + 'static>>;
@@ -135,9 +142,7 @@ impl JobService for Jobs {
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
         let filter = request.into_inner();
         let jobs = self
-            .board
             .jobs()
-            .await
             .into_iter()
             .filter(|job| matches(job, &filter.phases, &filter.node, &filter.source_contains))
             .collect();
@@ -150,12 +155,12 @@ impl JobService for Jobs {
             return Err(Status::invalid_argument("name is required: an ImageBackup name or a source reference"));
         }
         // A source reference is normalized the way ImageBackups record it.
-        let as_source = image_backup_oci::ImageRef::parse(&wanted).ok().map(|r| r.to_string());
-        let jobs = self.board.jobs.read().await;
-        jobs.get(&wanted)
-            .or_else(|| jobs.values().find(|job| Some(&job.source) == as_source.as_ref() || job.source == wanted))
-            .cloned()
-            .map(Response::new)
+        let by_source = image_backup_oci::ImageRef::parse(&wanted).ok().map(|r| image_backup_crds::name_for(&r));
+        [Some(wanted.clone()), by_source]
+            .into_iter()
+            .flatten()
+            .find_map(|name| self.backups.get(&kube::runtime::reflector::ObjectRef::new(&name)))
+            .map(|backup| Response::new(to_job(&backup, &self.feed.usage)))
             .ok_or_else(|| Status::not_found(format!("no backup job named or for {wanted:?}")))
     }
 
@@ -185,8 +190,8 @@ impl JobService for Jobs {
     async fn watch_jobs(&self, request: Request<WatchJobsRequest>) -> Result<Response<WatchStream>, Status> {
         let phases = request.into_inner().phases;
         // Subscribe before the snapshot so no change falls between them.
-        let mut changes = self.board.changes.subscribe();
-        let snapshot = self.board.jobs().await;
+        let mut changes = self.feed.changes.subscribe();
+        let snapshot = self.jobs();
         let stream = async_stream::stream! {
             for job in snapshot {
                 if phases.is_empty() || phases.contains(&job.phase) {
@@ -216,10 +221,7 @@ impl JobService for Jobs {
 /// Every gRPC service of the coordinator on one router: AgentService,
 /// JobService, grpc.health.v1 and server reflection (v1 and v1alpha, as
 /// grpcurl versions differ in which they ask).
-pub async fn grpc_routes(
-    board: Arc<JobBoard>,
-    agents: Arc<AgentHub>,
-) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+pub async fn grpc_routes(jobs: Jobs) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     use image_backup_proto::v1::{agent_service_server::AgentServiceServer, job_service_server::JobServiceServer};
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<Jobs>>().await;
@@ -236,7 +238,7 @@ pub async fn grpc_routes(
     routes = routes
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(AgentServiceServer::new(crate::agents::AgentSessions(agents.clone())))
-        .add_service(JobServiceServer::new(Jobs { board, agents }));
+        .add_service(AgentServiceServer::new(crate::agents::AgentSessions(jobs.agents.clone())))
+        .add_service(JobServiceServer::new(jobs));
     Ok(routes)
 }

@@ -9,7 +9,7 @@ use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, TestOper
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::workload::{ContainerList, Workload};
+use super::workload::{ContainerList, Workload};
 
 /// Workload annotation recording the images it ran before the rewrite.
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "backup.k8slab.io/original-images";
@@ -26,8 +26,8 @@ pub struct OriginalImages {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("{workload}: annotation {ORIGINAL_IMAGES_ANNOTATION} is not valid JSON: {source}")]
-    Annotation { workload: String, source: serde_json::Error },
+    #[error("{workload}: annotation {ORIGINAL_IMAGES_ANNOTATION} is not valid JSON: {error}")]
+    Annotation { workload: String, error: serde_json::Error },
     #[error("{workload}: nothing to rewrite")]
     Nothing { workload: String },
 }
@@ -38,7 +38,7 @@ pub enum RewriteError {
 pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> Result<Patch, RewriteError> {
     let mut originals = match workload.metadata().annotations.as_ref().and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION)) {
         Some(text) => serde_json::from_str::<OriginalImages>(text)
-            .map_err(|source| RewriteError::Annotation { workload: workload.key(), source })?,
+            .map_err(|error| RewriteError::Annotation { workload: workload.key().to_string(), error })?,
         None => OriginalImages::default(),
     };
     let mut ops = Vec::new();
@@ -61,7 +61,7 @@ pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> 
         list.entry(container.name).or_insert(container.image);
     }
     if ops.is_empty() {
-        return Err(RewriteError::Nothing { workload: workload.key() });
+        return Err(RewriteError::Nothing { workload: workload.key().to_string() });
     }
     let annotation = serde_json::to_string(&originals).unwrap_or_default();
     if workload.metadata().annotations.is_none() {
@@ -88,7 +88,7 @@ fn test(path: &str, value: Value) -> PatchOperation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::tests::deployment;
+    use crate::workloads::workload::tests::deployment;
     use serde_json::json;
 
     fn as_json(workload: &Workload) -> serde_json::Value {

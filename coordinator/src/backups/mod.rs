@@ -1,0 +1,229 @@
+//! The ImageBackup reconciler, the one writer of ImageBackup status. It
+//! reads the object from the reflector store and what agents reported from
+//! [`LiveJobs`](crate::jobs::LiveJobs), asks the state machine for the next
+//! step, performs it, and records it with optimistic concurrency.
+
+mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
+use image_backup_oci::ImageRef;
+use image_backup_proto::v1::{Assignment, JobSuccess};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
+use tracing::{debug, info, instrument, warn};
+
+use crate::{
+    context::{Context, Error, kube_err},
+    jobs::machine::{self, Holder, Holders, Limits, Next, Observed, Transition},
+};
+
+/// How often a stale write is retried from a fresh read before the
+/// reconcile is requeued.
+const CONFLICT_RETRIES: usize = 3;
+
+#[instrument(skip_all, fields(imagebackup = %backup.name_any()))]
+pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("ImageBackup");
+    let mut object = ctx.written.freshest(backup);
+    for _ in 0..CONFLICT_RETRIES {
+        match step(&object, &ctx).await? {
+            Some(action) => return Ok(action),
+            None => {
+                debug!("status changed meanwhile; deciding again from a fresh read");
+                let name = object.name_any();
+                let fresh = ctx.backup_api().get_opt(&name).await.map_err(kube_err("getting ImageBackup", &name))?;
+                let Some(fresh) = fresh else { return Ok(Action::await_change()) };
+                object = Arc::new(fresh);
+            }
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// Performs the next step; `None` when the status write met a newer
+/// version of the object.
+async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Error> {
+    let name = backup.name_any();
+    let status = backup.status.clone().unwrap_or_default();
+    let limits = Limits {
+        max_attempts: ctx.config.max_attempts,
+        retry_backoff: ctx.config.retry_backoff,
+        grace: ctx.config.heartbeat_deadline,
+    };
+    let live = ctx
+        .jobs
+        .get(&name)
+        .filter(|live| live.attempt == status.attempts && status.agent.as_deref() == Some(live.agent_id.as_str()));
+    let holders =
+        if status.phase == Phase::Pending { ctx.hub.holders(&backup.spec.digest) } else { Holders::default() };
+    let observed = Observed {
+        generation: backup.metadata.generation.unwrap_or(1),
+        digest: &backup.spec.digest,
+        status: &status,
+        live: live.as_ref(),
+        holder: status.agent.as_deref().map_or(Holder::Absent, |agent| ctx.hub.holder(agent, &name)),
+        holders: holders.clone(),
+        since_transition: since(&status),
+        uptime: ctx.hub.uptime(),
+    };
+    let next = machine::next(&observed, &limits);
+    if status.phase == Phase::Pending && holders.free.is_none() {
+        // Woken the moment an agent that holds the digest frees a slot.
+        ctx.jobs.wait_for_agent(&name);
+    }
+    let transition = match next {
+        Next::Idle => return Ok(Some(Action::await_change())),
+        Next::After(wait) => return Ok(Some(Action::requeue(wait))),
+        Next::Record(transition) => transition,
+        Next::Verify(success) => verify(ctx, backup, &status, &limits, &success).await,
+        Next::Assign { agent_id, node, attempt } => return assign(ctx, backup, agent_id, node, attempt).await,
+    };
+    let Some(written) = status::write(ctx, backup, &transition).await? else { return Ok(None) };
+    after_write(ctx, backup, &written, &transition).await;
+    Ok(Some(match transition {
+        // The backoff is kept in status (the transition time), so it
+        // survives a coordinator restart.
+        Transition::Retry { .. } | Transition::Lost { .. } => {
+            Action::requeue(machine::backoff(&limits, status.attempts).max(Duration::from_millis(100)))
+        }
+        Transition::Restart { .. } => Action::requeue(Duration::ZERO),
+        _ => Action::await_change(),
+    }))
+}
+
+/// Reserves the agent's slot, records the attempt, then delivers it: the
+/// attempt exists in status before any agent starts it.
+async fn assign(
+    ctx: &Context,
+    backup: &ImageBackup,
+    agent_id: String,
+    node: String,
+    attempt: u32,
+) -> Result<Option<Action>, Error> {
+    let name = backup.name_any();
+    let target = match target_of(ctx, backup) {
+        Ok(target) => target,
+        Err(error) => {
+            let transition = Transition::Failed { error, missing: Vec::new() };
+            return Ok(status::write(ctx, backup, &transition).await?.map(|written| {
+                warn!(error = ?written.status.as_ref().and_then(|s| s.last_error.as_deref()), "invalid source");
+                Action::await_change()
+            }));
+        }
+    };
+    if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt) {
+        // Another job took the slot first; this one waits for the next.
+        debug!(error = %e, "agent slot taken meanwhile");
+        ctx.jobs.wait_for_agent(&name);
+        return Ok(Some(Action::await_change()));
+    }
+    let transition = Transition::Assigned { agent_id: agent_id.clone(), node: node.clone(), attempt };
+    let Some(_) = status::write(ctx, backup, &transition).await? else {
+        ctx.hub.release(&agent_id, &name);
+        return Ok(None);
+    };
+    let assignment = Assignment {
+        job_id: name.clone(),
+        source: backup.spec.source.clone(),
+        digest: backup.spec.digest.clone(),
+        target,
+        attempt,
+        credentials_ref: String::new(),
+    };
+    if let Err(e) = ctx.hub.send(&agent_id, assignment) {
+        warn!(agent = %agent_id, error = %e, "assignment not delivered");
+        ctx.jobs.lose(&name, attempt, &format!("assignment not delivered: {e}"));
+        return Ok(Some(Action::await_change()));
+    }
+    info!(agent = %agent_id, %node, attempt, "copy assigned");
+    let note = format!("copy of {} assigned to node {node} (attempt {attempt})", backup.spec.source);
+    ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupStarted", note).await;
+    Ok(Some(Action::await_change()))
+}
+
+/// The backup reference a job pushes to, from the spec and the configured
+/// backup location.
+fn target_of(ctx: &Context, backup: &ImageBackup) -> Result<String, String> {
+    let source = ImageRef::parse(&backup.spec.source)
+        .map_err(|e| format!("source {:?} is not a valid image reference: {e}", backup.spec.source))?;
+    ctx.config
+        .backup
+        .reference_for(&source)
+        .map(|target| target.to_string())
+        .map_err(|e| format!("no backup reference for {source}: {e}"))
+}
+
+/// The agent's word is not enough: the coordinator looks in the registry.
+async fn verify(
+    ctx: &Context,
+    backup: &ImageBackup,
+    status: &ImageBackupStatus,
+    limits: &Limits,
+    success: &JobSuccess,
+) -> Transition {
+    let expected = &backup.spec.digest;
+    let target = match target_of(ctx, backup).and_then(|t| ImageRef::parse(&t).map_err(|e| e.to_string())) {
+        Ok(target) => target,
+        Err(error) => return Transition::Failed { error, missing: Vec::new() },
+    };
+    let failure = |message: String| {
+        let failure = image_backup_proto::v1::JobFailure { message, retryable: true, ..Default::default() };
+        machine::failed(status, limits, &failure)
+    };
+    match ctx.registry.manifest_digest(target.repository(), expected).await {
+        Ok(Some(digest)) if &digest == expected => {
+            ctx.metrics.pushed(success.bytes_uploaded, success.duration_seconds);
+            Transition::Completed { reference: target.pinned(expected), bytes: success.bytes_uploaded }
+        }
+        Ok(other) => failure(format!(
+            "agent reported success, but {} serves {} for {expected}",
+            target.name(),
+            other.as_deref().unwrap_or("nothing")
+        )),
+        Err(e) => failure(format!("verifying {}: {e}", target.pinned(expected))),
+    }
+}
+
+/// Events and bookkeeping once a transition is recorded.
+async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup, transition: &Transition) {
+    let status = written.status.clone().unwrap_or_default();
+    let name = backup.name_any();
+    let object = backup.object_ref(&());
+    let source = &backup.spec.source;
+    match transition {
+        Transition::Completed { reference, .. } => {
+            ctx.jobs.recorded(&name, status.attempts);
+            info!(%reference, "backup completed");
+            let node = status.node.as_deref().unwrap_or("?");
+            let note = format!("{source} backed up as {reference} from node {node}");
+            ctx.event(&object, EventType::Normal, "BackupCompleted", note).await;
+        }
+        Transition::Failed { error, .. } => {
+            ctx.jobs.recorded(&name, status.attempts);
+            warn!(%error, attempts = status.attempts, "backup failed");
+            let note = format!("{source} after {} attempt(s): {error}", status.attempts);
+            ctx.event(&object, EventType::Warning, "BackupFailed", note).await;
+        }
+        Transition::Retry { error, .. } | Transition::Lost { error } => {
+            ctx.jobs.recorded(&name, status.attempts);
+            warn!(%error, attempt = status.attempts, "attempt failed; retrying");
+        }
+        Transition::Restart { .. } => {
+            ctx.jobs.forget(&name);
+            info!(digest = %backup.spec.digest, "new digest to copy");
+        }
+        Transition::Waiting { message } => debug!(%message, "waiting"),
+        Transition::Assigned { .. } | Transition::Progress { .. } => {}
+    }
+}
+
+/// Time since the status last changed phase (forever when never).
+fn since(status: &ImageBackupStatus) -> Duration {
+    status
+        .last_transition_time
+        .as_ref()
+        .and_then(|t| Timestamp::now().duration_since(t.0).try_into().ok())
+        .unwrap_or(Duration::MAX)
+}

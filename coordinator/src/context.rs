@@ -1,0 +1,136 @@
+//! What every reconcile shares, and the error they report.
+
+use std::{collections::HashMap, sync::Arc, sync::Mutex};
+
+use image_backup_crds::ImageBackup;
+use image_backup_oci::registry::{Registry, RegistryError};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::Store,
+    },
+};
+use tracing::warn;
+
+use crate::{
+    agents::AgentHub,
+    config::CoordinatorConfig,
+    jobs::LiveJobs,
+    metrics::Metrics,
+    workloads::{digests::DigestCache, usage::Usage},
+};
+
+/// Name the coordinator writes under (field manager, event reporter).
+pub const MANAGER: &str = "image-backup-coordinator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {object}: {error}")]
+    Kube { action: &'static str, object: String, error: kube::Error },
+    #[error(transparent)]
+    Rewrite(#[from] crate::workloads::rewrite::RewriteError),
+}
+
+/// Wraps a kube error with what was being done to which object.
+pub fn kube_err(action: &'static str, object: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let object = object.into();
+    move |error| Error::Kube { action, object, error }
+}
+
+/// Shared by the reconcilers of every kind.
+pub struct Context {
+    pub client: Client,
+    pub config: CoordinatorConfig,
+    pub hub: Arc<AgentHub>,
+    pub jobs: Arc<LiveJobs>,
+    /// The ImageBackups as the controller's reflector sees them.
+    pub backups: Store<ImageBackup>,
+    pub written: Written,
+    pub usage: Arc<Usage>,
+    pub digests: DigestCache,
+    pub registry: Registry,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+// === impl Context ===
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        config: CoordinatorConfig,
+        hub: Arc<AgentHub>,
+        jobs: Arc<LiveJobs>,
+        backups: Store<ImageBackup>,
+        usage: Arc<Usage>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RegistryError> {
+        let registry = Registry::new(&config.backup.registry, &config.registry)?;
+        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: None });
+        Ok(Arc::new(Self {
+            client,
+            config,
+            hub,
+            jobs,
+            backups,
+            written: Written::default(),
+            usage,
+            digests: DigestCache::default(),
+            registry,
+            recorder,
+            metrics,
+        }))
+    }
+
+    pub fn backup_api(&self) -> Api<ImageBackup> {
+        Api::all(self.client.clone())
+    }
+
+    /// Records an Event; failing to is logged, never fatal.
+    pub async fn event(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, object).await {
+            warn!(reason, error = %e, "could not record an event");
+        }
+    }
+}
+
+/// The ImageBackups this coordinator wrote last. The reflector store sees a
+/// write only when its watch event arrives; until then, deciding from the
+/// store would act on the status before the write (assign twice, say).
+#[derive(Default)]
+pub struct Written(Mutex<HashMap<String, Arc<ImageBackup>>>);
+
+impl Written {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ImageBackup>>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn remember(&self, object: Arc<ImageBackup>) {
+        self.lock().insert(object.name_any(), object);
+    }
+
+    /// The newer of `seen` and what was written. resourceVersions are
+    /// opaque to clients, but every API server in use numbers them from
+    /// etcd's revision; when one does not parse, the store wins.
+    pub fn freshest(&self, seen: Arc<ImageBackup>) -> Arc<ImageBackup> {
+        let mut written = self.lock();
+        let Some(mine) = written.get(&seen.name_any()) else { return seen };
+        let version = |o: &ImageBackup| o.resource_version().and_then(|v| v.parse::<u64>().ok());
+        match (version(&seen), version(mine)) {
+            (Some(store), Some(own)) if own > store => mine.clone(),
+            _ => {
+                // The store caught up: nothing to remember any more.
+                written.remove(&seen.name_any());
+                seen
+            }
+        }
+    }
+
+    pub fn forget(&self, name: &str) {
+        self.lock().remove(name);
+    }
+}

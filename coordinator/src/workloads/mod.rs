@@ -1,0 +1,246 @@
+//! The workload reconciler: once a Deployment or DaemonSet is fully rolled
+//! out, make sure each of its images has an ImageBackup, and when all of
+//! them are Completed, patch the workload to the pinned backups.
+
+pub mod digests;
+pub mod rewrite;
+pub mod usage;
+pub mod workload;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
+use image_backup_oci::ImageRef;
+use json_patch::{Patch as JsonPatch, PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+};
+use serde_json::Value;
+use tracing::{debug, info, instrument};
+
+use crate::context::{Context, Error, MANAGER, kube_err};
+use rewrite::{RewriteError, backup_patch};
+use usage::WorkloadKey;
+use workload::Workload;
+
+/// How soon a workload whose pods report no digest yet looks again.
+const DIGEST_RETRY: Duration = Duration::from_secs(2);
+
+pub async fn reconcile_deployment(object: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    reconcile(Workload::Deployment((*object).clone()), ctx).await
+}
+
+pub async fn reconcile_daemonset(object: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Error> {
+    reconcile(Workload::DaemonSet((*object).clone()), ctx).await
+}
+
+/// What keeps a workload from being patched now.
+enum Waiting {
+    /// Its ImageBackups: their changes wake it.
+    Backups,
+    /// Its pods' statuses: nothing wakes it, so it looks again soon.
+    Pods,
+}
+
+#[instrument(skip_all, fields(workload = %workload.key()))]
+async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started(workload.kind());
+    let key = workload.key();
+    if let Err(reason) = ctx.config.exclusions.check(&workload) {
+        debug!(?reason, "excluded");
+        ctx.usage.remove(&key);
+        ctx.digests.forget(&key);
+        return Ok(Action::await_change());
+    }
+    if !workload.rollout_complete() {
+        debug!("rollout not complete");
+        return Ok(Action::await_change());
+    }
+    let mut images = Vec::new();
+    let mut seen = HashSet::new();
+    for container in workload.container_images() {
+        if !seen.insert(container.image.clone()) {
+            continue;
+        }
+        match ImageRef::parse(&container.image) {
+            Ok(source) if ctx.config.backup.holds(&source) => {}
+            Ok(source) => images.push((container, source)),
+            Err(e) => {
+                ctx.event(&workload.object_ref(), EventType::Warning, "InvalidImage", e.to_string()).await;
+            }
+        }
+    }
+    ctx.usage.set(&key, images.iter().map(|(_, source)| image_backup_crds::name_for(source)).collect());
+    // Digests of tagged images come from the pods, listed once for all.
+    let untagged: BTreeSet<String> =
+        images.iter().filter(|(_, s)| s.digest().is_none()).map(|(c, _)| c.name.clone()).collect();
+    let pod_digests =
+        if untagged.is_empty() { None } else { Some(ctx.digests.get(&ctx.client, &workload, &untagged).await?) };
+
+    let mut backups: BTreeMap<String, String> = BTreeMap::new();
+    let mut waiting = None;
+    for (container, source) in &images {
+        let digest = match source.digest() {
+            Some(digest) => Some(digest.to_string()),
+            None => pod_digests.as_ref().and_then(|d| d.get(&container.name)).cloned(),
+        };
+        let Some(digest) = digest else {
+            debug!(image = %source, "no pod reports the image's digest yet");
+            waiting = Some(Waiting::Pods);
+            continue;
+        };
+        match backup_for(&ctx, source, &digest, &key).await? {
+            Some(reference) => {
+                backups.insert(container.image.clone(), reference);
+            }
+            None => {
+                waiting.get_or_insert(Waiting::Backups);
+            }
+        }
+    }
+    match waiting {
+        Some(Waiting::Pods) => return Ok(Action::requeue(DIGEST_RETRY)),
+        Some(Waiting::Backups) => return Ok(Action::await_change()),
+        None => {}
+    }
+    if backups.is_empty() {
+        return Ok(Action::await_change());
+    }
+    if ctx.config.report_only {
+        info!(images = backups.len(), "every image is backed up (report-only: workload left as is)");
+        return Ok(Action::await_change());
+    }
+    patch(&ctx, &workload, &backups).await
+}
+
+/// The pinned backup reference of `source` at `digest` once its ImageBackup
+/// is Completed for that digest; until then, makes sure one exists for it.
+async fn backup_for(
+    ctx: &Context,
+    source: &ImageRef,
+    digest: &str,
+    user: &WorkloadKey,
+) -> Result<Option<String>, Error> {
+    let name = image_backup_crds::name_for(source);
+    let Some(backup) = ctx.backups.get(&ObjectRef::new(&name)) else {
+        create(ctx, &name, source, digest, user).await?;
+        return Ok(None);
+    };
+    let backup = ctx.written.freshest(backup);
+    let status = backup.status.clone().unwrap_or_default();
+    if backup.spec.digest != digest {
+        retarget(ctx, &backup, digest, user).await?;
+        return Ok(None);
+    }
+    let current = status.observed_generation == backup.metadata.generation.unwrap_or(1);
+    if !(current && status.phase == Phase::Completed) {
+        return Ok(None);
+    }
+    // The target comes from the spec and the configured location, never
+    // from status: what a workload runs is not for a status writer to say.
+    let reference = ctx.config.backup.reference_for(source).map(|target| target.pinned(digest)).ok();
+    Ok(reference)
+}
+
+async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
+    let backup = ImageBackup::new(name, ImageBackupSpec { source: source.to_string(), digest: digest.into() });
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    match ctx.backup_api().create(&params, &backup).await {
+        Ok(_) => {
+            info!(imagebackup = %name, %source, %digest, workload = %user, "ImageBackup created");
+            Ok(())
+        }
+        // Another workload came first: it is joined, and its changes wake
+        // this workload too.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(kube_err("creating ImageBackup", name)(e)),
+    }
+}
+
+/// Points a finished ImageBackup at the digest the pods run now (the tag
+/// moved); one still in flight finishes first. The patch tests the old
+/// digest, so two workloads that see different digests never flip it back
+/// and forth within one change.
+async fn retarget(ctx: &Context, backup: &ImageBackup, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
+    let name = backup.name_any();
+    let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    if !matches!(phase, Phase::Completed | Phase::Failed) {
+        debug!(imagebackup = %name, "digest moved while a copy is in flight; waiting for it");
+        return Ok(());
+    }
+    info!(imagebackup = %name, old = %backup.spec.digest, new = %digest, workload = %user, "the tag moved; copying the new digest");
+    let pointer = PointerBuf::from_tokens(["spec", "digest"]);
+    let patch = JsonPatch(vec![
+        PatchOperation::Test(TestOperation { path: pointer.clone(), value: Value::from(backup.spec.digest.clone()) }),
+        PatchOperation::Replace(ReplaceOperation { path: pointer, value: Value::from(digest) }),
+    ]);
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+    match ctx.backup_api().patch(&name, &params, &Patch::<()>::Json(patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => Ok(()),
+        Err(e) => Err(kube_err("retargeting ImageBackup", name)(e)),
+    }
+}
+
+async fn patch(ctx: &Context, workload: &Workload, backups: &BTreeMap<String, String>) -> Result<Action, Error> {
+    let key = workload.key();
+    let patch = match backup_patch(workload, backups) {
+        Ok(patch) => patch,
+        Err(RewriteError::Nothing { .. }) => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    };
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+    let patch = Patch::<()>::Json(patch);
+    let result = match workload {
+        Workload::Deployment(_) => Api::<Deployment>::namespaced(ctx.client.clone(), workload.namespace())
+            .patch(workload.name(), &params, &patch)
+            .await
+            .map(|_| ()),
+        Workload::DaemonSet(_) => Api::<DaemonSet>::namespaced(ctx.client.clone(), workload.namespace())
+            .patch(workload.name(), &params, &patch)
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => {
+            ctx.metrics.patched("rewritten");
+            info!(images = backups.len(), "workload now runs its backups");
+            let note = format!("{} image(s) moved to backups in {}", backups.len(), ctx.config.backup.registry);
+            ctx.event(&workload.object_ref(), EventType::Normal, "WorkloadRewritten", note).await;
+            Ok(Action::await_change())
+        }
+        // A `test` operation failed: the workload changed since it was
+        // read. Never overwrite; its watch event brings the new version.
+        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => {
+            ctx.metrics.patched("changed_meanwhile");
+            info!("workload changed meanwhile; reconsidering");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        Err(e) => Err(kube_err("patching workload", key.to_string())(e)),
+    }
+}
+
+/// The workloads of `kind` to wake when an ImageBackup is finished (only
+/// then can they act on it).
+pub fn users_of<K>(ctx: &Context, backup: &ImageBackup, kind: &str) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let finished = backup.status.as_ref().is_some_and(|s| matches!(s.phase, Phase::Completed | Phase::Failed));
+    if !finished {
+        return Vec::new();
+    }
+    ctx.usage
+        .workloads_of(&backup.name_any())
+        .into_iter()
+        .filter(|w| w.kind == kind)
+        .map(|w| ObjectRef::new(&w.name).within(&w.namespace))
+        .collect()
+}
