@@ -68,7 +68,18 @@ pub async fn start_agent(
     coordinator: std::net::SocketAddr,
     registry: RegistryConfig,
 ) -> tokio::task::JoinHandle<()> {
-    let store = ContentStore::connect(&containerd.socket(), NAMESPACE)
+    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry).await
+}
+
+/// Starts an agent daemon for `node` on any containerd (a real node's).
+pub async fn start_agent_on(
+    socket: &std::path::Path,
+    namespace: &str,
+    node: &str,
+    coordinator: std::net::SocketAddr,
+    registry: RegistryConfig,
+) -> tokio::task::JoinHandle<()> {
+    let store = ContentStore::connect(socket, namespace)
         .await
         .expect("connect to containerd")
         .with_read_path(ReadPath::Auto)

@@ -113,6 +113,37 @@ impl PlatformImage {
         Self { os: os.into(), architecture: architecture.into(), manifest, config, layers }
     }
 
+    /// An image a real node can run: one uncompressed layer holding
+    /// `files` (path in the image, content, mode), linux/amd64, with `cmd`.
+    pub fn runnable(files: &[(&str, &[u8], u32)], cmd: &[&str]) -> anyhow::Result<Self> {
+        let mut layer = tar::Builder::new(Vec::new());
+        for (path, content, mode) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(*mode);
+            header.set_mtime(0);
+            layer.append_data(&mut header, path, *content)?;
+        }
+        let layer = Blob::new("application/vnd.oci.image.layer.v1.tar", layer.into_inner()?.into());
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Cmd": cmd, "Env": ["PATH=/bin"] },
+            // Uncompressed, so the layer's digest is its diff ID.
+            "rootfs": { "type": "layers", "diff_ids": [layer.digest.clone()] },
+        });
+        let config = Blob::new(MediaTypes::Oci.config(), serde_json::to_vec(&config)?.into());
+        let descriptor = |b: &Blob| json!({ "mediaType": b.media_type, "digest": b.digest, "size": b.size() });
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MediaTypes::Oci.manifest(),
+            "config": descriptor(&config),
+            "layers": [descriptor(&layer)],
+        }))?;
+        let manifest = Blob::new(MediaTypes::Oci.manifest(), manifest.into());
+        Ok(Self { os: "linux".into(), architecture: "amd64".into(), manifest, config, layers: vec![layer] })
+    }
+
     pub fn total_size(&self) -> u64 {
         self.manifest.size() + self.config.size() + self.layers.iter().map(Blob::size).sum::<u64>()
     }

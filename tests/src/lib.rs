@@ -10,6 +10,7 @@ pub mod apiserver;
 pub mod cluster;
 pub mod containerd;
 pub mod image;
+pub mod node;
 pub mod process;
 pub mod proxy;
 pub mod registry;

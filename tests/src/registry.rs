@@ -182,6 +182,57 @@ impl Registry {
             .unwrap_or_default())
     }
 
+    /// Puts an image into a plain-HTTP registry the way `docker push` leaves
+    /// it: every blob, the child manifests, then the root under `tag`.
+    /// Written with plain HTTP calls so the code under test never sets up
+    /// its own sources.
+    pub async fn push(&self, repository: &str, tag: &str, image: &crate::TestImage) -> anyhow::Result<()> {
+        let base = self.base();
+        for platform in &image.platforms {
+            for blob in platform.layers.iter().chain([&platform.config]) {
+                let started = self.http.post(format!("{base}/v2/{repository}/blobs/uploads/")).send().await?;
+                let location = started
+                    .error_for_status()?
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .context("upload without Location")?
+                    .to_string();
+                let url = if location.starts_with('/') { format!("{base}{location}") } else { location };
+                let separator = if url.contains('?') { '&' } else { '?' };
+                self.http
+                    .put(format!("{url}{separator}digest={}", blob.digest))
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(blob.data.clone())
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .with_context(|| format!("uploading {}", blob.digest))?;
+            }
+            if image.index.is_some() {
+                self.put_manifest(repository, &platform.manifest.digest, &platform.manifest).await?;
+            }
+        }
+        self.put_manifest(repository, tag, image.root()).await
+    }
+
+    async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        manifest: &crate::image::Blob,
+    ) -> anyhow::Result<()> {
+        self.http
+            .put(format!("{}/v2/{repository}/manifests/{reference}", self.base()))
+            .header(reqwest::header::CONTENT_TYPE, &manifest.media_type)
+            .body(manifest.data.clone())
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("putting manifest {reference} in {repository}"))?;
+        Ok(())
+    }
+
     /// Empties the registry's storage (between benchmark runs).
     pub fn clear(&self) -> anyhow::Result<()> {
         let data = self.data_dir();

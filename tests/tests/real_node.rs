@@ -1,0 +1,141 @@
+//! The whole loop on a real node: a Deployment whose pod the kubelet really
+//! runs from an image it pulled from a source registry is backed up from the
+//! node's containerd, patched and rolled out; then the source goes away, the
+//! node forgets the image, and the pod starts again, pulled from the backup.
+//!
+//! Needs the real one-node cluster that `.ci/run` starts (KUBECONFIG,
+//! K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D); skipped without it.
+
+use std::time::Duration;
+
+use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
+use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::{BackupTarget, registry::RegistryConfig};
+use image_backup_tests::{
+    MediaTypes, Registry, RegistryAuth, TestImage,
+    cluster::{eventually, prepare, start_agent_on, start_coordinator},
+    image::PlatformImage,
+    init_tracing,
+    node::{K8S_NAMESPACE, RealNode},
+};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone() {
+    let Some(node) = RealNode::from_env() else {
+        eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
+        return;
+    };
+    init_tracing();
+    let client = node.client().await.expect("a client for the real cluster");
+    let ns = format!("e2e-{:x}", rand::random::<u32>());
+    prepare(&client, &[&ns]).await;
+
+    // A runnable image in a source registry the node pulls from.
+    let source = Registry::start(RegistryAuth::None).await.unwrap();
+    let backup = Registry::start(RegistryAuth::None).await.unwrap();
+    node.trust_plain_http(&source.host()).unwrap();
+    node.trust_plain_http(&backup.host()).unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static, tests/setup installs it)");
+    let files: [(&str, &[u8], u32); 1] = [("bin/busybox", &busybox, 0o755)];
+    let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
+    let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], index: None };
+    source.push("e2e/sleeper", "1", &image).await.unwrap();
+    let source_ref = format!("{}/e2e/sleeper:1", source.host());
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let deployment = serde_json::from_value(json!({
+        "metadata": { "name": "sleeper", "namespace": ns },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": "sleeper" } },
+            "template": {
+                "metadata": { "labels": { "app": "sleeper" } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{ "name": "sleeper", "image": source_ref, "command": ["/bin/busybox", "sleep", "3600"] }],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    deployments.create(&PostParams::default(), &deployment).await.unwrap();
+    eventually("the kubelet runs the source image", Duration::from_secs(120), || rolled_out(&deployments)).await;
+
+    // The coordinator and an agent on the node's own containerd.
+    let config = CoordinatorConfig {
+        backup: BackupTarget { registry: backup.host(), prefix: "backup".into() },
+        registry: RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() },
+        exclusions: Exclusions::new(Vec::new(), "image-backup"),
+        report_only: false,
+        max_attempts: 3,
+        retry_backoff: Duration::from_millis(500),
+        heartbeat_deadline: Duration::from_secs(10),
+    };
+    let (grpc, _) = start_coordinator(&client, config).await;
+    let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
+    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry).await;
+
+    let pinned = format!("{}/backup/{}/e2e/sleeper@{}", backup.host(), source.host().replace(':', "_"), image.digest());
+    eventually("the Deployment is patched to the backup", Duration::from_secs(120), || async {
+        let now = deployments.get("sleeper").await.map_err(|e| e.to_string())?;
+        let image = now.spec.template.spec.and_then(|s| s.containers[0].image.clone());
+        if image.as_deref() == Some(pinned.as_str()) { Ok(()) } else { Err(format!("runs {image:?}")) }
+    })
+    .await;
+    eventually("the patched Deployment rolls out", Duration::from_secs(120), || rolled_out(&deployments)).await;
+    let repository = format!("backup/{}/e2e/sleeper", source.host().replace(':', "_"));
+    let stored = backup.manifest(&repository, image.digest()).await.unwrap();
+    assert_eq!(stored.expect("the backup registry serves the digest").digest, image.digest());
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&source_ref).unwrap());
+    let status = backups.get(&name).await.unwrap().status.unwrap_or_default();
+    assert_eq!((status.phase, status.node.as_deref()), (Phase::Completed, Some(node.node_name.as_str())));
+
+    // The source disappears and the node forgets the image: the next pod
+    // can only come from the backup registry.
+    drop(source);
+    let forgotten = node.forget(image.digest()).await.unwrap();
+    assert!(forgotten.iter().any(|name| name.starts_with(&backup.host())), "{forgotten:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let selector = ListParams::default().labels("app=sleeper");
+    let old: Vec<String> =
+        pods.list(&selector).await.unwrap().items.into_iter().filter_map(|pod| pod.metadata.name).collect();
+    for pod in &old {
+        pods.delete(pod, &DeleteParams::default().grace_period(0)).await.unwrap();
+    }
+    eventually("a new pod runs, pulled from the backup", Duration::from_secs(120), || async {
+        let list = pods.list(&selector).await.map_err(|e| e.to_string())?;
+        let running = list.items.iter().find(|pod| {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let status = pod.status.as_ref();
+            let ready = status.and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first());
+            !old.contains(&name)
+                && pod.metadata.deletion_timestamp.is_none()
+                && ready.is_some_and(|c| c.ready && c.image_id.ends_with(image.digest()))
+        });
+        running.map(|_| ()).ok_or_else(|| format!("{} pod(s), none new and ready", list.items.len()))
+    })
+    .await;
+    let held = node.images(image.digest()).await.unwrap();
+    assert!(held.iter().all(|name| !name.contains("e2e/sleeper:1")), "the source tag is not pulled again: {held:?}");
+    assert!(held.iter().any(|name| name.starts_with(&backup.host())), "pulled from the backup: {held:?}");
+
+    deployments.delete("sleeper", &DeleteParams::default()).await.unwrap();
+}
+
+async fn rolled_out(deployments: &Api<Deployment>) -> Result<(), String> {
+    let d = deployments.get("sleeper").await.map_err(|e| e.to_string())?;
+    let generation = d.metadata.generation.unwrap_or(0);
+    let s = d.status.unwrap_or_default();
+    let done = s.observed_generation.unwrap_or(0) >= generation
+        && s.updated_replicas == Some(1)
+        && s.available_replicas == Some(1)
+        && s.replicas == Some(1);
+    if done { Ok(()) } else { Err(format!("{s:?}")) }
+}
