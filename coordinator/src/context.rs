@@ -1,6 +1,10 @@
 //! What every reconcile shares, and the error they report.
 
-use std::{collections::HashMap, sync::Arc, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::{Registry, RegistryError};
@@ -48,6 +52,7 @@ pub struct Context {
     /// The ImageBackups as the controller's reflector sees them.
     pub backups: Store<ImageBackup>,
     pub written: Written,
+    pub creating: Creating,
     pub usage: Arc<Usage>,
     pub digests: DigestCache,
     pub registry: Registry,
@@ -77,6 +82,7 @@ impl Context {
             jobs,
             backups,
             written: Written::default(),
+            creating: Creating::default(),
             usage,
             digests: DigestCache::default(),
             registry,
@@ -132,5 +138,34 @@ impl Written {
 
     pub fn forget(&self, name: &str) {
         self.lock().remove(name);
+    }
+}
+
+/// ImageBackups this coordinator is creating, so that workloads sharing an
+/// image make one create between them. An entry lapses once the store
+/// should long have shown the object, so one deleted later is made again.
+#[derive(Default)]
+pub struct Creating(Mutex<HashMap<String, Instant>>);
+
+/// Longer than a watch event takes to reach the store.
+const CREATE_SETTLE: Duration = Duration::from_secs(30);
+
+impl Creating {
+    /// Whether the caller should create `name` now.
+    pub fn begin(&self, name: &str) -> bool {
+        let mut creating = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        creating.retain(|_, at| at.elapsed() < CREATE_SETTLE);
+        match creating.entry(name.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(Instant::now());
+                true
+            }
+        }
+    }
+
+    /// The create failed: the next workload tries again.
+    pub fn failed(&self, name: &str) {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(name);
     }
 }

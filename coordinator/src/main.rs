@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use image_backup_coordinator::{cli::Cli, run::run};
+use image_backup_coordinator::{cli::Cli, metrics::Metrics, run::run};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -20,14 +20,15 @@ async fn main() -> ExitCode {
 }
 
 async fn start(cli: Cli) -> anyhow::Result<()> {
-    let client =
-        kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let metrics = Metrics::new();
+    let config = kube::Config::infer().await.context("finding the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let client = metrics.counted_client(config).context("building the Kubernetes client")?;
     let listener =
         tokio::net::TcpListener::bind(cli.grpc_addr).await.with_context(|| format!("binding {}", cli.grpc_addr))?;
-    let metrics = tokio::net::TcpListener::bind(cli.metrics_addr)
+    let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_addr)
         .await
         .with_context(|| format!("binding {}", cli.metrics_addr))?;
-    run(client, cli.config(), listener, metrics, cli.id.clone(), shutdown_signal()).await?;
+    run(client, cli.config(), listener, metrics_listener, cli.id.clone(), metrics, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -29,6 +29,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabel {
     pub transition: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     bytes_pushed: Counter,
     push_seconds: Histogram,
     patches: Family<OutcomeLabel, Counter>,
+    kube_requests: Family<RequestLabel, Counter>,
 }
 
 /// Observes a reconcile's duration when dropped.
@@ -89,6 +95,8 @@ impl Metrics {
         registry.register("push_duration_seconds", "Duration of successful copies", push_seconds.clone());
         let patches = Family::<OutcomeLabel, Counter>::default();
         registry.register("workload_patches", "Workload patches to backup references, by outcome", patches.clone());
+        let kube_requests = Family::<RequestLabel, Counter>::default();
+        registry.register("kube_requests", "Requests to the Kubernetes API, by verb", kube_requests.clone());
         Arc::new(Self {
             registry,
             reconciles,
@@ -100,7 +108,20 @@ impl Metrics {
             bytes_pushed,
             push_seconds,
             patches,
+            kube_requests,
         })
+    }
+
+    /// A client for `config` whose every request is counted.
+    pub fn counted_client(self: &Arc<Self>, config: kube::Config) -> Result<kube::Client, kube::Error> {
+        let metrics = self.clone();
+        let count = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            let watch = request.uri().query().is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
+            let verb = if watch { "WATCH".to_string() } else { request.method().to_string() };
+            metrics.kube_requests.get_or_create(&RequestLabel { verb }).inc();
+            request
+        });
+        Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&count).build())
     }
 
     /// Counts a reconcile of `kind` and times it until the guard drops.

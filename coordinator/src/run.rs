@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use image_backup_crds::ImageBackup;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::{
@@ -20,10 +20,11 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
-        reflector::{self, ObjectRef},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
+use serde::de::DeserializeOwned;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, info, warn};
 
@@ -36,7 +37,7 @@ use crate::{
     jobs::LiveJobs,
     metrics::Metrics,
     probes::{self, Probes},
-    workloads::{self, usage::Usage},
+    workloads::{self, usage::Usage, workload::Workload},
 };
 
 /// Changes a slow controller may fall behind the shared ImageBackup watch.
@@ -62,13 +63,15 @@ pub enum RunError {
     Grpc { addr: SocketAddr, error: tonic::transport::Error },
 }
 
-/// Runs the coordinator until `shutdown` resolves.
+/// Runs the coordinator until `shutdown` resolves. `client` is best made by
+/// [`Metrics::counted_client`], so /metrics counts its requests.
 pub async fn run(
     client: Client,
     config: CoordinatorConfig,
     grpc_listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
     coordinator_id: String,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     check_crd(&client).await?;
@@ -76,7 +79,6 @@ pub async fn run(
     let jobs = Arc::new(jobs);
     let hub = AgentHub::new(coordinator_id, Duration::from_secs(5), jobs.clone());
     let deadline = config.heartbeat_deadline;
-    let metrics = Metrics::new();
     let usage = Arc::new(Usage::default());
     let feed = JobFeed::new(usage.clone());
 
@@ -140,13 +142,15 @@ pub async fn run(
         .for_each(|result| async move { log_result("ImageBackup", result) });
 
     // Workloads wake up when one of their ImageBackups finishes.
-    let deployments = Controller::new(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+    let (deployment_watch, deployment_store) = workload_watch(&client, &ctx, Workload::Deployment);
+    let deployments = Controller::for_stream(deployment_watch, deployment_store)
         .watches_shared_stream(for_deployments, {
             let ctx = ctx.clone();
             move |backup| workloads::users_of::<Deployment>(&ctx, &backup, "Deployment")
         })
         .graceful_shutdown_on(shutdown.clone());
-    let daemonsets = Controller::new(Api::<DaemonSet>::all(client.clone()), watcher::Config::default())
+    let (daemonset_watch, daemonset_store) = workload_watch(&client, &ctx, Workload::DaemonSet);
+    let daemonsets = Controller::for_stream(daemonset_watch, daemonset_store)
         .watches_shared_stream(for_daemonsets, {
             let ctx = ctx.clone();
             move |backup| workloads::users_of::<DaemonSet>(&ctx, &backup, "DaemonSet")
@@ -178,6 +182,37 @@ pub async fn run(
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// A workload kind's watch and its store. Each event also tells the digest
+/// cache when a workload was first seen rolled out, and a deleted workload
+/// leaves the in-memory indexes.
+fn workload_watch<K>(
+    client: &Client,
+    ctx: &Arc<Context>,
+    wrap: fn(K) -> Workload,
+) -> (impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static, Store<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let ctx = ctx.clone();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(move |event| match event {
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                ctx.digests.observed(&wrap(object.clone()));
+            }
+            watcher::Event::Delete(object) => {
+                let key = wrap(object.clone()).key();
+                ctx.usage.remove(&key);
+                ctx.digests.forget(&key);
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
+        })
+        .touched_objects();
+    (stream, store)
 }
 
 /// Fails at start, with a message that says what to do, when the CRD is

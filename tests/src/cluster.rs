@@ -56,7 +56,8 @@ pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (s
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
     let addr = grpc.local_addr().expect("gRPC address");
     let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
-    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), std::future::pending()));
+    let counters = image_backup_coordinator::metrics::Metrics::new();
+    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending()));
     (addr, metrics_url)
 }
 

@@ -42,7 +42,11 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     node.trust_plain_http(&source.host()).unwrap();
     node.trust_plain_http(&backup.host()).unwrap();
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static, tests/setup installs it)");
-    let files: [(&str, &[u8], u32); 1] = [("bin/busybox", &busybox, 0o755)];
+    // A layer of its own: containerd skips fetching a layer whose snapshot
+    // it already has, so a layer an earlier run pulled and then forgot would
+    // be missing from the content store (and cannot be copied from it).
+    let run_id = format!("{:x}", rand::random::<u64>());
+    let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
     let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
     let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], index: None };
     source.push("e2e/sleeper", "1", &image).await.unwrap();

@@ -1,84 +1,149 @@
-//! The digests a workload's pods run, from `imageID` in their statuses. One
-//! pod list per workload generation: the answer is kept until the spec
-//! changes, so the many wake-ups of a workload cost no API request.
+//! The digests a workload's pods run, from `imageID` in their statuses.
+//!
+//! Pods are listed per namespace, not per workload: after a start every
+//! workload of a namespace is reconciled at once, and one list serves them
+//! all. A listing serves a workload only if it was taken after the watch
+//! first showed the workload rolled out at its generation, so digests never
+//! come from the pods of an earlier rollout.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, Client, api::ListParams, core::Selector};
+use kube::{
+    Api, Client,
+    api::ListParams,
+    core::{Selector, SelectorExt},
+};
 
 use super::{usage::WorkloadKey, workload::Workload};
 use crate::context::{Error, kube_err};
 
+/// Pods per page when listing a namespace.
+const PAGE: u32 = 500;
+
 /// Container name to the digest its pods run.
-pub type Digests = Arc<HashMap<String, String>>;
+pub type Digests = HashMap<String, String>;
+
+/// What is kept of a pod: its labels and the digest of each container.
+struct PodDigests {
+    labels: BTreeMap<String, String>,
+    digests: Digests,
+}
+
+struct Listing {
+    at: Instant,
+    pods: Vec<PodDigests>,
+}
+
+/// A namespace's last listing, locked while it is being replaced.
+type NamespaceSlot = Arc<tokio::sync::Mutex<Option<Arc<Listing>>>>;
 
 #[derive(Default)]
-pub struct DigestCache(Mutex<HashMap<WorkloadKey, (i64, Digests)>>);
+pub struct DigestCache {
+    /// The last listing of each namespace, behind a lock per namespace so
+    /// that concurrent reconciles wait for one list instead of each making
+    /// their own.
+    namespaces: Mutex<HashMap<String, NamespaceSlot>>,
+    /// When the watch first showed each workload rolled out at its
+    /// generation.
+    rolled_out: Mutex<HashMap<WorkloadKey, (i64, Instant)>>,
+}
 
 // === impl DigestCache ===
 
 impl DigestCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkloadKey, (i64, Digests)>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Notes a workload as its watch delivers it.
+    pub fn observed(&self, workload: &Workload) {
+        let mut rolled_out = lock(&self.rolled_out);
+        if !workload.rollout_complete() {
+            rolled_out.remove(&workload.key());
+            return;
+        }
+        let generation = workload.metadata().generation.unwrap_or(0);
+        let entry = rolled_out.entry(workload.key()).or_insert((generation, Instant::now()));
+        if entry.0 != generation {
+            *entry = (generation, Instant::now());
+        }
     }
 
-    /// The digests of `containers` in the workload's pods; listed once per
-    /// generation, and kept only when every container has one.
-    pub async fn get(
-        &self,
-        client: &Client,
-        workload: &Workload,
-        containers: &BTreeSet<String>,
-    ) -> Result<Digests, Error> {
-        let key = workload.key();
-        let generation = workload.metadata().generation.unwrap_or(0);
-        if let Some((cached, digests)) = self.lock().get(&key)
-            && *cached == generation
-        {
-            return Ok(digests.clone());
+    /// The digests the workload's pods run, from a listing of its namespace
+    /// taken after its rollout was seen complete.
+    pub async fn get(&self, client: &Client, workload: &Workload) -> Result<Digests, Error> {
+        let Ok(selector) = Selector::try_from(workload.selector().clone()) else { return Ok(Digests::new()) };
+        if selector.selects_all() {
+            // Every pod of the namespace would match: not this workload's.
+            return Ok(Digests::new());
         }
-        let digests = Arc::new(running_digests(client, workload).await?);
-        if containers.iter().all(|c| digests.contains_key(c)) {
-            self.lock().insert(key, (generation, digests.clone()));
+        let generation = workload.metadata().generation.unwrap_or(0);
+        let since = *lock(&self.rolled_out).entry(workload.key()).or_insert((generation, Instant::now()));
+        let since = since.1;
+        let slot = lock(&self.namespaces).entry(workload.namespace().to_string()).or_default().clone();
+        let listing = {
+            let mut slot = slot.lock().await;
+            match slot.as_ref() {
+                Some(listing) if listing.at >= since => listing.clone(),
+                _ => {
+                    let fresh = Arc::new(list(client, workload.namespace()).await?);
+                    *slot = Some(fresh.clone());
+                    fresh
+                }
+            }
+        };
+        let mut digests = Digests::new();
+        for pod in listing.pods.iter().filter(|pod| selector.matches(&pod.labels)) {
+            for (container, digest) in &pod.digests {
+                digests.entry(container.clone()).or_insert_with(|| digest.clone());
+            }
         }
         Ok(digests)
     }
 
     pub fn forget(&self, workload: &WorkloadKey) {
-        self.lock().remove(workload);
+        lock(&self.rolled_out).remove(workload);
     }
 }
 
-/// Lists the workload's own pods (through its selector) and reads the
-/// digest each container runs. Terminating pods are left out: they may
-/// still run what the workload ran before.
-async fn running_digests(client: &Client, workload: &Workload) -> Result<HashMap<String, String>, Error> {
-    let Ok(selector) = Selector::try_from(workload.selector().clone()) else {
-        return Ok(HashMap::new());
-    };
-    if selector.selects_all() {
-        // An empty selector would list every pod of the namespace.
-        return Ok(HashMap::new());
-    }
-    let pods = Api::<Pod>::namespaced(client.clone(), workload.namespace())
-        .list(&ListParams::default().labels_from(&selector))
-        .await
-        .map_err(kube_err("listing pods of", workload.key().to_string()))?;
-    let mut digests = HashMap::new();
-    for pod in pods.into_iter().filter(|pod| pod.metadata.deletion_timestamp.is_none()) {
-        let Some(status) = pod.status else { continue };
-        for container in
-            status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten())
-        {
-            let digest = container.image_id.rsplit_once('@').map(|(_, d)| d.to_string());
-            if let Some(digest) = digest.filter(|d| d.starts_with("sha256:")) {
-                digests.entry(container.name.clone()).or_insert(digest);
-            }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Lists a namespace's pods, page by page, keeping only what digests need.
+/// Terminating pods are left out: they may still run what a workload ran
+/// before its rollout.
+async fn list(client: &Client, namespace: &str) -> Result<Listing, Error> {
+    let at = Instant::now();
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let mut pods = Vec::new();
+    let mut params = ListParams::default().limit(PAGE);
+    loop {
+        let page = api.list(&params).await.map_err(kube_err("listing pods in namespace", namespace))?;
+        let next = page.metadata.continue_.clone().filter(|token| !token.is_empty());
+        pods.extend(page.items.into_iter().filter_map(digests_of));
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
         }
     }
-    Ok(digests)
+    Ok(Listing { at, pods })
+}
+
+fn digests_of(pod: Pod) -> Option<PodDigests> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status?;
+    let mut digests = Digests::new();
+    for container in status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten()) {
+        // `repo@sha256:...`: the repository part may name another
+        // repository holding the same content; the digest is what counts.
+        let digest = container.image_id.rsplit_once('@').map(|(_, d)| d);
+        if let Some(digest) = digest.filter(|d| d.starts_with("sha256:")) {
+            digests.insert(container.name.clone(), digest.to_string());
+        }
+    }
+    Some(PodDigests { labels: pod.metadata.labels.unwrap_or_default(), digests })
 }

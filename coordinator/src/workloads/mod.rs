@@ -8,7 +8,7 @@ pub mod usage;
 pub mod workload;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -78,11 +78,9 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         }
     }
     ctx.usage.set(&key, images.iter().map(|(_, source)| image_backup_crds::name_for(source)).collect());
-    // Digests of tagged images come from the pods, listed once for all.
-    let untagged: BTreeSet<String> =
-        images.iter().filter(|(_, s)| s.digest().is_none()).map(|(c, _)| c.name.clone()).collect();
-    let pod_digests =
-        if untagged.is_empty() { None } else { Some(ctx.digests.get(&ctx.client, &workload, &untagged).await?) };
+    // Digests of tagged images come from the pods.
+    let tagged = images.iter().any(|(_, source)| source.digest().is_none());
+    let pod_digests = if tagged { Some(ctx.digests.get(&ctx.client, &workload).await?) } else { None };
 
     let mut backups: BTreeMap<String, String> = BTreeMap::new();
     let mut waiting = None;
@@ -150,6 +148,11 @@ async fn backup_for(
 }
 
 async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
+    // Workloads sharing an image are reconciled at once; one of them
+    // creates its ImageBackup, the others wait for it to show in the store.
+    if !ctx.creating.begin(name) {
+        return Ok(());
+    }
     let backup = ImageBackup::new(name, ImageBackupSpec { source: source.to_string(), digest: digest.into() });
     let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match ctx.backup_api().create(&params, &backup).await {
@@ -160,7 +163,10 @@ async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user
         // Another workload came first: it is joined, and its changes wake
         // this workload too.
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(e) => Err(kube_err("creating ImageBackup", name)(e)),
+        Err(e) => {
+            ctx.creating.failed(name);
+            Err(kube_err("creating ImageBackup", name)(e))
+        }
     }
 }
 
