@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use apiserver_emulator::ApiServer;
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     daemon::{Agent, DaemonConfig},
@@ -27,7 +28,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{Containerd, apiserver::ApiServer, containerd::NAMESPACE};
+use crate::{Containerd, containerd::NAMESPACE};
 
 /// Registers the ImageBackup CRD and the namespaces, and waits until the
 /// custom resource is served.

@@ -17,8 +17,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use apiserver_emulator::ApiServer;
 use image_backup_crds::ImageBackup;
-use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage, apiserver::ApiServer};
+use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use image_backup_tests::apiserver::{ApiServer, Options};
+use apiserver_emulator::{ApiServer, Options};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,

@@ -2,8 +2,8 @@
 //!
 //! It speaks real HTTP/1.1 on `127.0.0.1:<random port>` to a real
 //! `kube::Client`, and behaves like kube-apiserver v1.26 wherever a
-//! controller depends on it, as recorded in `shared/kube-api/` (the replay
-//! tests in `tests/tests/apiserver.rs` hold it to those transcripts):
+//! controller depends on it, as recorded from a real one (the replay tests
+//! in `tests/apiserver.rs` hold it to those transcripts):
 //!
 //! - one store for every type, a global resourceVersion (as etcd's revision),
 //!   uid, creationTimestamp, generation rules per type, the defaults of
