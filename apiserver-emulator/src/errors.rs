@@ -1,5 +1,5 @@
 //! `Status` error bodies, worded exactly as kube-apiserver v1.26 words them
-//! (see `shared/kube-api/README.md`): clients such as kube-rs and the
+//! (see `transcripts/README.md`): clients such as kube-rs and the
 //! controller match on `reason` and `code`, and people read `message`.
 
 use serde_json::{Value, json};

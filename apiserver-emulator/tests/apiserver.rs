@@ -1,8 +1,7 @@
 //! The API server emulator held to what a real kube-apiserver v1.26 did.
 //!
-//! Part 1 replays the recorded HTTP exchanges of `shared/kube-api/` (see its
-//! README; `IMAGE_BACKUP_KUBE_API_TRANSCRIPTS` points elsewhere) against a
-//! fresh emulator, in recording order, with the writes the recording made
+//! Part 1 replays the recorded HTTP exchanges of `transcripts/` (see its
+//! README) against a fresh emulator, in recording order, with the writes the recording made
 //! without recording them, and compares what a client depends on: status
 //! code, Status kind/reason/message/details, object fields, the order of
 //! resourceVersions. `not_compared` and `status_only` list what is not (fully)
@@ -40,16 +39,8 @@ struct Exchange {
     response: String,
 }
 
-fn transcripts_path() -> PathBuf {
-    if let Ok(p) = std::env::var("IMAGE_BACKUP_KUBE_API_TRANSCRIPTS") {
-        return PathBuf::from(p);
-    }
-    // shared/ sits beside the main checkout (as it does for CI).
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/kube-api/transcripts.jsonl")
-}
-
 fn load_transcripts() -> anyhow::Result<Vec<Exchange>> {
-    let path = transcripts_path();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("transcripts/transcripts.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
