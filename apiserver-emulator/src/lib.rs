@@ -77,9 +77,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+
+/// Why an emulator could not start, or a client for it could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the API server port: {0}")]
+    Bind(std::io::Error),
+    #[error("emulator kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("kube client for the emulator: {0}")]
+    Client(#[from] kube::Error),
+}
 
 /// Settings of an emulator; `Default` suits most tests.
 #[derive(Debug, Clone)]
@@ -110,13 +120,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Starts an emulator with default [`Options`].
-    pub async fn start() -> anyhow::Result<Self> {
+    pub async fn start() -> Result<Self, Error> {
         Self::start_with(Options::default()).await
     }
 
-    pub async fn start_with(options: Options) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the API server port")?;
-        let addr = listener.local_addr().context("reading the API server address")?;
+    pub async fn start_with(options: Options) -> Result<Self, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(Error::Bind)?;
+        let addr = listener.local_addr().map_err(Error::Bind)?;
         let state = Arc::new(http::State {
             store: store::Store::new(options.watch_history),
             tokens: auth::Tokens::default(),
@@ -171,13 +181,11 @@ impl ApiServer {
 
     /// A `kube::Client` for this emulator, built from [`Self::kubeconfig_yaml`]
     /// the way a client built from a real kubeconfig is.
-    pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        let kubeconfig =
-            kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml()).context("parsing the emulator kubeconfig")?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .context("building a kube config for the emulator")?;
-        kube::Client::try_from(config).context("building a kube client for the emulator")
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
     }
 
     /// Mints a ServiceAccount token for `namespace/service_account` with the
