@@ -18,7 +18,7 @@ use image_backup_crds::ImageBackup;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Pod, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -45,6 +45,12 @@ pub async fn prepare(client: &Client, namespaces: &[&str]) {
         create(
             &Api::<Namespace>::all(client.clone()),
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
+        )
+        .await;
+        // Pods are refused without it, and only a controller-manager makes it.
+        create(
+            &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+            json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default" } }),
         )
         .await;
     }
