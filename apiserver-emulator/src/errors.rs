@@ -246,6 +246,16 @@ impl ApiError {
         )
     }
 
+    /// A refusal by an admission plugin: `<resource> "<name>" is forbidden: <why>`.
+    pub fn forbidden_by_admission(rt: &ResourceType, name: &str, why: &str) -> Self {
+        Self::status(
+            403,
+            Some("Forbidden"),
+            format!("{} \"{name}\" is forbidden: {why}", qualified_resource(rt)),
+            Some(details(name, &rt.group, &rt.plural)),
+        )
+    }
+
     /// A decode failure of a request body ("cannot be handled as a <Kind>").
     pub fn undecodable(rt: &ResourceType, why: &str) -> Self {
         Self::bad_request(format!(

@@ -8,6 +8,9 @@
 //! - one store for every type, a global resourceVersion (as etcd's revision),
 //!   uid, creationTimestamp, generation rules per type, the defaults of
 //!   Deployments, DaemonSets and Pods;
+//! - admission before validation: a namespace must exist, and a Pod's
+//!   ServiceAccount (`default` unless named) too, else `403 Forbidden` as
+//!   from a real server without the controller-manager that makes `default`;
 //! - server-side apply with field ownership (see below for its limits);
 //! - GET, LIST (label/field selectors, limit/continue over a consistent
 //!   snapshot, resourceVersion / resourceVersionMatch), CREATE (generateName),
@@ -46,6 +49,8 @@
 //!   only changes ownership keeps the resourceVersion;
 //! - validation of built-in kinds is limited to what the transcripts show
 //!   (names, container names, Leases, Events); no immutable-field checks;
+//! - a Pod gets its ServiceAccount's name but no token volume, and no
+//!   default tolerations;
 //! - past states are rebuilt from the per-type history, so its end acts as
 //!   an etcd compaction too (exact LISTs and continue tokens older than it
 //!   get 410); [`ApiServer::compact`] and [`ApiServer::restart_watch_cache`]
@@ -62,6 +67,7 @@
 //! - JSON keys come out sorted (built-in kinds' keys come in struct order on
 //!   the real server), and bodies always have a Content-Length.
 
+mod admission;
 mod auth;
 mod errors;
 mod fields;

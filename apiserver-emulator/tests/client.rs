@@ -677,3 +677,42 @@ async fn kube_runtime_controller_reconciles_against_the_emulator() -> anyhow::Re
     running.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn pods_need_their_service_account() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let server = ApiServer::start().await?;
+    let (client, _) = deployments(&server, "shop").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let pod = |name: &str| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "web", "image": "nginx:1.25"}]}}))?)
+    };
+    // What kube-apiserver v1.26 answers when no controller-manager made `default`.
+    let err = pods.create(&PostParams::default(), &pod("web-0")?).await.expect_err("no ServiceAccount");
+    let kube::Error::Api(status) = &err else { bail!("not an API error: {err}") };
+    assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        status.message,
+        "pods \"web-0\" is forbidden: error looking up service account shop/default: serviceaccount \"default\" not found"
+    );
+    // Admission runs before name generation and validation.
+    let mut generated = pod("")?;
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("web-".into());
+    let err = pods.create(&PostParams::default(), &generated).await.expect_err("no ServiceAccount");
+    assert!(err.to_string().contains("pods \"web-\" is forbidden"), "{err}");
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(client, "shop");
+    accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "default"}}))?).await?;
+    let created = pods.create(&PostParams::default(), &pod("web-0")?).await?;
+    let spec = created.spec.context("pod spec")?;
+    assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+
+    // A named account must exist too.
+    let mut agent = pod("agent-0")?;
+    agent.spec.get_or_insert_default().service_account_name = Some("image-backup-agent".into());
+    let err = pods.create(&PostParams::default(), &agent).await.expect_err("no such ServiceAccount");
+    assert!(err.to_string().contains("error looking up service account shop/image-backup-agent"), "{err}");
+    Ok(())
+}

@@ -89,11 +89,9 @@ fn status_only(id: &str) -> bool {
 /// plugins, kubelet-less status, Event bookkeeping): ignored when checking
 /// that the recorded object is in the emulator's.
 const DEFAULTED: &[&str] = &[
-    // ServiceAccount admission: token volume, mounts, service account name.
+    // ServiceAccount admission: the emulator names the account but mounts no token.
     "volumes",
     "volumeMounts",
-    "serviceAccountName",
-    "serviceAccount",
     // DefaultTolerationSeconds admission.
     "tolerations",
     // Event fields the core API fills from eventTime or the source.
