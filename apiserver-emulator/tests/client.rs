@@ -702,6 +702,9 @@ async fn pods_need_their_service_account() -> anyhow::Result<()> {
     generated.metadata.generate_name = Some("web-".into());
     let err = pods.create(&PostParams::default(), &generated).await.expect_err("no ServiceAccount");
     assert!(err.to_string().contains("pods \"web-\" is forbidden"), "{err}");
+    generated.metadata.generate_name = None;
+    let err = pods.create(&PostParams::default(), &generated).await.expect_err("no ServiceAccount");
+    assert!(err.to_string().contains("pods \"Unknown\" is forbidden"), "{err}");
 
     let accounts: Api<ServiceAccount> = Api::namespaced(client, "shop");
     accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "default"}}))?).await?;
@@ -714,5 +717,17 @@ async fn pods_need_their_service_account() -> anyhow::Result<()> {
     agent.spec.get_or_insert_default().service_account_name = Some("image-backup-agent".into());
     let err = pods.create(&PostParams::default(), &agent).await.expect_err("no such ServiceAccount");
     assert!(err.to_string().contains("error looking up service account shop/image-backup-agent"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_namespace_comes_before_a_missing_name() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let server = ApiServer::start().await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(server.client().await?, "nowhere");
+    let nameless: ConfigMap = serde_json::from_value(json!({"metadata": {}, "data": {"k": "v"}}))?;
+    let err = config_maps.create(&PostParams::default(), &nameless).await.expect_err("no namespace");
+    let kube::Error::Api(status) = &err else { bail!("not an API error: {err}") };
+    assert_eq!((status.code, status.message.as_str()), (404, "namespaces \"nowhere\" not found"));
     Ok(())
 }
