@@ -2,8 +2,8 @@
 //!
 //! It speaks real HTTP/1.1 on `127.0.0.1:<random port>` to a real
 //! `kube::Client`, and behaves like kube-apiserver v1.26 wherever a
-//! controller depends on it, as recorded from a real one (the replay tests
-//! in `tests/apiserver.rs` hold it to those transcripts):
+//! controller depends on it, as recorded from a real one in `transcripts/`
+//! (the replay tests in `tests/replay.rs` hold it to them):
 //!
 //! - one store for every type, a global resourceVersion (as etcd's revision),
 //!   uid, creationTimestamp, generation rules per type, the defaults of
@@ -33,8 +33,8 @@
 //! // ... or hand `server.kubeconfig_yaml()` to a process under test.
 //! ```
 //!
-//! Tests meant to run against a real API server too (the harness picks one
-//! from `IMAGE_BACKUP_TEST_KUBECONFIG`) should only use the `kube::Client`;
+//! Tests meant to run against a real API server too (the image-backup-tests
+//! harness picks one from `IMAGE_BACKUP_TEST_KUBECONFIG`) should only use the `kube::Client`;
 //! what only the emulator offers is [`Options`], [`ApiServer::compact`],
 //! [`ApiServer::restart_watch_cache`] and [`ApiServer::issue_token`] (on a
 //! real server, tokens come from the TokenRequest API, which the emulator
@@ -55,6 +55,9 @@
 //!   an etcd compaction too (exact LISTs and continue tokens older than it
 //!   get 410); [`ApiServer::compact`] and [`ApiServer::restart_watch_cache`]
 //!   do what compaction and a restart do;
+//! - a CRD's types are served once its create returns (the real server
+//!   takes some milliseconds: a LIST right after the create may get 404,
+//!   so clients wait for them either way);
 //! - deleting a Namespace removes it and its content at once (the real one
 //!   stays Terminating without a namespace controller);
 //! - no RBAC: requests without credentials or with the admin token may do
