@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use apiserver_emulator::ApiServer;
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     daemon::{Agent, DaemonConfig},
@@ -17,7 +18,7 @@ use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Pod, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -27,7 +28,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{Containerd, apiserver::ApiServer, containerd::NAMESPACE};
+use crate::{Containerd, containerd::NAMESPACE};
 
 /// Registers the ImageBackup CRD and the namespaces, and waits until the
 /// custom resource is served.
@@ -44,6 +45,12 @@ pub async fn prepare(client: &Client, namespaces: &[&str]) {
         create(
             &Api::<Namespace>::all(client.clone()),
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
+        )
+        .await;
+        // Pods are refused without it, and only a controller-manager makes it.
+        create(
+            &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+            json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default" } }),
         )
         .await;
     }

@@ -6,7 +6,6 @@
 //! Every instance owns its directories, sockets and ports, so tests run in
 //! parallel, and stops only the processes it started (on drop).
 
-pub mod apiserver;
 pub mod cluster;
 pub mod containerd;
 pub mod image;
@@ -16,7 +15,6 @@ pub mod proxy;
 pub mod registry;
 pub mod token;
 
-pub use apiserver::ApiServer;
 pub use containerd::Containerd;
 pub use image::{MediaTypes, TestImage};
 pub use proxy::{Faults, Proxy};

@@ -17,12 +17,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use apiserver_emulator::ApiServer;
 use image_backup_crds::ImageBackup;
-use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage, apiserver::ApiServer};
+use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Pod, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -91,6 +92,12 @@ async fn main() -> anyhow::Result<()> {
         create(
             &Api::<Namespace>::all(client.clone()),
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
+        )
+        .await?;
+        // Pods are refused without it, and only a controller-manager makes it.
+        create(
+            &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+            json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "default" } }),
         )
         .await?;
     }

@@ -14,6 +14,7 @@ use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
+use super::admission;
 use super::errors::{ApiError, ApiResult, Cause};
 use super::fields::{Manager, Ownership};
 use super::resources::{Generation, ResourceType, builtin_types, types_from_crd};
@@ -441,9 +442,11 @@ impl Inner {
     }
 
     fn namespace_exists(&self, ns: &str) -> bool {
-        self.objects
-            .get(&(String::new(), "namespaces".to_string()))
-            .is_some_and(|m| m.contains_key(&(String::new(), ns.to_string())))
+        self.exists(&(String::new(), "namespaces".to_string()), "", ns)
+    }
+
+    fn exists(&self, key: &TypeKey, ns: &str, name: &str) -> bool {
+        self.objects.get(key).is_some_and(|m| m.contains_key(&(ns.to_string(), name.to_string())))
     }
 
     /// Records a write: next resourceVersion, history, last change per type.
@@ -505,6 +508,16 @@ impl Inner {
         meta_map.remove("managedFields");
         let name = meta_map.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
         let generate = meta_map.get("generateName").and_then(Value::as_str).unwrap_or_default().to_string();
+        // Admission (namespace lifecycle, ServiceAccount) runs before name
+        // generation and validation, storage (AlreadyExists) after them.
+        let ns_name = ns.unwrap_or_default();
+        if rt.namespaced && !self.namespace_exists(ns_name) {
+            return Err(ApiError::not_found_in("", "namespaces", ns_name));
+        }
+        let asked = [&name, &generate].into_iter().find(|n| !n.is_empty()).map_or("Unknown", String::as_str);
+        admission::service_account(rt, ns_name, asked, &mut obj, |account| {
+            self.exists(&(String::new(), "serviceaccounts".into()), ns_name, account)
+        })?;
         let name = if !name.is_empty() {
             name
         } else if !generate.is_empty() {
@@ -516,12 +529,7 @@ impl Inner {
                 vec![Cause::required("metadata.name", "name or generateName is required")],
             ));
         };
-        meta_map.insert("name".into(), json!(name));
-        // Admission (namespace lifecycle) runs before validation, storage
-        // (AlreadyExists) after it.
-        if rt.namespaced && !self.namespace_exists(ns.unwrap_or_default()) {
-            return Err(ApiError::not_found_in("", "namespaces", ns.unwrap_or_default()));
-        }
+        meta_mut(&mut obj).insert("name".into(), json!(name));
         if rt.status_subresource
             && let Some(m) = obj.as_object_mut()
         {

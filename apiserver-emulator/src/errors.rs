@@ -1,5 +1,5 @@
 //! `Status` error bodies, worded exactly as kube-apiserver v1.26 words them
-//! (see `shared/kube-api/README.md`): clients such as kube-rs and the
+//! (see `transcripts/README.md`): clients such as kube-rs and the
 //! controller match on `reason` and `code`, and people read `message`.
 
 use serde_json::{Value, json};
@@ -243,6 +243,16 @@ impl ApiError {
                 rt.group
             ),
             Some(json!({"kind": rt.plural})),
+        )
+    }
+
+    /// A refusal by an admission plugin: `<resource> "<name>" is forbidden: <why>`.
+    pub fn forbidden_by_admission(rt: &ResourceType, name: &str, why: &str) -> Self {
+        Self::status(
+            403,
+            Some("Forbidden"),
+            format!("{} \"{name}\" is forbidden: {why}", qualified_resource(rt)),
+            Some(details(name, &rt.group, &rt.plural)),
         )
     }
 

@@ -2,12 +2,15 @@
 //!
 //! It speaks real HTTP/1.1 on `127.0.0.1:<random port>` to a real
 //! `kube::Client`, and behaves like kube-apiserver v1.26 wherever a
-//! controller depends on it, as recorded in `shared/kube-api/` (the replay
-//! tests in `tests/tests/apiserver.rs` hold it to those transcripts):
+//! controller depends on it, as recorded from a real one in `transcripts/`
+//! (the replay tests in `tests/replay.rs` hold it to them):
 //!
 //! - one store for every type, a global resourceVersion (as etcd's revision),
 //!   uid, creationTimestamp, generation rules per type, the defaults of
 //!   Deployments, DaemonSets and Pods;
+//! - admission before validation: a namespace must exist, and a Pod's
+//!   ServiceAccount (`default` unless named) too, else `403 Forbidden` as
+//!   from a real server without the controller-manager that makes `default`;
 //! - server-side apply with field ownership (see below for its limits);
 //! - GET, LIST (label/field selectors, limit/continue over a consistent
 //!   snapshot, resourceVersion / resourceVersionMatch), CREATE (generateName),
@@ -30,8 +33,8 @@
 //! // ... or hand `server.kubeconfig_yaml()` to a process under test.
 //! ```
 //!
-//! Tests meant to run against a real API server too (the harness picks one
-//! from `IMAGE_BACKUP_TEST_KUBECONFIG`) should only use the `kube::Client`;
+//! Tests meant to run against a real API server too (the image-backup-tests
+//! harness picks one from `IMAGE_BACKUP_TEST_KUBECONFIG`) should only use the `kube::Client`;
 //! what only the emulator offers is [`Options`], [`ApiServer::compact`],
 //! [`ApiServer::restart_watch_cache`] and [`ApiServer::issue_token`] (on a
 //! real server, tokens come from the TokenRequest API, which the emulator
@@ -46,10 +49,15 @@
 //!   only changes ownership keeps the resourceVersion;
 //! - validation of built-in kinds is limited to what the transcripts show
 //!   (names, container names, Leases, Events); no immutable-field checks;
+//! - a Pod gets its ServiceAccount's name but no token volume, and no
+//!   default tolerations;
 //! - past states are rebuilt from the per-type history, so its end acts as
 //!   an etcd compaction too (exact LISTs and continue tokens older than it
 //!   get 410); [`ApiServer::compact`] and [`ApiServer::restart_watch_cache`]
 //!   do what compaction and a restart do;
+//! - a CRD's types are served once its create returns (the real server
+//!   takes some milliseconds: a LIST right after the create may get 404,
+//!   so clients wait for them either way);
 //! - deleting a Namespace removes it and its content at once (the real one
 //!   stays Terminating without a namespace controller);
 //! - no RBAC: requests without credentials or with the admin token may do
@@ -62,6 +70,7 @@
 //! - JSON keys come out sorted (built-in kinds' keys come in struct order on
 //!   the real server), and bodies always have a Content-Length.
 
+mod admission;
 mod auth;
 mod errors;
 mod fields;
@@ -77,9 +86,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+
+/// Why an emulator could not start, or a client for it could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the API server port: {0}")]
+    Bind(std::io::Error),
+    #[error("emulator kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("kube client for the emulator: {0}")]
+    Client(#[from] kube::Error),
+}
 
 /// Settings of an emulator; `Default` suits most tests.
 #[derive(Debug, Clone)]
@@ -110,13 +129,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Starts an emulator with default [`Options`].
-    pub async fn start() -> anyhow::Result<Self> {
+    pub async fn start() -> Result<Self, Error> {
         Self::start_with(Options::default()).await
     }
 
-    pub async fn start_with(options: Options) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the API server port")?;
-        let addr = listener.local_addr().context("reading the API server address")?;
+    pub async fn start_with(options: Options) -> Result<Self, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(Error::Bind)?;
+        let addr = listener.local_addr().map_err(Error::Bind)?;
         let state = Arc::new(http::State {
             store: store::Store::new(options.watch_history),
             tokens: auth::Tokens::default(),
@@ -171,13 +190,11 @@ impl ApiServer {
 
     /// A `kube::Client` for this emulator, built from [`Self::kubeconfig_yaml`]
     /// the way a client built from a real kubeconfig is.
-    pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        let kubeconfig =
-            kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml()).context("parsing the emulator kubeconfig")?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .context("building a kube config for the emulator")?;
-        kube::Client::try_from(config).context("building a kube client for the emulator")
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
     }
 
     /// Mints a ServiceAccount token for `namespace/service_account` with the
