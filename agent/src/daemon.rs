@@ -93,6 +93,9 @@ impl Agent {
     /// Runs sessions until `shutdown` resolves, reconnecting with jittered
     /// exponential backoff after each failure.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        // Jobs outlive sessions, not the agent: however `run` ends, even
+        // dropped mid-way, no copy goes on pushing behind its back.
+        let _jobs = StopJobsOnDrop(&self.jobs);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -426,6 +429,17 @@ struct CurrentSession<'a>(&'a Mutex<Option<mpsc::Sender<AgentMessage>>>);
 impl Drop for CurrentSession<'_> {
     fn drop(&mut self) {
         *lock(self.0) = None;
+    }
+}
+
+/// Aborts every running job when dropped.
+struct StopJobsOnDrop<'a>(&'a Mutex<HashMap<String, RunningJob>>);
+
+impl Drop for StopJobsOnDrop<'_> {
+    fn drop(&mut self) {
+        for (_, job) in lock(self.0).drain() {
+            job.task.abort();
+        }
     }
 }
 

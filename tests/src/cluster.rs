@@ -76,7 +76,7 @@ pub async fn start_agent(
     coordinator: std::net::SocketAddr,
     registry: RegistryConfig,
 ) -> tokio::task::JoinHandle<()> {
-    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry).await
+    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2).await
 }
 
 /// Starts an agent daemon for `node` on any containerd (a real node's).
@@ -86,6 +86,7 @@ pub async fn start_agent_on(
     node: &str,
     coordinator: std::net::SocketAddr,
     registry: RegistryConfig,
+    max_jobs: u32,
 ) -> tokio::task::JoinHandle<()> {
     let store = ContentStore::connect(socket, namespace)
         .await
@@ -97,7 +98,7 @@ pub async fn start_agent_on(
             coordinator: format!("http://{coordinator}"),
             node_name: node.into(),
             agent_id: format!("agent-{node}"),
-            max_jobs: 2,
+            max_jobs,
             reconnect_max: Duration::from_secs(1),
             progress_interval: Duration::from_millis(200),
         },
@@ -106,17 +107,90 @@ pub async fn start_agent_on(
     tokio::spawn(agent.run(std::future::pending()))
 }
 
-/// The API server under test: a real one when a kubeconfig is given,
-/// otherwise the in-process emulator (kept alive by the returned handle).
-pub async fn cluster() -> (Option<ApiServer>, Client) {
-    if let Ok(path) = std::env::var("IMAGE_BACKUP_TEST_KUBECONFIG") {
-        let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
-        return (None, Client::try_from(config).unwrap());
+/// Which API server a system test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiServerKind {
+    /// The in-process emulator, one per test.
+    Emulator,
+    /// A real kube-apiserver without controllers (as envtest runs it), from
+    /// `IMAGE_BACKUP_TEST_KUBECONFIG`; shared, so its tests take turns.
+    Real,
+}
+
+/// What keeps a test's API server: the emulator, or the turn on the real one.
+pub enum ClusterGuard {
+    Emulator(ApiServer),
+    Real(tokio::sync::MutexGuard<'static, ()>),
+}
+
+/// One test at a time on the shared real API server.
+static REAL_SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The API server of `kind`; `None` for a real one when none is given (the
+/// test is then skipped). A real server is wiped of what earlier tests left
+/// (workloads, pods, events, ImageBackups), so each test starts as on a
+/// fresh emulator.
+pub async fn cluster(kind: ApiServerKind) -> Option<(ClusterGuard, Client)> {
+    match kind {
+        ApiServerKind::Emulator => {
+            let server = ApiServer::start().await.expect("start the API server emulator");
+            let client = server.client().await.expect("a client for the emulator");
+            Some((ClusterGuard::Emulator(server), client))
+        }
+        ApiServerKind::Real => {
+            let Some(path) = std::env::var_os("IMAGE_BACKUP_TEST_KUBECONFIG") else {
+                eprintln!("skipped: IMAGE_BACKUP_TEST_KUBECONFIG names no real API server");
+                return None;
+            };
+            let turn = REAL_SERVER.lock().await;
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+            let client = Client::try_from(config).expect("a client for the real API server");
+            wipe(&client).await;
+            Some((ClusterGuard::Real(turn), client))
+        }
     }
-    let server = ApiServer::start().await.unwrap();
-    let client = server.client().await.unwrap();
-    (Some(server), client)
+}
+
+/// Deletes what tests create, in every namespace. Pods go at once: with no
+/// kubelet, a graceful delete would leave them terminating for good.
+async fn wipe(client: &Client) {
+    use kube::api::{DeleteParams, ListParams};
+    let all = ListParams::default();
+    let now = DeleteParams::default().grace_period(0);
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    if backups.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
+        backups.delete_collection(&now, &all).await.expect("delete ImageBackups");
+    }
+    let namespaces = Api::<Namespace>::all(client.clone()).list(&all).await.expect("list namespaces");
+    for ns in namespaces.items.iter().filter_map(|n| n.metadata.name.as_deref()) {
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        deployments.delete_collection(&now, &all).await.expect("delete Deployments");
+        let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
+        daemonsets.delete_collection(&now, &all).await.expect("delete DaemonSets");
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.delete_collection(&now, &all).await.expect("delete Pods");
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+        events.delete_collection(&now, &all).await.expect("delete Events");
+    }
+}
+
+/// Declares a system test twice: on the emulator, and on the real API
+/// server when `IMAGE_BACKUP_TEST_KUBECONFIG` gives one. `$scenario` is an
+/// `async fn(ApiServerKind)`.
+#[macro_export]
+macro_rules! on_both_api_servers {
+    ($scenario:ident: $emulator:ident, $real:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $emulator() {
+            $scenario($crate::cluster::ApiServerKind::Emulator).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $real() {
+            $scenario($crate::cluster::ApiServerKind::Real).await
+        }
+    };
 }
 
 pub async fn create<K>(api: &Api<K>, object: Value) -> K

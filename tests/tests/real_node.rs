@@ -83,7 +83,7 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     };
     let (grpc, _) = start_coordinator(&client, config).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
-    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry).await;
+    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2).await;
 
     let pinned = format!("{}/backup/{}/e2e/sleeper@{}", backup.host(), source.host().replace(':', "_"), image.digest());
     eventually("the Deployment is patched to the backup", Duration::from_secs(120), || async {

@@ -1,205 +1,203 @@
 //! The whole loop on real containerd (two nodes, an agent each), real
-//! registries and an API server (the emulator, or a real one from
-//! IMAGE_BACKUP_TEST_KUBECONFIG): ready workloads -> ImageBackups -> agents
-//! -> verified backups -> workloads patched to pinned backup references.
+//! registries and an API server (the emulator, and a real one when
+//! IMAGE_BACKUP_TEST_KUBECONFIG gives it): ready workloads -> ImageBackups
+//! -> agents -> verified backups -> workloads patched to pinned backup
+//! references. Each scenario runs on its own, so one failure hides no other.
 //!
-//! There is no kubelet or controller-manager: the test writes the Pods and
+//! There is no kubelet or controller-manager: the tests write the Pods and
 //! the workload statuses those would write, with the digests containerd
-//! holds.
+//! holds (what a kubelet decides is tested on a real node, in real_node.rs).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::BackupTarget;
-use image_backup_oci::registry::RegistryConfig;
+use image_backup_oci::{BackupTarget, registry::RegistryConfig};
 use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
-    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
-    init_tracing,
+    cluster::{
+        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, eventually, prepare, start_agent, start_agent_on,
+        start_coordinator,
+    },
+    containerd::NAMESPACE,
+    init_tracing, on_both_api_servers,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
-    Api,
+    Api, Client,
     api::{Patch, PatchParams},
 };
 use serde_json::json;
 
 const MB: usize = 1 << 20;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_workloads_end_up_on_verified_pinned_backups() {
-    init_tracing();
-    let (_server, client) = cluster().await;
-    prepare(&client, &["shop", "ops", "kube-system", "image-backup"]).await;
-    let backups: Api<ImageBackup> = Api::all(client.clone());
+/// Two nodes, a backup registry behind a counting proxy, and a source
+/// registry that is only a name: it is gone before the backups run, and
+/// they still succeed, from the nodes' content.
+struct Setup {
+    _cluster: ClusterGuard,
+    client: Client,
+    w: Workloads,
+    src: String,
+    node_a: Containerd,
+    node_b: Containerd,
+    backup_registry: Registry,
+    proxy: Proxy,
+}
 
-    // The source registry is only a name here: it is gone before the
-    // backups run, and they still succeed, from the nodes' content.
-    let source = Registry::start(RegistryAuth::None).await.unwrap();
-    let src = source.host();
-    drop(source);
-    let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
-    let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
-    let node_a = Containerd::start().await.unwrap();
-    let node_b = Containerd::start().await.unwrap();
+impl Setup {
+    async fn new(kind: ApiServerKind, namespaces: &[&str]) -> Option<Self> {
+        init_tracing();
+        let (cluster, client) = cluster(kind).await?;
+        prepare(&client, namespaces).await;
+        let source = Registry::start(RegistryAuth::None).await.unwrap();
+        let src = source.host();
+        drop(source);
+        let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
+        let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
+        Some(Self {
+            _cluster: cluster,
+            w: Workloads { client: client.clone() },
+            client,
+            src,
+            node_a: Containerd::start().await.unwrap(),
+            node_b: Containerd::start().await.unwrap(),
+            backup_registry,
+            proxy,
+        })
+    }
+
+    fn backup_host(&self) -> String {
+        self.proxy.host()
+    }
+
+    fn registry_config(&self) -> RegistryConfig {
+        RegistryConfig { insecure_hosts: vec![self.backup_host()], ..RegistryConfig::default() }
+    }
+
+    async fn start_coordinator(&self) -> (std::net::SocketAddr, String) {
+        let config = CoordinatorConfig {
+            backup: BackupTarget { registry: self.backup_host(), prefix: "backup".into() },
+            registry: self.registry_config(),
+            exclusions: Exclusions::new(Vec::new(), "image-backup"),
+            report_only: false,
+            max_attempts: 3,
+            retry_backoff: Duration::from_millis(500),
+            heartbeat_deadline: Duration::from_secs(10),
+        };
+        start_coordinator(&self.client, config).await
+    }
+
+    /// The coordinator and an agent on each node.
+    async fn start(&self) -> (std::net::SocketAddr, String) {
+        let (grpc, metrics_url) = self.start_coordinator().await;
+        for (node, containerd) in [("node-a", &self.node_a), ("node-b", &self.node_b)] {
+            start_agent(containerd, node, grpc, self.registry_config()).await;
+        }
+        (grpc, metrics_url)
+    }
+
+    /// `SRC/<path>` for an image of the source registry.
+    fn source(&self, path: &str) -> String {
+        format!("{}/{path}", self.src)
+    }
+
+    /// The pinned backup reference of `reference` at the image's digest.
+    fn pinned(&self, image: &TestImage, reference: &str) -> String {
+        let (name, _) = reference.rsplit_once(':').unwrap();
+        let path = name.replacen(&self.src, &self.src.replace(':', "_"), 1);
+        format!("{}/backup/{path}@{}", self.backup_host(), image.digest())
+    }
+
+    async fn deploy(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        containers: &[(&str, &str, &TestImage, bool)],
+        nodes: &[&str],
+    ) {
+        let specs: Vec<_> = containers.iter().map(|(c, r, i, init)| (*c, *r, i.digest(), *init)).collect();
+        self.w.deploy(kind, ns, name, json!({}), &specs, Placement { nodes, ready: true }).await;
+    }
+
+    /// Waits until each workload runs exactly `images`.
+    async fn runs(&self, what: &str, expected: &[(&str, &str, &str, Vec<String>)]) {
+        eventually(what, Duration::from_secs(90), || async {
+            for (kind, ns, name, images) in expected {
+                let (now, annotation) = self.w.images(kind, ns, name).await;
+                if now != *images || annotation.is_none() {
+                    return Err(format!("{kind} {ns}/{name} runs {now:?}"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+async fn whole_loop(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "ops", "image-backup"]).await else { return };
     let web = TestImage::single(MediaTypes::Oci, &[MB, 300 << 10], 31);
     let migrate = TestImage::single(MediaTypes::Docker, &[200 << 10], 32);
     let api = TestImage::single(MediaTypes::Oci, &[MB], 33);
-    let late = TestImage::single(MediaTypes::Oci, &[100 << 10], 34);
-    let (web_ref, migrate_ref, api_ref, late_ref) = (
-        format!("{src}/library/web:1"),
-        format!("{src}/tools/migrate:7"),
-        format!("{src}/team/api:2"),
-        format!("{src}/team/late:1"),
-    );
-    web.import(&node_a, &web_ref, &[], &[]).await.unwrap();
-    web.import(&node_b, &web_ref, &[], &[]).await.unwrap();
-    migrate.import(&node_a, &migrate_ref, &[], &[]).await.unwrap();
-    api.import(&node_b, &api_ref, &[], &[]).await.unwrap();
-    late.import(&node_b, &late_ref, &[], &[]).await.unwrap();
-
-    let backup_host = proxy.host();
-    let mirrored_image = format!("{backup_host}/backup/already/there:1");
-    let w = Workloads { client: client.clone() };
-    w.deploy(
+    let (web_ref, migrate_ref, api_ref) =
+        (s.source("library/web:1"), s.source("tools/migrate:7"), s.source("team/api:2"));
+    web.import(&s.node_a, &web_ref, &[], &[]).await.unwrap();
+    web.import(&s.node_b, &web_ref, &[], &[]).await.unwrap();
+    migrate.import(&s.node_a, &migrate_ref, &[], &[]).await.unwrap();
+    api.import(&s.node_b, &api_ref, &[], &[]).await.unwrap();
+    s.deploy(
         "Deployment",
         "shop",
         "web",
-        json!({}),
-        &[("migrate", &migrate_ref, migrate.digest(), true), ("web", &web_ref, web.digest(), false)],
-        Placement { nodes: &["node-a"], ready: true },
+        &[("migrate", &migrate_ref, &migrate, true), ("web", &web_ref, &web, false)],
+        &["node-a"],
     )
     .await;
-    w.deploy(
-        "DaemonSet",
-        "ops",
-        "logger",
-        json!({}),
-        &[("web", &web_ref, web.digest(), false)],
-        Placement { nodes: &["node-a", "node-b"], ready: true },
-    )
-    .await;
-    w.deploy(
-        "Deployment",
-        "shop",
-        "api",
-        json!({}),
-        &[("api", &api_ref, api.digest(), false)],
-        Placement { nodes: &["node-b"], ready: true },
-    )
-    .await;
-    w.deploy(
-        "Deployment",
-        "shop",
-        "mirrored",
-        json!({}),
-        &[("m", &mirrored_image, "sha256:0000000000000000000000000000000000000000000000000000000000000000", false)],
-        Placement { nodes: &["node-a"], ready: true },
-    )
-    .await;
-    w.deploy(
-        "Deployment",
-        "kube-system",
-        "system",
-        json!({}),
-        &[("web", &web_ref, web.digest(), false)],
-        Placement { nodes: &["node-a"], ready: true },
-    )
-    .await;
-    w.deploy(
-        "Deployment",
-        "shop",
-        "skipped",
-        json!({ "backup.k8slab.io/skip": "true" }),
-        &[("api", &api_ref, api.digest(), false)],
-        Placement { nodes: &["node-b"], ready: true },
-    )
-    .await;
-    w.deploy(
-        "Deployment",
-        "shop",
-        "late",
-        json!({}),
-        &[("late", &late_ref, late.digest(), false)],
-        Placement { nodes: &["node-b"], ready: false },
-    )
-    .await;
+    s.deploy("DaemonSet", "ops", "logger", &[("web", &web_ref, &web, false)], &["node-a", "node-b"]).await;
+    s.deploy("Deployment", "shop", "api", &[("api", &api_ref, &api, false)], &["node-b"]).await;
+    let (grpc, metrics_url) = s.start().await;
 
-    let config = CoordinatorConfig {
-        backup: BackupTarget { registry: backup_host.clone(), prefix: "backup".into() },
-        registry: RegistryConfig { insecure_hosts: vec![backup_host.clone()], ..RegistryConfig::default() },
-        exclusions: Exclusions::new(Vec::new(), "image-backup"),
-        report_only: false,
-        max_attempts: 3,
-        retry_backoff: Duration::from_millis(500),
-        heartbeat_deadline: Duration::from_secs(10),
-    };
-    let (grpc, metrics_url) = start_coordinator(&client, config).await;
-    let agent_registry = RegistryConfig { insecure_hosts: vec![backup_host.clone()], ..RegistryConfig::default() };
-    for (node, containerd) in [("node-a", &node_a), ("node-b", &node_b)] {
-        start_agent(containerd, node, grpc, agent_registry.clone()).await;
-    }
-
-    let expected: BTreeMap<&str, (&TestImage, &str)> = BTreeMap::from([
-        (web_ref.as_str(), (&web, "web")),
-        (migrate_ref.as_str(), (&migrate, "migrate")),
-        (api_ref.as_str(), (&api, "api")),
-    ]);
-    let pinned = |image: &TestImage, reference: &str| {
-        let (name, _) = reference.rsplit_once(':').unwrap();
-        format!("{backup_host}/backup/{}@{}", name.replacen(&src, &src.replace(':', "_"), 1), image.digest())
-    };
-    eventually("web, logger and api run their backups", Duration::from_secs(90), || async {
-        for (kind, ns, name, images) in [
-            ("Deployment", "shop", "web", vec![pinned(&migrate, &migrate_ref), pinned(&web, &web_ref)]),
-            ("DaemonSet", "ops", "logger", vec![pinned(&web, &web_ref)]),
-            ("Deployment", "shop", "api", vec![pinned(&api, &api_ref)]),
-        ] {
-            let (now, annotation) = w.images(kind, ns, name).await;
-            if now != images || annotation.is_none() {
-                return Err(format!("{kind} {ns}/{name} runs {now:?}"));
-            }
-        }
-        Ok(())
-    })
+    s.runs(
+        "web, logger and api run their backups",
+        &[
+            ("Deployment", "shop", "web", vec![s.pinned(&migrate, &migrate_ref), s.pinned(&web, &web_ref)]),
+            ("DaemonSet", "ops", "logger", vec![s.pinned(&web, &web_ref)]),
+            ("Deployment", "shop", "api", vec![s.pinned(&api, &api_ref)]),
+        ],
+    )
     .await;
 
     // Every ImageBackup is Completed, pinned, and the registry serves the
     // digest the pods ran.
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
     let all = backups.list(&Default::default()).await.unwrap().items;
     assert_eq!(all.len(), 3, "{:?}", all.iter().map(|b| &b.spec.source).collect::<Vec<_>>());
-    for backup in &all {
-        let (image, _) = expected[backup.spec.source.as_str()];
+    for (image, reference) in [(&web, &web_ref), (&migrate, &migrate_ref), (&api, &api_ref)] {
+        let backup = all.iter().find(|b| &b.spec.source == reference).expect("an ImageBackup per image");
         let status = backup.status.clone().unwrap();
-        assert_eq!(status.phase, Phase::Completed, "{}", backup.spec.source);
-        assert_eq!(status.backup_reference.as_deref(), Some(pinned(image, &backup.spec.source).as_str()));
-        let (repository, _) =
-            status.backup_reference.as_deref().unwrap().split_once('/').unwrap().1.split_once('@').unwrap();
-        let served = backup_registry.manifest(repository, image.digest()).await.unwrap().expect("served by digest");
-        assert_eq!(served.digest, image.digest());
+        assert_eq!(status.phase, Phase::Completed, "{reference}");
+        assert_eq!(status.backup_reference, Some(s.pinned(image, reference)));
+        let pinned = s.pinned(image, reference);
+        let (repository, _) = pinned.split_once('/').unwrap().1.split_once('@').unwrap();
+        let served = s.backup_registry.manifest(repository, image.digest()).await.unwrap();
+        assert_eq!(served.expect("served by digest").digest, image.digest());
     }
     // Each distinct image was copied once: one upload per distinct blob.
     let blobs: usize = [&web, &migrate, &api].iter().map(|i| i.platforms[0].layers.len() + 1).sum();
-    assert_eq!(proxy.uploads(), blobs as u64);
+    assert_eq!(s.proxy.uploads(), blobs as u64);
 
-    // Left alone: kube-system, skipped, already a backup, not ready.
-    assert_eq!(w.images("Deployment", "kube-system", "system").await, (vec![web_ref.clone()], None));
-    assert_eq!(w.images("Deployment", "shop", "skipped").await, (vec![api_ref.clone()], None));
-    assert_eq!(w.images("Deployment", "shop", "mirrored").await, (vec![mirrored_image.clone()], None));
-    assert_eq!(w.images("Deployment", "shop", "late").await, (vec![late_ref.clone()], None));
-
-    // JobService lists the jobs.
+    // JobService lists the jobs and says which workloads use an image.
     let mut jobs = JobServiceClient::connect(format!("http://{grpc}")).await.unwrap();
     let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(listed.len(), 3);
-    // ... and which workloads use an image.
     let shared = jobs.get_job(GetJobRequest { name: web_ref.clone() }).await.unwrap().into_inner();
     assert_eq!(shared.workloads, ["DaemonSet/ops/logger", "Deployment/shop/web"]);
 
     // The rewrite is an Event on the workload.
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "shop");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(s.client.clone(), "shop");
     let rewritten: Vec<_> = events
         .list(&Default::default())
         .await
@@ -217,42 +215,148 @@ async fn ready_workloads_end_up_on_verified_pinned_backups() {
         "image_backup_jobs{phase=\"Completed\"} 3",
         "image_backup_connected_agents 2",
         "image_backup_workload_patches_total{outcome=\"rewritten\"} 3",
+        "image_backup_status_writes_total{transition=\"completed\"} 3",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+    assert!(metrics.contains("image_backup_reconciles_total{kind=\"Deployment\"}"), "{metrics}");
+}
+on_both_api_servers!(whole_loop: the_whole_loop_on_the_emulator, the_whole_loop_on_a_real_api_server);
+
+async fn left_alone(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "kube-system", "image-backup"]).await else { return };
+    let web = TestImage::single(MediaTypes::Oci, &[300 << 10], 41);
+    let api = TestImage::single(MediaTypes::Oci, &[200 << 10], 42);
+    let late = TestImage::single(MediaTypes::Oci, &[100 << 10], 43);
+    let (web_ref, api_ref, late_ref) = (s.source("library/web:1"), s.source("team/api:2"), s.source("team/late:1"));
+    web.import(&s.node_a, &web_ref, &[], &[]).await.unwrap();
+    api.import(&s.node_b, &api_ref, &[], &[]).await.unwrap();
+    late.import(&s.node_b, &late_ref, &[], &[]).await.unwrap();
+    let mirrored = format!("{}/backup/already/there:1", s.backup_host());
+    s.deploy("Deployment", "shop", "web", &[("web", &web_ref, &web, false)], &["node-a"]).await;
+    s.deploy("Deployment", "kube-system", "system", &[("web", &web_ref, &web, false)], &["node-a"]).await;
+    let skip = json!({ "backup.k8slab.io/skip": "true" });
+    let api_spec = [("api", api_ref.as_str(), api.digest(), false)];
+    s.w.deploy("Deployment", "shop", "skipped", skip, &api_spec, Placement { nodes: &["node-b"], ready: true }).await;
+    let zero = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let mirrored_spec = [("m", mirrored.as_str(), zero, false)];
+    s.w.deploy(
+        "Deployment",
+        "shop",
+        "mirrored",
+        json!({}),
+        &mirrored_spec,
+        Placement { nodes: &["node-a"], ready: true },
+    )
+    .await;
+    let late_spec = [("late", late_ref.as_str(), late.digest(), false)];
+    s.w.deploy("Deployment", "shop", "late", json!({}), &late_spec, Placement { nodes: &["node-b"], ready: false })
+        .await;
+    s.start().await;
+
+    // web is patched: the coordinator has looked at everything by then.
+    s.runs("web runs its backup", &[("Deployment", "shop", "web", vec![s.pinned(&web, &web_ref)])]).await;
+    assert_eq!(s.w.images("Deployment", "kube-system", "system").await, (vec![web_ref.clone()], None));
+    assert_eq!(s.w.images("Deployment", "shop", "skipped").await, (vec![api_ref.clone()], None));
+    assert_eq!(s.w.images("Deployment", "shop", "mirrored").await, (vec![mirrored.clone()], None));
+    assert_eq!(s.w.images("Deployment", "shop", "late").await, (vec![late_ref.clone()], None));
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
+    let sources: Vec<String> =
+        backups.list(&Default::default()).await.unwrap().items.into_iter().map(|b| b.spec.source).collect();
+    assert_eq!(
+        sources,
+        std::slice::from_ref(&web_ref),
+        "nothing is backed up for skipped, mirrored or unready workloads"
+    );
+
+    // The late workload becomes ready and is handled then.
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), "shop");
+    let generation = deployments.get("late").await.unwrap().metadata.generation.unwrap_or(1);
+    let status = json!({ "status": { "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1 } });
+    deployments.patch_status("late", &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+    s.runs("late runs its backup once ready", &[("Deployment", "shop", "late", vec![s.pinned(&late, &late_ref)])])
+        .await;
+}
+on_both_api_servers!(left_alone: excluded_and_unready_workloads_are_left_alone_on_the_emulator, excluded_and_unready_workloads_are_left_alone_on_a_real_api_server);
+
+async fn moved_tag(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
+    let web = TestImage::single(MediaTypes::Oci, &[300 << 10], 51);
+    let web_ref = s.source("library/web:1");
+    web.import(&s.node_a, &web_ref, &[], &[]).await.unwrap();
+    s.deploy("Deployment", "shop", "web", &[("web", &web_ref, &web, false)], &["node-a"]).await;
+    s.start().await;
+    s.runs("web runs its backup", &[("Deployment", "shop", "web", vec![s.pinned(&web, &web_ref)])]).await;
 
     // The tag moves: a new workload runs web:1 with other content. The
     // ImageBackup follows the digest its pods run, and web keeps the copy
     // it was pinned to.
-    let web_next = TestImage::single(MediaTypes::Oci, &[200 << 10], 35);
-    web_next.import(&node_b, &web_ref, &[], &[]).await.unwrap();
-    w.deploy(
-        "Deployment",
-        "shop",
-        "web-next",
-        json!({}),
-        &[("web", &web_ref, web_next.digest(), false)],
-        Placement { nodes: &["node-b"], ready: true },
+    let next = TestImage::single(MediaTypes::Oci, &[200 << 10], 52);
+    next.import(&s.node_b, &web_ref, &[], &[]).await.unwrap();
+    s.deploy("Deployment", "shop", "web-next", &[("web", &web_ref, &next, false)], &["node-b"]).await;
+    s.runs(
+        "web-next runs the new digest's backup",
+        &[("Deployment", "shop", "web-next", vec![s.pinned(&next, &web_ref)])],
     )
     .await;
-    eventually("web-next runs the new digest's backup", Duration::from_secs(60), || async {
-        let (now, _) = w.images("Deployment", "shop", "web-next").await;
-        if now == [pinned(&web_next, &web_ref)] { Ok(()) } else { Err(format!("{now:?}")) }
-    })
-    .await;
-    assert_eq!(w.images("Deployment", "shop", "web").await.0, [pinned(&migrate, &migrate_ref), pinned(&web, &web_ref)]);
-    let old =
-        backup_registry.manifest(&format!("backup/{}/library/web", src.replace(':', "_")), web.digest()).await.unwrap();
+    assert_eq!(s.w.images("Deployment", "shop", "web").await.0, [s.pinned(&web, &web_ref)]);
+    let repository = format!("backup/{}/library/web", s.src.replace(':', "_"));
+    let old = s.backup_registry.manifest(&repository, web.digest()).await.unwrap();
     assert!(old.is_some(), "the old digest stays in the registry for the workloads pinned to it");
+}
+on_both_api_servers!(moved_tag: a_moved_tag_is_copied_again_on_the_emulator, a_moved_tag_is_copied_again_on_a_real_api_server);
 
-    // The late workload becomes ready and is handled then.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
-    let generation = deployments.get("late").await.unwrap().metadata.generation.unwrap_or(1);
-    let status = json!({ "status": { "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1 } });
-    deployments.patch_status("late", &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
-    eventually("late runs its backup", Duration::from_secs(60), || async {
-        let (now, _) = w.images("Deployment", "shop", "late").await;
-        if now == [pinned(&late, &late_ref)] { Ok(()) } else { Err(format!("{now:?}")) }
+async fn busy_agent(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
+    let images: Vec<(TestImage, String)> = (0..3)
+        .map(|i| (TestImage::single(MediaTypes::Oci, &[100 << 10], 60 + i), s.source(&format!("team/app-{i}:1"))))
+        .collect();
+    for (i, (image, reference)) in images.iter().enumerate() {
+        image.import(&s.node_a, reference, &[], &[]).await.unwrap();
+        s.deploy("Deployment", "shop", &format!("app-{i}"), &[("app", reference, image, false)], &["node-a"]).await;
+    }
+    // The registry is down, so the agent's one slot stays taken.
+    s.proxy.set_faults(Faults { unavailable_every: Some(1), ..Faults::default() });
+    let (grpc, _) = s.start_coordinator().await;
+    let registry = RegistryConfig {
+        retry: image_backup_oci::registry::RetryPolicy {
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            max_elapsed: Duration::from_secs(60),
+        },
+        ..s.registry_config()
+    };
+    start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", grpc, registry, 1).await;
+
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
+    eventually("one job copies, the others wait for the agent, saying so", Duration::from_secs(30), || async {
+        let all = backups.list(&Default::default()).await.map_err(|e| e.to_string())?.items;
+        let phases: Vec<_> = all.iter().filter_map(|b| b.status.clone()).collect();
+        let copying = phases.iter().filter(|st| matches!(st.phase, Phase::Assigned | Phase::Pushing)).count();
+        let waiting = phases
+            .iter()
+            .filter(|st| {
+                st.phase == Phase::Pending
+                    && st.message.as_deref().is_some_and(|m| m.starts_with("waiting for a free agent"))
+            })
+            .count();
+        if (copying, waiting) == (1, 2) {
+            Ok(())
+        } else {
+            Err(format!("{copying} copying, {waiting} waiting: {phases:?}"))
+        }
     })
     .await;
+
+    // The registry comes back: each freed slot goes to a waiting job.
+    s.proxy.set_faults(Faults::default());
+    let expected: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (image, reference))| ("Deployment", "shop", format!("app-{i}"), vec![s.pinned(image, reference)]))
+        .collect();
+    let expected: Vec<_> =
+        expected.iter().map(|(k, ns, name, images)| (*k, *ns, name.as_str(), images.clone())).collect();
+    s.runs("every app runs its backup", &expected).await;
 }
+on_both_api_servers!(busy_agent: a_busy_agent_takes_waiting_jobs_as_slots_free_on_the_emulator, a_busy_agent_takes_waiting_jobs_as_slots_free_on_a_real_api_server);

@@ -9,8 +9,8 @@ use image_backup_oci::BackupTarget;
 use image_backup_oci::registry::{RegistryConfig, RetryPolicy};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
-    cluster::{Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
-    init_tracing,
+    cluster::{ApiServerKind, Placement, Workloads, cluster, eventually, prepare, start_agent, start_coordinator},
+    init_tracing, on_both_api_servers,
 };
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
@@ -55,10 +55,13 @@ async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
     list.items.into_iter().find(|b| b.spec.source == SOURCE).ok_or_else(|| "no ImageBackup yet".to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registry_that_refuses_leaves_the_job_failed_with_the_reason_and_the_workload_untouched() {
+on_both_api_servers!(refusing_registry: a_refusing_registry_fails_the_job_on_the_emulator, a_refusing_registry_fails_the_job_on_a_real_api_server);
+
+/// A registry that refuses leaves the job Failed with the reason, and the
+/// workload untouched.
+async fn refusing_registry(kind: ApiServerKind) {
     init_tracing();
-    let (_server, client) = cluster().await;
+    let Some((_cluster, client)) = cluster(kind).await else { return };
     prepare(&client, &["shop", "image-backup"]).await;
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
     let proxy =
@@ -116,10 +119,13 @@ async fn a_registry_that_refuses_leaves_the_job_failed_with_the_reason_and_the_w
     assert!(registry.tags("backup/quay.io/team/web").await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_agent_loses_its_job_to_another_node_and_report_only_leaves_the_workload() {
+on_both_api_servers!(lost_agent: a_lost_agent_loses_its_job_on_the_emulator, a_lost_agent_loses_its_job_on_a_real_api_server);
+
+/// A lost agent loses its job to another node; report-only leaves the
+/// workload as it is.
+async fn lost_agent(kind: ApiServerKind) {
     init_tracing();
-    let (_server, client) = cluster().await;
+    let Some((_cluster, client)) = cluster(kind).await else { return };
     prepare(&client, &["shop", "image-backup"]).await;
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
     // Down at first, so the copy on node-a is still retrying when its agent

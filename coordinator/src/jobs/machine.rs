@@ -138,24 +138,24 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
                 Some((agent_id, node)) => {
                     Next::Assign { agent_id: agent_id.clone(), node: node.clone(), attempt: status.attempts + 1 }
                 }
-                None => {
-                    let message = if observed.holders.busy > 0 {
-                        format!(
-                            "waiting for a free agent: the {} agent(s) on nodes that hold {} are busy",
-                            observed.holders.busy, observed.digest
-                        )
-                    } else {
-                        format!("no connected agent runs on a node that holds {}", observed.digest)
-                    };
-                    if status.message.as_deref() == Some(message.as_str()) {
-                        Next::Idle
-                    } else {
-                        Next::Record(Transition::Waiting { message })
-                    }
-                }
+                None => waiting(status, &observed.holders, observed.digest),
             }
         }
         Phase::Assigned | Phase::Pushing => in_flight(observed, limits),
+    }
+}
+
+/// A pending job no agent can take now: says why, once.
+pub fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
+    let message = if holders.busy > 0 {
+        format!("waiting for a free agent: the {} agent(s) on nodes that hold {digest} are busy", holders.busy)
+    } else {
+        format!("no connected agent runs on a node that holds {digest}")
+    };
+    if status.message.as_deref() == Some(message.as_str()) {
+        Next::Idle
+    } else {
+        Next::Record(Transition::Waiting { message })
     }
 }
 
