@@ -7,7 +7,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -65,7 +68,10 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 struct RunningJob {
     task: tokio::task::AbortHandle,
     progress: Arc<Progress>,
-    attempt: u32,
+    /// The attempt its reports carry; a newer assignment of the same copy
+    /// (the coordinator took the job back, then gave it here again) moves it.
+    attempt: Arc<AtomicU32>,
+    digest: String,
 }
 
 /// The node agent in daemon mode. Cheap to share; all state is behind locks.
@@ -262,7 +268,7 @@ impl Agent {
                         blobs_done: s.blobs_done,
                         blobs_total: s.blobs_total,
                         blobs_skipped: s.blobs_existing + s.blobs_mounted,
-                        attempt: job.attempt,
+                        attempt: job.attempt.load(Ordering::Relaxed),
                     }
                 })
                 .collect();
@@ -319,13 +325,21 @@ impl Agent {
     }
 
     /// Starts an assigned copy unless it is running already (a coordinator
-    /// that restarted may assign it again) or the agent is full.
+    /// that restarted may assign it again: the running copy then answers for
+    /// the new attempt) or the agent is full. A running copy of another
+    /// digest under the same job is obsolete and stops.
     fn start(self: Arc<Self>, assignment: Assignment) {
         let job_id = assignment.job_id.clone();
         let mut jobs = lock(&self.jobs);
-        if jobs.contains_key(&job_id) {
-            debug!(job = %job_id, "already running");
-            return;
+        if let Some(running) = jobs.get(&job_id) {
+            if running.digest == assignment.digest {
+                debug!(job = %job_id, attempt = assignment.attempt, "already running; reporting as the new attempt");
+                running.attempt.store(assignment.attempt, Ordering::Relaxed);
+                return;
+            }
+            info!(job = %job_id, digest = %assignment.digest, "the job now copies another digest; stopping the old copy");
+            running.task.abort();
+            jobs.remove(&job_id);
         }
         if jobs.len() >= self.config.max_jobs as usize {
             drop(jobs);
@@ -342,17 +356,20 @@ impl Agent {
         let span = info_span!("job", job = %job_id, source = %assignment.source, attempt = assignment.attempt);
         let agent = self.clone();
         let job_progress = progress.clone();
-        let attempt = assignment.attempt;
+        let attempt = Arc::new(AtomicU32::new(assignment.attempt));
+        let digest = assignment.digest.clone();
+        let task_attempt = attempt.clone();
         let task = tokio::spawn(
             async move {
                 let outcome = agent.copy(&assignment, job_progress).await;
                 lock(&agent.jobs).remove(&assignment.job_id);
+                let attempt = task_attempt.load(Ordering::Relaxed);
                 let result = JobResult { job_id: assignment.job_id.clone(), outcome: Some(outcome), attempt };
                 agent.deliver(result);
             }
             .instrument(span),
         );
-        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt });
+        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest });
     }
 
     async fn copy(&self, assignment: &Assignment, progress: Arc<Progress>) -> job_result::Outcome {

@@ -15,7 +15,7 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use image_backup_crds::ImageBackup;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::{
-    Api, Client, Resource,
+    Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{
         Controller, WatchStreamExt,
@@ -85,18 +85,29 @@ pub async fn run(
     let (backup_store, writer) = reflector::store_shared::<ImageBackup>(SHARED_BUFFER);
     let subscribe = || writer.subscribe().expect("a shared store's writer always subscribes");
     let (for_backups, for_deployments, for_daemonsets) = (subscribe(), subscribe(), subscribe());
+    let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
+    // Deletions reach no shared subscriber: the watch itself hands them on.
+    let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();
+    let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect_shared(writer)
-        .for_each(|event| {
-            match &event {
-                Ok(event) => feed.observe(event),
-                Err(e) => warn!(error = %e, "ImageBackup watch failed; retrying"),
+        .for_each({
+            let (ctx, feed) = (ctx.clone(), feed.clone());
+            move |event| {
+                match &event {
+                    Ok(event) => {
+                        feed.observe(event);
+                        if let watcher::Event::Delete(backup) = event {
+                            deleted(&ctx, backup, &wake_deployments, &wake_daemonsets);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "ImageBackup watch failed; retrying"),
+                }
+                futures::future::ready(())
             }
-            futures::future::ready(())
         });
 
-    let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
     let shutdown = shutdown.shared();
     let ready = Arc::new(AtomicBool::new(false));
     let probes = probes::serve(
@@ -144,6 +155,7 @@ pub async fn run(
     // Workloads wake up when one of their ImageBackups finishes.
     let (deployment_watch, deployment_store) = workload_watch(&client, &ctx, Workload::Deployment);
     let deployments = Controller::for_stream(deployment_watch, deployment_store)
+        .reconcile_on(UnboundedReceiverStream::new(deployment_wakes))
         .watches_shared_stream(for_deployments, {
             let ctx = ctx.clone();
             move |backup| workloads::users_of::<Deployment>(&ctx, &backup, "Deployment")
@@ -151,6 +163,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone());
     let (daemonset_watch, daemonset_store) = workload_watch(&client, &ctx, Workload::DaemonSet);
     let daemonsets = Controller::for_stream(daemonset_watch, daemonset_store)
+        .reconcile_on(UnboundedReceiverStream::new(daemonset_wakes))
         .watches_shared_stream(for_daemonsets, {
             let ctx = ctx.clone();
             move |backup| workloads::users_of::<DaemonSet>(&ctx, &backup, "DaemonSet")
@@ -182,6 +195,32 @@ pub async fn run(
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// An ImageBackup is gone: this coordinator forgets it, and the workloads
+/// that use it look again (and make a new one).
+fn deleted(
+    ctx: &Context,
+    backup: &ImageBackup,
+    deployments: &tokio::sync::mpsc::UnboundedSender<ObjectRef<Deployment>>,
+    daemonsets: &tokio::sync::mpsc::UnboundedSender<ObjectRef<DaemonSet>>,
+) {
+    let name = backup.name_any();
+    info!(imagebackup = %name, "ImageBackup deleted");
+    ctx.jobs.forget(&name);
+    ctx.written.forget(&name);
+    ctx.creating.failed(&name);
+    if let Some(agent) = backup.status.as_ref().and_then(|s| s.agent.as_deref()) {
+        ctx.hub.cancel(agent, &name, "the ImageBackup was deleted");
+    }
+    for user in ctx.usage.workloads_of(&name) {
+        // The receivers live as long as the controllers.
+        if user.kind == "Deployment" {
+            let _ = deployments.send(ObjectRef::new(&user.name).within(&user.namespace));
+        } else {
+            let _ = daemonsets.send(ObjectRef::new(&user.name).within(&user.namespace));
+        }
+    }
 }
 
 /// A workload kind's watch and its store. Each event also tells the digest

@@ -11,7 +11,7 @@ use image_backup_coordinator::{
     agents::AgentHub,
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
-    workloads::usage::{Usage, WorkloadKey},
+    workloads::usage::{Usage, Use, WorkloadKey},
 };
 use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
 use image_backup_proto::v1::{
@@ -45,7 +45,7 @@ async fn reflection_health_and_job_service() {
     let hub = AgentHub::new("coordinator-test", Duration::from_secs(10), Arc::new(LiveJobs::new().0));
     let usage = Arc::new(Usage::default());
     let web = WorkloadKey { kind: "Deployment", namespace: "shop".into(), name: "web".into() };
-    usage.set(&web, [name(NGINX)].into());
+    usage.set(&web, [(name(NGINX), Use::Runs(DIGEST.to_string()))].into());
     let feed = JobFeed::new(usage);
     // What the ImageBackup watch would bring: each event goes to the store
     // and to the feed.

@@ -33,6 +33,10 @@ use crate::jobs::{
     machine::{Holder, Holders},
 };
 
+/// How long an assignment counts as running before the agent's heartbeats
+/// list it, at the least.
+const IN_TRANSIT_MIN: Duration = Duration::from_secs(20);
+
 /// What happened on an agent session, for the controllers to act on.
 #[derive(Clone, Debug)]
 pub enum AgentEvent {
@@ -314,6 +318,9 @@ impl AgentHub {
         agent.last_heartbeat = Instant::now();
         agent.last_heartbeat_wall = SystemTime::now();
         let running_before = agent.running.len();
+        // Jobs this message shows the agent no longer runs: their
+        // reconciles decide whether they are lost.
+        let mut left: Vec<String> = Vec::new();
         let event = match message {
             agent_message::Message::Register(_) => {
                 debug!("repeated registration ignored");
@@ -334,10 +341,11 @@ impl AgentHub {
             agent_message::Message::Heartbeat(beat) => {
                 // The agent's own list is the truth about what it runs, but
                 // for assignments it may not have read yet.
-                let in_transit = 2 * self.heartbeat_interval;
+                let in_transit = (4 * self.heartbeat_interval).max(IN_TRANSIT_MIN);
                 agent.assigned_at.retain(|_, at| at.elapsed() < in_transit);
                 let mut running: HashSet<String> = beat.running_job_ids.into_iter().collect();
                 running.extend(agent.assigned_at.keys().filter(|job| agent.running.contains(*job)).cloned());
+                left.extend(agent.running.difference(&running).cloned());
                 agent.running = running;
                 None
             }
@@ -352,6 +360,7 @@ impl AgentHub {
                 agent.assigned_at.remove(&result.job_id);
                 if !self.jobs.result(agent_id, &node, &result) {
                     info!(job = %result.job_id, attempt = result.attempt, "result of a stale attempt dropped");
+                    left.push(result.job_id.clone());
                 }
                 Some(AgentEvent::Result { agent_id: agent_id.into(), node, result })
             }
@@ -359,6 +368,9 @@ impl AgentHub {
         let capacity_changed =
             agent.running.len() < running_before || matches!(event, Some(AgentEvent::Inventory { .. }));
         drop(agents);
+        for job in left {
+            self.jobs.wake(&job);
+        }
         if capacity_changed {
             self.jobs.wake_waiting();
         }

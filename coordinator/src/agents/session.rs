@@ -2,7 +2,7 @@
 //! the agent; every later one goes to the hub.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     time::{Instant, SystemTime},
@@ -65,8 +65,14 @@ impl AgentService for AgentSessions {
                 tx,
             },
         );
-        if replaced.is_some() {
+        if let Some(previous) = replaced {
             info!(agent = %agent_id, "agent reconnected; its previous session is replaced");
+            // Jobs of the old session the new one does not list are over
+            // or lost: their reconciles look at them again.
+            let still: HashSet<String> = hub.lock().get(&agent_id).map(|a| a.running.clone()).unwrap_or_default();
+            for job in previous.running.iter().filter(|job| !still.contains(*job)) {
+                hub.jobs.wake(job);
+            }
         }
         info!(agent = %agent_id, %node, "agent connected");
         hub.publish(AgentEvent::Connected { agent_id: agent_id.clone(), node: node.clone() });

@@ -23,6 +23,9 @@ use crate::{
 /// reconcile is requeued.
 const CONFLICT_RETRIES: usize = 3;
 
+/// How soon a verification the registry did not answer is tried again.
+const VERIFY_RETRY: Duration = Duration::from_secs(5);
+
 #[instrument(skip_all, fields(imagebackup = %backup.name_any()))]
 pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started("ImageBackup");
@@ -56,28 +59,38 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         .jobs
         .get(&name)
         .filter(|live| live.attempt == status.attempts && status.agent.as_deref() == Some(live.agent_id.as_str()));
-    let holders =
-        if status.phase == Phase::Pending { ctx.hub.holders(&backup.spec.digest) } else { Holders::default() };
+    let holders = if status.phase == Phase::Pending {
+        // Registered before the slots are read, so a slot freed in between
+        // still wakes it; an assignment takes it off the list.
+        ctx.jobs.wait_for_agent(&name);
+        ctx.hub.holders(&backup.spec.digest)
+    } else {
+        Holders::default()
+    };
+    let target =
+        target_of(ctx, backup).ok().and_then(|t| ImageRef::parse(&t).ok()).map(|t| t.pinned(&backup.spec.digest));
     let observed = Observed {
         generation: backup.metadata.generation.unwrap_or(1),
         digest: &backup.spec.digest,
         status: &status,
         live: live.as_ref(),
         holder: status.agent.as_deref().map_or(Holder::Absent, |agent| ctx.hub.holder(agent, &name)),
-        holders: holders.clone(),
+        holders,
+        target: target.as_deref(),
         since_transition: since(&status),
+        since_report: live.as_ref().map(|l| l.updated.elapsed()),
         uptime: ctx.hub.uptime(),
     };
-    let next = machine::next(&observed, &limits);
-    if status.phase == Phase::Pending && holders.free.is_none() {
-        // Woken the moment an agent that holds the digest frees a slot.
-        ctx.jobs.wait_for_agent(&name);
-    }
-    let transition = match next {
+    let transition = match machine::next(&observed, &limits) {
         Next::Idle => return Ok(Some(Action::await_change())),
         Next::After(wait) => return Ok(Some(Action::requeue(wait))),
         Next::Record(transition) => transition,
-        Next::Verify(success) => verify(ctx, backup, &status, &limits, &success).await,
+        Next::Verify(success) => match verify(ctx, backup, &status, &limits, &success).await {
+            Some(transition) => transition,
+            // The registry did not answer: the agent's result stays until
+            // it does, and no attempt is spent on it.
+            None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
+        },
         Next::Assign { agent_id, node, attempt } => return assign(ctx, backup, agent_id, node, attempt).await,
     };
     let Some(written) = status::write(ctx, backup, &transition).await? else { return Ok(None) };
@@ -168,17 +181,18 @@ fn target_of(ctx: &Context, backup: &ImageBackup) -> Result<String, String> {
 }
 
 /// The agent's word is not enough: the coordinator looks in the registry.
+/// `None` when the registry could not say.
 async fn verify(
     ctx: &Context,
     backup: &ImageBackup,
     status: &ImageBackupStatus,
     limits: &Limits,
     success: &JobSuccess,
-) -> Transition {
+) -> Option<Transition> {
     let expected = &backup.spec.digest;
     let target = match target_of(ctx, backup).and_then(|t| ImageRef::parse(&t).map_err(|e| e.to_string())) {
         Ok(target) => target,
-        Err(error) => return Transition::Failed { error, missing: Vec::new() },
+        Err(error) => return Some(Transition::Failed { error, missing: Vec::new() }),
     };
     let failure = |message: String| {
         let failure = image_backup_proto::v1::JobFailure { message, retryable: true, ..Default::default() };
@@ -187,14 +201,17 @@ async fn verify(
     match ctx.registry.manifest_digest(target.repository(), expected).await {
         Ok(Some(digest)) if &digest == expected => {
             ctx.metrics.pushed(success.bytes_uploaded, success.duration_seconds);
-            Transition::Completed { reference: target.pinned(expected), bytes: success.bytes_uploaded }
+            Some(Transition::Completed { reference: target.pinned(expected), bytes: success.bytes_uploaded })
         }
-        Ok(other) => failure(format!(
+        Ok(other) => Some(failure(format!(
             "agent reported success, but {} serves {} for {expected}",
             target.name(),
             other.as_deref().unwrap_or("nothing")
-        )),
-        Err(e) => failure(format!("verifying {}: {e}", target.pinned(expected))),
+        ))),
+        Err(e) => {
+            warn!(error = %e, "could not verify the backup in the registry; trying again");
+            None
+        }
     }
 }
 
@@ -218,9 +235,18 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
             let note = format!("{source} after {} attempt(s): {error}", status.attempts);
             ctx.event(&object, EventType::Warning, "BackupFailed", note).await;
         }
-        Transition::Retry { error, .. } | Transition::Lost { error } => {
+        Transition::Retry { error, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
             warn!(%error, attempt = status.attempts, "attempt failed; retrying");
+        }
+        Transition::Lost { error } => {
+            ctx.jobs.recorded(&name, status.attempts);
+            // The agent may still be there (a missed heartbeat, a lost
+            // report): its copy must not run on beside the next attempt.
+            if let Some(agent) = backup.status.as_ref().and_then(|s| s.agent.as_deref()) {
+                ctx.hub.cancel(agent, &name, error);
+            }
+            warn!(%error, attempt = status.attempts, "copy lost; another attempt follows");
         }
         Transition::Restart { .. } => {
             ctx.jobs.forget(&name);

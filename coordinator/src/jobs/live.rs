@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Mutex,
+    time::Instant,
 };
 
 use image_backup_proto::v1::{JobFailure, JobProgress, JobResult, JobSuccess, job_result};
@@ -29,6 +30,22 @@ pub struct LiveJob {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub outcome: Option<Outcome>,
+    /// When the agent last said anything of it (or it was handed over).
+    pub updated: Instant,
+}
+
+impl LiveJob {
+    fn new(attempt: u32, agent_id: &str, node: &str) -> Self {
+        Self {
+            attempt,
+            agent_id: agent_id.into(),
+            node: node.into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            outcome: None,
+            updated: Instant::now(),
+        }
+    }
 }
 
 /// Every job with an unrecorded report, the jobs waiting for an agent, and
@@ -56,7 +73,8 @@ impl LiveJobs {
         self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn wake(&self, job: &str) {
+    /// Has the reconciler look at `job` again.
+    pub fn wake(&self, job: &str) {
         // The receiver lives as long as the coordinator runs.
         let _ = self.wake.send(job.to_string());
     }
@@ -68,15 +86,7 @@ impl LiveJobs {
     /// A new attempt was handed to an agent: earlier reports no longer count.
     pub fn assigned(&self, job: &str, attempt: u32, agent_id: &str, node: &str) {
         self.waiting().remove(job);
-        let live = LiveJob {
-            attempt,
-            agent_id: agent_id.into(),
-            node: node.into(),
-            bytes_done: 0,
-            bytes_total: 0,
-            outcome: None,
-        };
-        self.jobs().insert(job.into(), live);
+        self.jobs().insert(job.into(), LiveJob::new(attempt, agent_id, node));
     }
 
     /// Records a progress report. A report of another attempt than the one
@@ -85,18 +95,13 @@ impl LiveJobs {
     pub fn progress(&self, agent_id: &str, node: &str, report: &JobProgress) -> bool {
         let accepted = {
             let mut jobs = self.jobs();
-            let live = jobs.entry(report.job_id.clone()).or_insert_with(|| LiveJob {
-                attempt: report.attempt,
-                agent_id: agent_id.into(),
-                node: node.into(),
-                bytes_done: 0,
-                bytes_total: 0,
-                outcome: None,
-            });
+            let live =
+                jobs.entry(report.job_id.clone()).or_insert_with(|| LiveJob::new(report.attempt, agent_id, node));
             let current = live.attempt == report.attempt && live.agent_id == agent_id && live.outcome.is_none();
             if current {
                 live.bytes_done = report.bytes_done;
                 live.bytes_total = report.bytes_total;
+                live.updated = Instant::now();
             }
             current
         };
@@ -119,17 +124,12 @@ impl LiveJobs {
         };
         let accepted = {
             let mut jobs = self.jobs();
-            let live = jobs.entry(result.job_id.clone()).or_insert_with(|| LiveJob {
-                attempt: result.attempt,
-                agent_id: agent_id.into(),
-                node: node.into(),
-                bytes_done: 0,
-                bytes_total: 0,
-                outcome: None,
-            });
+            let live =
+                jobs.entry(result.job_id.clone()).or_insert_with(|| LiveJob::new(result.attempt, agent_id, node));
             let current = live.attempt == result.attempt && live.agent_id == agent_id;
             if current {
                 live.outcome = Some(outcome);
+                live.updated = Instant::now();
             }
             current
         };

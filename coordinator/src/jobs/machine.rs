@@ -51,7 +51,12 @@ pub struct Observed<'a> {
     pub live: Option<&'a LiveJob>,
     pub holder: Holder,
     pub holders: Holders,
+    /// The pinned backup reference the spec and the configured location
+    /// give now; `None` when the source is not a valid reference.
+    pub target: Option<&'a str>,
     pub since_transition: Duration,
+    /// Since the agent last reported on the job, if it did.
+    pub since_report: Option<Duration>,
     /// How long this coordinator has run: after a restart, agents get the
     /// grace to reconnect before their jobs count as lost.
     pub uptime: Duration,
@@ -126,6 +131,11 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
         return Next::Record(Transition::Restart { generation: observed.generation });
     }
     match status.phase {
+        // A backup made for another location (the settings changed) is
+        // not the one workloads would be pointed at: copy it again.
+        Phase::Completed if observed.target.is_some() && status.backup_reference.as_deref() != observed.target => {
+            Next::Record(Transition::Restart { generation: observed.generation })
+        }
         Phase::Completed | Phase::Failed => Next::Idle,
         Phase::Pending => {
             if status.attempts > 0 {
@@ -181,10 +191,13 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
         }
     }
     let grace = limits.grace;
+    let quiet = observed.since_report.map_or(observed.since_transition, |r| r.min(observed.since_transition));
     match observed.holder {
-        Holder::Running => Next::Idle,
+        // Reports and slot changes wake the job; the look after the grace
+        // is a safety net for a wake-up that never comes.
+        Holder::Running => Next::After(grace),
         // A result may still be on its way: give it the grace.
-        Holder::NotRunning if observed.since_transition < grace => Next::After(grace - observed.since_transition),
+        Holder::NotRunning if quiet < grace => Next::After(grace - quiet),
         Holder::NotRunning => {
             Next::Record(Transition::Lost { error: format!("agent {agent} on node {node} no longer runs the copy") })
         }
@@ -316,7 +329,9 @@ mod tests {
             live,
             holder: Holder::Running,
             holders: Holders::default(),
+            target: Some("r@sha256:x"),
             since_transition: Duration::from_secs(1),
+            since_report: None,
             uptime: Duration::from_secs(3600),
         }
     }
@@ -329,6 +344,7 @@ mod tests {
             bytes_done: 0,
             bytes_total: 0,
             outcome,
+            updated: std::time::Instant::now(),
         }
     }
 
@@ -382,7 +398,8 @@ mod tests {
         );
         let shown = Transition::Progress { bytes_done: 50, bytes_total: 100 }.apply(&pushing, Timestamp::now());
         assert_eq!(shown.progress.as_deref(), Some("50% 0.0/0.0 MB"));
-        assert_eq!(next(&observed(&shown, Some(&report)), &limits()), Next::Idle, "same progress is not rewritten");
+        let unchanged = next(&observed(&shown, Some(&report)), &limits());
+        assert_eq!(unchanged, Next::After(limits().grace), "same progress is not written again");
         let success = live(Some(Outcome::Success(JobSuccess::default())));
         assert!(matches!(next(&observed(&pushing, Some(&success)), &limits()), Next::Verify(_)));
         let lost = live(Some(Outcome::Lost("gone".into())));
@@ -396,7 +413,7 @@ mod tests {
     fn an_agent_that_forgot_the_job_or_went_away_loses_it_after_the_grace() {
         let assigned = status(Phase::Assigned, 1);
         let mut o = observed(&assigned, None);
-        assert_eq!(next(&o, &limits()), Next::Idle);
+        assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(30)), "looked at again after the grace");
         o.holder = Holder::NotRunning;
         assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(29)));
         o.since_transition = Duration::from_secs(31);
@@ -404,6 +421,27 @@ mod tests {
         o.holder = Holder::Absent;
         o.uptime = Duration::from_secs(10);
         assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(20)), "a restarted coordinator waits");
+    }
+
+    #[test]
+    fn a_backup_made_for_another_location_is_made_again() {
+        let mut done = status(Phase::Completed, 1);
+        done.backup_reference = Some("old.registry/r@sha256:x".into());
+        assert_eq!(next(&observed(&done, None), &limits()), Next::Record(Transition::Restart { generation: 1 }));
+        done.backup_reference = Some("r@sha256:x".into());
+        assert_eq!(next(&observed(&done, None), &limits()), Next::Idle);
+    }
+
+    #[test]
+    fn a_recent_report_extends_the_grace() {
+        let pushing = status(Phase::Pushing, 1);
+        let o = Observed {
+            holder: Holder::NotRunning,
+            since_transition: Duration::from_secs(300),
+            since_report: Some(Duration::from_secs(10)),
+            ..observed(&pushing, None)
+        };
+        assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(20)));
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::context::{Error, kube_err};
 /// Pods per page when listing a namespace.
 const PAGE: u32 = 500;
 
+/// How long a namespace's listing is kept after its last use.
+const LISTING_KEPT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Container name to the digest its pods run.
 pub type Digests = HashMap<String, String>;
 
@@ -47,7 +50,7 @@ pub struct DigestCache {
     /// The last listing of each namespace, behind a lock per namespace so
     /// that concurrent reconciles wait for one list instead of each making
     /// their own.
-    namespaces: Mutex<HashMap<String, NamespaceSlot>>,
+    namespaces: Mutex<HashMap<String, (Instant, NamespaceSlot)>>,
     /// When the watch first showed each workload rolled out at its
     /// generation.
     rolled_out: Mutex<HashMap<WorkloadKey, (i64, Instant)>>,
@@ -81,7 +84,17 @@ impl DigestCache {
         let generation = workload.metadata().generation.unwrap_or(0);
         let since = *lock(&self.rolled_out).entry(workload.key()).or_insert((generation, Instant::now()));
         let since = since.1;
-        let slot = lock(&self.namespaces).entry(workload.namespace().to_string()).or_default().clone();
+        let slot = {
+            let mut namespaces = lock(&self.namespaces);
+            // A listing serves the burst of reconciles it was made for;
+            // later rollouts need a new one anyway.
+            namespaces.retain(|_, (used, _)| used.elapsed() < LISTING_KEPT);
+            let (used, slot) = namespaces
+                .entry(workload.namespace().to_string())
+                .or_insert_with(|| (Instant::now(), NamespaceSlot::default()));
+            *used = Instant::now();
+            slot.clone()
+        };
         let listing = {
             let mut slot = slot.lock().await;
             match slot.as_ref() {

@@ -27,7 +27,7 @@ use tracing::{debug, info, instrument};
 
 use crate::context::{Context, Error, MANAGER, kube_err};
 use rewrite::{RewriteError, backup_patch};
-use usage::WorkloadKey;
+use usage::{Use, WorkloadKey};
 use workload::Workload;
 
 /// How soon a workload whose pods report no digest yet looks again.
@@ -59,42 +59,64 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         ctx.digests.forget(&key);
         return Ok(Action::await_change());
     }
-    if !workload.rollout_complete() {
-        debug!("rollout not complete");
-        return Ok(Action::await_change());
-    }
+    let rolled_out = workload.rollout_complete();
+    let originals = rewrite::originals(&workload).unwrap_or_default();
     let mut images = Vec::new();
+    // Backups the workload was patched to, by the source they stand for.
+    let mut pinned = BTreeMap::new();
     let mut seen = HashSet::new();
     for container in workload.container_images() {
         if !seen.insert(container.image.clone()) {
             continue;
         }
         match ImageRef::parse(&container.image) {
-            Ok(source) if ctx.config.backup.holds(&source) => {}
+            Ok(backup) if ctx.config.backup.holds(&backup) => {
+                let source = originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
+                if let (Some(source), Some(digest)) = (source, backup.digest()) {
+                    pinned.insert(image_backup_crds::name_for(&source), Use::Pinned(digest.to_string()));
+                }
+            }
             Ok(source) => images.push((container, source)),
-            Err(e) => {
+            Err(e) if rolled_out => {
                 ctx.event(&workload.object_ref(), EventType::Warning, "InvalidImage", e.to_string()).await;
             }
+            Err(_) => {}
         }
     }
-    ctx.usage.set(&key, images.iter().map(|(_, source)| image_backup_crds::name_for(source)).collect());
+    if !rolled_out {
+        // What it will run, with no digest yet: a workload moving to its
+        // backups stops counting as a user of the content it ran.
+        let runs = images.iter().map(|(_, s)| (image_backup_crds::name_for(s), Use::Runs(String::new())));
+        ctx.usage.set(&key, pinned.into_iter().chain(runs).collect());
+        debug!("rollout not complete");
+        return Ok(Action::await_change());
+    }
     // Digests of tagged images come from the pods.
     let tagged = images.iter().any(|(_, source)| source.digest().is_none());
     let pod_digests = if tagged { Some(ctx.digests.get(&ctx.client, &workload).await?) } else { None };
+    let images: Vec<_> = images
+        .into_iter()
+        .map(|(container, source)| {
+            let digest = match source.digest() {
+                Some(digest) => Some(digest.to_string()),
+                None => pod_digests.as_ref().and_then(|d| d.get(&container.name)).cloned(),
+            };
+            (container, source, digest)
+        })
+        .collect();
+    let runs =
+        images.iter().map(|(_, s, d)| (image_backup_crds::name_for(s), Use::Runs(d.clone().unwrap_or_default())));
+    ctx.usage.set(&key, pinned.into_iter().chain(runs).collect());
 
     let mut backups: BTreeMap<String, String> = BTreeMap::new();
     let mut waiting = None;
-    for (container, source) in &images {
-        let digest = match source.digest() {
-            Some(digest) => Some(digest.to_string()),
-            None => pod_digests.as_ref().and_then(|d| d.get(&container.name)).cloned(),
-        };
+    for (container, source, digest) in &images {
         let Some(digest) = digest else {
             debug!(image = %source, "no pod reports the image's digest yet");
             waiting = Some(Waiting::Pods);
             continue;
         };
-        match backup_for(&ctx, source, &digest, &key).await? {
+        match backup_for(&ctx, source, digest, &key).await? {
             Some(reference) => {
                 backups.insert(container.image.clone(), reference);
             }
@@ -143,8 +165,10 @@ async fn backup_for(
     }
     // The target comes from the spec and the configured location, never
     // from status: what a workload runs is not for a status writer to say.
+    // Status only confirms the copy was verified there (not at a location
+    // the settings named before).
     let reference = ctx.config.backup.reference_for(source).map(|target| target.pinned(digest)).ok();
-    Ok(reference)
+    Ok(reference.filter(|r| status.backup_reference.as_ref() == Some(r)))
 }
 
 async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
@@ -176,9 +200,18 @@ async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user
 /// and forth within one change.
 async fn retarget(ctx: &Context, backup: &ImageBackup, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
     let name = backup.name_any();
-    let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    if !matches!(phase, Phase::Completed | Phase::Failed) {
+    let status = backup.status.clone().unwrap_or_default();
+    let settled = status.observed_generation == backup.metadata.generation.unwrap_or(1);
+    if !settled || matches!(status.phase, Phase::Assigned | Phase::Pushing) {
         debug!(imagebackup = %name, "digest moved while a copy is in flight; waiting for it");
+        return Ok(());
+    }
+    // Workloads that still run the old content (not yet patched) keep it:
+    // two workloads on one tag with different contents would otherwise flip
+    // the ImageBackup back and forth, copying each time.
+    let wanted = ctx.usage.digests_of(&name);
+    if wanted.contains(&backup.spec.digest) {
+        info!(imagebackup = %name, workload = %user, wanted = ?wanted, "the tag runs as different contents; the backup of the content other workloads run comes first");
         return Ok(());
     }
     info!(imagebackup = %name, old = %backup.spec.digest, new = %digest, workload = %user, "the tag moved; copying the new digest");

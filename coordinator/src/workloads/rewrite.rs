@@ -32,15 +32,31 @@ pub enum RewriteError {
     Nothing { workload: String },
 }
 
+/// The images a workload ran before it was patched, from its annotation.
+pub fn originals(workload: &Workload) -> Result<OriginalImages, RewriteError> {
+    match workload.metadata().annotations.as_ref().and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION)) {
+        Some(text) => serde_json::from_str::<OriginalImages>(text)
+            .map_err(|error| RewriteError::Annotation { workload: workload.key().to_string(), error }),
+        None => Ok(OriginalImages::default()),
+    }
+}
+
+impl OriginalImages {
+    /// The original image of a container.
+    pub fn of(&self, list: ContainerList, container: &str) -> Option<&str> {
+        let list = match list {
+            ContainerList::InitContainers => &self.init_containers,
+            ContainerList::Containers => &self.containers,
+        };
+        list.get(container).map(String::as_str)
+    }
+}
+
 /// Builds the patch that points every container whose image is a key of
 /// `backups` at its value (a backup reference pinned by digest), and records
 /// the originals in the annotation (keeping those of an earlier rewrite).
 pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> Result<Patch, RewriteError> {
-    let mut originals = match workload.metadata().annotations.as_ref().and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION)) {
-        Some(text) => serde_json::from_str::<OriginalImages>(text)
-            .map_err(|error| RewriteError::Annotation { workload: workload.key().to_string(), error })?,
-        None => OriginalImages::default(),
-    };
+    let mut originals = originals(workload)?;
     let mut ops = Vec::new();
     for container in workload.container_images() {
         let Some(backup) = backups.get(&container.image) else { continue };

@@ -4,7 +4,7 @@
 //! ImageBackup finishes and tells JobService who uses an image.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::Mutex,
 };
@@ -23,9 +23,19 @@ impl fmt::Display for WorkloadKey {
     }
 }
 
+/// How a workload uses an ImageBackup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// It runs the source, at this digest (empty while its pods report
+    /// none): the backup is for it.
+    Runs(String),
+    /// It was patched to the backup of this digest.
+    Pinned(String),
+}
+
 #[derive(Default)]
 struct Index {
-    by_workload: HashMap<WorkloadKey, BTreeSet<String>>,
+    by_workload: HashMap<WorkloadKey, BTreeMap<String, Use>>,
     by_backup: HashMap<String, BTreeSet<WorkloadKey>>,
 }
 
@@ -39,11 +49,12 @@ impl Usage {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The ImageBackups `workload` uses now, replacing what it used before.
-    pub fn set(&self, workload: &WorkloadKey, backups: BTreeSet<String>) {
+    /// The ImageBackups `workload` uses now and how, replacing what it used
+    /// before.
+    pub fn set(&self, workload: &WorkloadKey, backups: BTreeMap<String, Use>) {
         let mut index = self.lock();
         let before = index.by_workload.remove(workload).unwrap_or_default();
-        for gone in before.difference(&backups) {
+        for gone in before.keys().filter(|name| !backups.contains_key(*name)) {
             if let Some(users) = index.by_backup.get_mut(gone) {
                 users.remove(workload);
                 if users.is_empty() {
@@ -51,7 +62,7 @@ impl Usage {
                 }
             }
         }
-        for name in &backups {
+        for name in backups.keys() {
             index.by_backup.entry(name.clone()).or_default().insert(workload.clone());
         }
         if !backups.is_empty() {
@@ -60,7 +71,21 @@ impl Usage {
     }
 
     pub fn remove(&self, workload: &WorkloadKey) {
-        self.set(workload, BTreeSet::new());
+        self.set(workload, BTreeMap::new());
+    }
+
+    /// The digests that workloads still running the source of ImageBackup
+    /// `name` run (those known); workloads already pinned to a backup are
+    /// served whatever the source does.
+    pub fn digests_of(&self, name: &str) -> BTreeSet<String> {
+        let index = self.lock();
+        let users = index.by_backup.get(name).into_iter().flatten();
+        users
+            .filter_map(|user| match index.by_workload.get(user).and_then(|backups| backups.get(name)) {
+                Some(Use::Runs(digest)) if !digest.is_empty() => Some(digest.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The workloads that use the ImageBackup `name`, in order.
@@ -80,12 +105,18 @@ mod tests {
     #[test]
     fn follows_what_each_workload_uses_now() {
         let usage = Usage::default();
-        usage.set(&key("web"), ["nginx".to_string(), "busybox".to_string()].into());
-        usage.set(&key("api"), ["nginx".to_string()].into());
-        assert_eq!(usage.workloads_of("nginx"), [key("api"), key("web")]);
-        usage.set(&key("web"), ["busybox".to_string()].into());
-        assert_eq!(usage.workloads_of("nginx"), [key("api")]);
+        let runs = |digest: &str| Use::Runs(digest.into());
+        let uses = |names: &[(&str, Use)]| names.iter().map(|(n, u)| (n.to_string(), u.clone())).collect();
+        usage.set(&key("web"), uses(&[("nginx", runs("sha256:1")), ("busybox", runs(""))]));
+        usage.set(&key("api"), uses(&[("nginx", runs("sha256:2"))]));
+        usage.set(&key("old"), uses(&[("nginx", Use::Pinned("sha256:0".into()))]));
+        assert_eq!(usage.workloads_of("nginx"), [key("api"), key("old"), key("web")]);
+        assert_eq!(usage.digests_of("nginx"), ["sha256:1".to_string(), "sha256:2".to_string()].into());
+        assert!(usage.digests_of("busybox").is_empty(), "unknown digests are left out");
+        usage.set(&key("web"), uses(&[("busybox", runs(""))]));
+        assert_eq!(usage.workloads_of("nginx"), [key("api"), key("old")]);
         usage.remove(&key("api"));
+        usage.remove(&key("old"));
         assert!(usage.workloads_of("nginx").is_empty());
         assert_eq!(usage.workloads_of("busybox"), [key("web")]);
         assert_eq!(key("web").to_string(), "Deployment/shop/web");
