@@ -152,6 +152,60 @@ pub async fn cluster(kind: ApiServerKind) -> Option<(ClusterGuard, Client)> {
     }
 }
 
+/// The client the coordinator runs with. On a real API server: the
+/// coordinator's ServiceAccount with exactly the RBAC of `deploy/rbac.yaml`,
+/// so a verb the coordinator uses but the install does not grant fails the
+/// test (403). The emulator has no RBAC: the admin client.
+pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
+    if kind == ApiServerKind::Emulator {
+        return admin.clone();
+    }
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    use kube::api::{DeleteParams, PostParams};
+    let rbac = include_str!("../../deploy/rbac.yaml");
+    for doc in serde_yaml::Deserializer::from_str(rbac) {
+        let object: Value = serde::Deserialize::deserialize(doc).expect("deploy/rbac.yaml parses");
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        match object["kind"].as_str() {
+            Some("ServiceAccount") => {
+                create(&Api::<ServiceAccount>::namespaced(admin.clone(), "image-backup"), object).await;
+            }
+            // Replaced, so the test holds the checked-in rules, not an
+            // earlier run's.
+            Some("ClusterRole") => {
+                let api = Api::<ClusterRole>::all(admin.clone());
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                create(&api, object).await;
+            }
+            Some("ClusterRoleBinding") => {
+                let api = Api::<ClusterRoleBinding>::all(admin.clone());
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+                create(&api, object).await;
+            }
+            _ => {}
+        }
+    }
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), "image-backup")
+        .create_token_request("image-backup-coordinator", &PostParams::default(), &request)
+        .await
+        .expect("a token for the coordinator's ServiceAccount")
+        .status
+        .and_then(|status| status.token)
+        .expect("TokenRequest answers with a token");
+    let path = std::env::var_os("IMAGE_BACKUP_TEST_KUBECONFIG").expect("a real API server");
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    Client::try_from(config).expect("a client with the coordinator's token")
+}
+
 /// Deletes what tests create, in every namespace. Pods go at once: with no
 /// kubelet, a graceful delete would leave them terminating for good.
 async fn wipe(client: &Client) {

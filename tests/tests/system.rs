@@ -17,8 +17,8 @@ use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client:
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, eventually, prepare, start_agent, start_agent_on,
-        start_coordinator,
+        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, eventually, prepare,
+        start_agent, start_agent_on, start_coordinator,
     },
     containerd::NAMESPACE,
     init_tracing, on_both_api_servers,
@@ -36,6 +36,7 @@ const MB: usize = 1 << 20;
 /// registry that is only a name: it is gone before the backups run, and
 /// they still succeed, from the nodes' content.
 struct Setup {
+    kind: ApiServerKind,
     _cluster: ClusterGuard,
     client: Client,
     w: Workloads,
@@ -57,6 +58,7 @@ impl Setup {
         let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
         let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
         Some(Self {
+            kind,
             _cluster: cluster,
             w: Workloads { client: client.clone() },
             client,
@@ -77,6 +79,7 @@ impl Setup {
     }
 
     async fn start_coordinator(&self) -> (std::net::SocketAddr, String) {
+        let client = coordinator_client(self.kind, &self.client).await;
         let config = CoordinatorConfig {
             backup: BackupTarget { registry: self.backup_host(), prefix: "backup".into() },
             registry: self.registry_config(),
@@ -86,7 +89,7 @@ impl Setup {
             retry_backoff: Duration::from_millis(500),
             heartbeat_deadline: Duration::from_secs(10),
         };
-        start_coordinator(&self.client, config).await
+        start_coordinator(&client, config).await
     }
 
     /// The coordinator and an agent on each node.
