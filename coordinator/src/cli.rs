@@ -50,6 +50,10 @@ pub struct Cli {
     /// An agent silent this long loses its jobs to another node.
     #[arg(long, env = "IMAGE_BACKUP_HEARTBEAT_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat_deadline: Duration,
+    /// Reconciles run at once, per kind: bounds memory and API load when
+    /// thousands of workloads change together (after a start, say).
+    #[arg(long, env = "IMAGE_BACKUP_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: u16,
     #[command(flatten)]
     pub registry: RegistryAccess,
 }
@@ -66,6 +70,7 @@ impl Cli {
             max_attempts: self.max_attempts.max(1),
             retry_backoff: self.retry_backoff,
             heartbeat_deadline: self.heartbeat_deadline,
+            concurrency: self.concurrency.max(1),
         }
     }
 }

@@ -21,4 +21,6 @@ pub struct CoordinatorConfig {
     pub retry_backoff: Duration,
     /// An agent silent for this long loses its jobs.
     pub heartbeat_deadline: Duration,
+    /// Reconciles run at once, per kind.
+    pub concurrency: u16,
 }

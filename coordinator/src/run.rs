@@ -146,7 +146,9 @@ pub async fn run(
 
     // Agent reports and freed slots wake exactly the jobs they concern.
     let wakes = UnboundedReceiverStream::new(woken).map(|name| ObjectRef::<ImageBackup>::new(&name));
+    let limits = controller::Config::default().concurrency(ctx.config.concurrency);
     let backup_controller = Controller::for_shared_stream(for_backups, backup_store.clone())
+        .with_config(limits.clone())
         .reconcile_on(wakes)
         .graceful_shutdown_on(shutdown.clone())
         .run(backups::reconcile, error_policy, ctx.clone())
@@ -155,6 +157,7 @@ pub async fn run(
     // Workloads wake up when one of their ImageBackups finishes.
     let (deployment_watch, deployment_store) = workload_watch(&client, &ctx, Workload::Deployment);
     let deployments = Controller::for_stream(deployment_watch, deployment_store)
+        .with_config(limits.clone())
         .reconcile_on(UnboundedReceiverStream::new(deployment_wakes))
         .watches_shared_stream(for_deployments, {
             let ctx = ctx.clone();
@@ -163,6 +166,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone());
     let (daemonset_watch, daemonset_store) = workload_watch(&client, &ctx, Workload::DaemonSet);
     let daemonsets = Controller::for_stream(daemonset_watch, daemonset_store)
+        .with_config(limits)
         .reconcile_on(UnboundedReceiverStream::new(daemonset_wakes))
         .watches_shared_stream(for_daemonsets, {
             let ctx = ctx.clone();

@@ -94,7 +94,19 @@ async fn main() -> anyhow::Result<()> {
 
     let grpc = format!("127.0.0.1:{}", free_port()?);
     let metrics = format!("127.0.0.1:{}", free_port()?);
-    let mut process = Command::new(&coordinator)
+    // BENCH_WRAPPER (e.g. `heaptrack -o /tmp/coordinator`) runs the
+    // coordinator under a profiler; RSS is then the wrapper's.
+    let wrapper: Vec<String> =
+        std::env::var("BENCH_WRAPPER").unwrap_or_default().split_whitespace().map(str::to_string).collect();
+    let mut command = match wrapper.split_first() {
+        Some((tool, args)) => {
+            let mut command = Command::new(tool);
+            command.args(args).arg(&coordinator);
+            command
+        }
+        None => Command::new(&coordinator),
+    };
+    let mut process = command
         .env("KUBECONFIG", &kubeconfig)
         .env("IMAGE_BACKUP_REGISTRY", registry.host())
         .env("IMAGE_BACKUP_INSECURE_REGISTRIES", registry.host())

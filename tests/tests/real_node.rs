@@ -80,6 +80,7 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
         heartbeat_deadline: Duration::from_secs(10),
+        concurrency: 8,
     };
     let (grpc, _) = start_coordinator(&client, config).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };

@@ -88,6 +88,7 @@ impl Setup {
             max_attempts: 3,
             retry_backoff: Duration::from_millis(500),
             heartbeat_deadline: Duration::from_secs(10),
+            concurrency: 8,
         };
         start_coordinator(&client, config).await
     }

@@ -35,6 +35,7 @@ fn coordinator_config(backup_host: &str, report_only: bool, max_attempts: u32) -
         max_attempts,
         retry_backoff: Duration::from_millis(200),
         heartbeat_deadline: Duration::from_secs(10),
+        concurrency: 8,
     }
 }
 

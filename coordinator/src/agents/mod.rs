@@ -24,7 +24,7 @@ use image_backup_proto::v1::{
 };
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
 pub use session::AgentSessions;
 
@@ -350,12 +350,14 @@ impl AgentHub {
                 None
             }
             agent_message::Message::Progress(progress) => {
+                let _span = info_span!("report", imagebackup = %progress.job_id, attempt = progress.attempt).entered();
                 if !self.jobs.progress(agent_id, &node, &progress) {
                     debug!(job = %progress.job_id, attempt = progress.attempt, "progress of a stale attempt dropped");
                 }
                 Some(AgentEvent::Progress { agent_id: agent_id.into(), node, progress })
             }
             agent_message::Message::Result(result) => {
+                let _span = info_span!("report", imagebackup = %result.job_id, attempt = result.attempt).entered();
                 agent.running.remove(&result.job_id);
                 agent.assigned_at.remove(&result.job_id);
                 if !self.jobs.result(agent_id, &node, &result) {
@@ -397,5 +399,78 @@ impl AgentHub {
                 running_jobs: agent.running.into_iter().collect(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use image_backup_proto::v1::PlatformManifest;
+
+    use super::*;
+
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn agent(images: Vec<InventoryImage>, running: &[&str], max: u32) -> Agent {
+        let (tx, _) = mpsc::channel(1);
+        Agent {
+            session: 1,
+            register: Register { node_name: "node-a".into(), max_concurrent_jobs: max, ..Register::default() },
+            connected_at: SystemTime::now(),
+            last_heartbeat: Instant::now(),
+            last_heartbeat_wall: SystemTime::now(),
+            running: running.iter().map(|j| j.to_string()).collect(),
+            assigned_at: HashMap::new(),
+            images: images.into_iter().map(|i| (i.name.clone(), i)).collect(),
+            tx,
+        }
+    }
+
+    fn image(name: &str, digest: &str, media_type: &str, present: &[&str]) -> InventoryImage {
+        InventoryImage {
+            name: name.into(),
+            digest: digest.into(),
+            media_type: media_type.into(),
+            present_manifests: present
+                .iter()
+                .map(|d| PlatformManifest { platform: None, digest: d.to_string() })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn holds_manifests_and_indexes_with_their_own_platform() {
+        let node = agent(
+            vec![
+                image("app:1", "sha256:m", MANIFEST, &[]),
+                image("web:1", "sha256:i", INDEX, &["sha256:amd64"]),
+                image("bare:1", "sha256:empty", INDEX, &[]),
+            ],
+            &[],
+            2,
+        );
+        assert!(node.holds("sha256:m"));
+        assert!(node.holds("sha256:i"), "an index with its own platform's manifest");
+        assert!(node.holds("sha256:amd64"), "a platform manifest of an index it pulled");
+        assert!(!node.holds("sha256:empty"), "an index without any of its manifests is of no use");
+        assert!(!node.holds("sha256:other"));
+    }
+
+    #[test]
+    fn holders_are_the_least_busy_free_agents_and_the_full_ones_are_counted() {
+        let (jobs, _woken) = LiveJobs::new();
+        let hub = AgentHub::new("test", Duration::from_secs(5), Arc::new(jobs));
+        let held = || vec![image("app:1", "sha256:m", MANIFEST, &[])];
+        hub.lock().insert("a".into(), agent(held(), &["j1"], 2));
+        hub.lock().insert("b".into(), agent(held(), &[], 2));
+        hub.lock().insert("c".into(), agent(held(), &["j2"], 1));
+        let holders = hub.holders("sha256:m");
+        assert_eq!(holders.free.map(|(id, _)| id), Some("b".to_string()));
+        assert_eq!(holders.busy, 1);
+        assert!(hub.reserve("c", "j3", 1).is_err(), "a full agent takes no more");
+        assert!(hub.reserve("b", "j3", 1).is_ok());
+        assert_eq!(hub.holder("b", "j3"), Holder::Running);
+        assert_eq!(hub.holder("a", "j3"), Holder::NotRunning);
+        assert_eq!(hub.holder("z", "j3"), Holder::Absent);
     }
 }
