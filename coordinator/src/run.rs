@@ -91,6 +91,7 @@ pub async fn run(
     let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(forget_managed_fields)
         .reflect_shared(writer)
         .for_each({
             let (ctx, feed) = (ctx.clone(), feed.clone());
@@ -242,6 +243,7 @@ where
     let ctx = ctx.clone();
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(forget_managed_fields)
         .reflect(writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
@@ -256,6 +258,12 @@ where
         })
         .touched_objects();
     (stream, store)
+}
+
+/// Field ownership is never read here, and on a real API server it is
+/// often the largest part of a watched object.
+fn forget_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Fails at start, with a message that says what to do, when the CRD is

@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo build --release -p image-backup-coordinator && cargo bench -p image-backup-tests --bench coordinator
 //! # against a real API server without controllers (K8S_CONTROLLERS=0 of ../shared/k8s):
+//! # (it deletes every workload, pod, event and ImageBackup there first)
 //! IMAGE_BACKUP_BENCH_KUBECONFIG=/tmp/k8s-api/kubeconfig cargo bench -p image-backup-tests --bench coordinator
 //! ```
 //!
@@ -63,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
             let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-            (None, Client::try_from(config)?, PathBuf::from(path), "real kube-apiserver")
+            let client = Client::try_from(config)?;
+            // What an earlier run left would be watched too.
+            image_backup_tests::cluster::wipe(&client).await;
+            (None, client, PathBuf::from(path), "real kube-apiserver")
         }
         None => {
             let server = ApiServer::start().await?;

@@ -56,6 +56,22 @@ pub async fn prepare(client: &Client, namespaces: &[&str]) {
     }
 }
 
+/// The coordinator's settings in tests: backups under `backup/` of a
+/// plain-HTTP registry, quick retries.
+pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
+    use image_backup_coordinator::workloads::workload::Exclusions;
+    CoordinatorConfig {
+        backup: image_backup_oci::BackupTarget { registry: backup_host.into(), prefix: "backup".into() },
+        registry: RegistryConfig { insecure_hosts: vec![backup_host.into()], ..RegistryConfig::default() },
+        exclusions: Exclusions::new(Vec::new(), "image-backup"),
+        report_only: false,
+        max_attempts: 3,
+        retry_backoff: Duration::from_millis(500),
+        heartbeat_deadline: Duration::from_secs(10),
+        concurrency: 8,
+    }
+}
+
 /// Starts the coordinator on loopback ports; returns its gRPC address and
 /// its metrics URL. It runs until the test ends.
 pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (std::net::SocketAddr, String) {
@@ -206,9 +222,10 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
     Client::try_from(config).expect("a client with the coordinator's token")
 }
 
-/// Deletes what tests create, in every namespace. Pods go at once: with no
+/// Deletes what tests create, in every namespace (a throwaway API server
+/// only). Pods go at once: with no
 /// kubelet, a graceful delete would leave them terminating for good.
-async fn wipe(client: &Client) {
+pub async fn wipe(client: &Client) {
     use kube::api::{DeleteParams, ListParams};
     let all = ListParams::default();
     let now = DeleteParams::default().grace_period(0);

@@ -8,12 +8,11 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::{BackupTarget, registry::RegistryConfig};
+use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{eventually, prepare, start_agent_on, start_coordinator},
+    cluster::{coordinator_config, eventually, prepare, start_agent_on, start_coordinator},
     image::PlatformImage,
     init_tracing,
     node::{K8S_NAMESPACE, RealNode},
@@ -72,17 +71,7 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     eventually("the kubelet runs the source image", Duration::from_secs(120), || rolled_out(&deployments)).await;
 
     // The coordinator and an agent on the node's own containerd.
-    let config = CoordinatorConfig {
-        backup: BackupTarget { registry: backup.host(), prefix: "backup".into() },
-        registry: RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() },
-        exclusions: Exclusions::new(Vec::new(), "image-backup"),
-        report_only: false,
-        max_attempts: 3,
-        retry_backoff: Duration::from_millis(500),
-        heartbeat_deadline: Duration::from_secs(10),
-        concurrency: 8,
-    };
-    let (grpc, _) = start_coordinator(&client, config).await;
+    let (grpc, _) = start_coordinator(&client, coordinator_config(&backup.host())).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
     start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2).await;
 

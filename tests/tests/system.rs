@@ -10,15 +10,14 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{config::CoordinatorConfig, workloads::workload::Exclusions};
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::{BackupTarget, registry::RegistryConfig};
+use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, eventually, prepare,
-        start_agent, start_agent_on, start_coordinator,
+        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
+        prepare, start_agent, start_agent_on, start_coordinator,
     },
     containerd::NAMESPACE,
     init_tracing, on_both_api_servers,
@@ -80,17 +79,7 @@ impl Setup {
 
     async fn start_coordinator(&self) -> (std::net::SocketAddr, String) {
         let client = coordinator_client(self.kind, &self.client).await;
-        let config = CoordinatorConfig {
-            backup: BackupTarget { registry: self.backup_host(), prefix: "backup".into() },
-            registry: self.registry_config(),
-            exclusions: Exclusions::new(Vec::new(), "image-backup"),
-            report_only: false,
-            max_attempts: 3,
-            retry_backoff: Duration::from_millis(500),
-            heartbeat_deadline: Duration::from_secs(10),
-            concurrency: 8,
-        };
-        start_coordinator(&client, config).await
+        start_coordinator(&client, coordinator_config(&self.backup_host())).await
     }
 
     /// The coordinator and an agent on each node.
