@@ -221,7 +221,7 @@ async fn watch(client: &Client, backups: &Api<ImageBackup>, coordinator_log: &Pa
                 backup.spec.source,
                 status.phase,
                 status.progress.unwrap_or_default(),
-                status.backup_reference.or(status.last_error).unwrap_or_default()
+                status.backup_reference.or(status.message).or(status.last_error).unwrap_or_default()
             ));
         }
         let deployment = deployments.get("sample-web").await?;
