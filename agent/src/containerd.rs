@@ -516,6 +516,9 @@ fn call_error(call: &'static str, subject: &str, status: tonic::Status) -> Conta
     ContainerdError::Call { call, subject: subject.to_string(), status: Box::new(status) }
 }
 
+/// A Unix-socket connector for tonic. Our own because containerd-client's
+/// `connect` fixes the HTTP/2 window sizes, and large windows are what make
+/// reads through the Content service fast (see `connect`).
 fn tower_service(
     path: std::path::PathBuf,
 ) -> impl tower_service::Service<
