@@ -8,13 +8,15 @@ use std::{
 
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::{Registry, RegistryError};
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::{
+    api::{core::v1::ObjectReference, events::v1::Event as K8sEvent},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::{
-        events::{Event, EventType, Recorder, Reporter},
-        reflector::Store,
-    },
+    api::PostParams,
+    runtime::{events::EventType, reflector::Store},
 };
 use tracing::warn;
 
@@ -56,7 +58,6 @@ pub struct Context {
     pub usage: Arc<Usage>,
     pub digests: DigestCache,
     pub registry: Registry,
-    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
 }
 
@@ -74,7 +75,6 @@ impl Context {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RegistryError> {
         let registry = Registry::new(&config.backup.registry, &config.registry)?;
-        let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: None });
         Ok(Arc::new(Self {
             client,
             config,
@@ -86,7 +86,6 @@ impl Context {
             usage,
             digests: DigestCache::default(),
             registry,
-            recorder,
             metrics,
         }))
     }
@@ -95,10 +94,36 @@ impl Context {
         Api::all(self.client.clone())
     }
 
-    /// Records an Event; failing to is logged, never fatal.
+    /// Records an Event; failing to is logged, never fatal. Written here
+    /// rather than with kube's `Recorder`, which keeps every event it sent
+    /// (for series of repeats) and scans them all on each publish: with one
+    /// event per patched workload that was tens of megabytes at thousands of
+    /// workloads, for repeats that do not happen.
     pub async fn event(&self, object: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, object).await {
+        let now = Timestamp::now();
+        let namespace = object.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = object.name.as_deref().unwrap_or(MANAGER);
+        let event = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some(reason.into()),
+            reason: Some(reason.into()),
+            note: Some(note),
+            regarding: Some(object.clone()),
+            reporting_controller: Some(MANAGER.into()),
+            reporting_instance: Some(MANAGER.into()),
+            type_: Some(match type_ {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            ..K8sEvent::default()
+        };
+        let api = Api::<K8sEvent>::namespaced(self.client.clone(), &namespace);
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
             warn!(reason, error = %e, "could not record an event");
         }
     }
