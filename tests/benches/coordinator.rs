@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo build --release -p image-backup-coordinator && cargo bench -p image-backup-tests --bench coordinator
-//! # against a real API server without controllers (K8S_CONTROLLERS=0 of ../shared/k8s):
+//! # against a real API server without controllers (the cluster script's K8S_CONTROLLERS=0 mode):
 //! # (it deletes every workload, pod, event and ImageBackup there first)
 //! IMAGE_BACKUP_BENCH_KUBECONFIG=/tmp/k8s-api/kubeconfig cargo bench -p image-backup-tests --bench coordinator
 //! ```
