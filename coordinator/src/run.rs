@@ -51,6 +51,8 @@ pub enum RunError {
     CrdMissing,
     #[error("cannot list ImageBackups: {0}")]
     CrdCheck(kube::Error),
+    #[error("the ImageBackup store cannot be shared between controllers")]
+    Unshared,
     #[error("backup registry settings: {0}")]
     Registry(#[from] image_backup_oci::registry::RegistryError),
     #[error("gRPC reflection: {0}")]
@@ -83,8 +85,8 @@ pub async fn run(
     let feed = JobFeed::new(usage.clone());
 
     let (backup_store, writer) = reflector::store_shared::<ImageBackup>(SHARED_BUFFER);
-    let subscribe = || writer.subscribe().expect("a shared store's writer always subscribes");
-    let (for_backups, for_deployments, for_daemonsets) = (subscribe(), subscribe(), subscribe());
+    let subscribe = || writer.subscribe().ok_or(RunError::Unshared);
+    let (for_backups, for_deployments, for_daemonsets) = (subscribe()?, subscribe()?, subscribe()?);
     let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
     // Deletions reach no shared subscriber: the watch itself hands them on.
     let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();

@@ -284,13 +284,7 @@ impl AgentHub {
         let count = expired.len();
         for (agent_id, agent) in expired {
             warn!(agent = %agent_id, node = %agent.register.node_name, "agent missed its heartbeat deadline");
-            let reason = format!("agent {agent_id} on node {} missed its heartbeat deadline", agent.register.node_name);
-            self.jobs.agent_lost(&agent_id, &reason);
-            self.publish(AgentEvent::Disconnected {
-                agent_id,
-                node: agent.register.node_name,
-                running_jobs: agent.running.into_iter().collect(),
-            });
+            self.gone(agent_id, agent, "missed its heartbeat deadline");
         }
         count
     }
@@ -301,14 +295,15 @@ impl AgentHub {
         let agents: Vec<(String, Agent)> = self.lock().drain().collect();
         for (agent_id, agent) in agents {
             // Dropping the sender ends the reply stream the agent reads.
-            let reason = format!("agent {agent_id} on node {}: this coordinator stopped", agent.register.node_name);
-            self.jobs.agent_lost(&agent_id, &reason);
-            self.publish(AgentEvent::Disconnected {
-                agent_id,
-                node: agent.register.node_name,
-                running_jobs: agent.running.into_iter().collect(),
-            });
+            self.gone(agent_id, agent, "lost its session: this coordinator stopped");
         }
+    }
+
+    /// An agent left: its unfinished jobs are lost, and it is said so.
+    fn gone(&self, agent_id: String, agent: Agent, why: &str) {
+        let node = agent.register.node_name;
+        self.jobs.agent_lost(&agent_id, &format!("agent {agent_id} on node {node} {why}"));
+        self.publish(AgentEvent::Disconnected { agent_id, node, running_jobs: agent.running.into_iter().collect() });
     }
 
     fn handle(&self, agent_id: &str, session: u64, message: agent_message::Message) {
@@ -391,13 +386,7 @@ impl AgentHub {
         };
         if let Some(agent) = removed {
             info!(agent = %agent_id, node = %agent.register.node_name, "agent disconnected");
-            let reason = format!("agent {agent_id} on node {} disconnected", agent.register.node_name);
-            self.jobs.agent_lost(agent_id, &reason);
-            self.publish(AgentEvent::Disconnected {
-                agent_id: agent_id.into(),
-                node: agent.register.node_name,
-                running_jobs: agent.running.into_iter().collect(),
-            });
+            self.gone(agent_id.into(), agent, "disconnected");
         }
     }
 }

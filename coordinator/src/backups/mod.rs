@@ -67,8 +67,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
     } else {
         Holders::default()
     };
-    let target =
-        target_of(ctx, backup).ok().and_then(|t| ImageRef::parse(&t).ok()).map(|t| t.pinned(&backup.spec.digest));
+    let target = target_of(ctx, backup).ok().map(|t| t.pinned(&backup.spec.digest));
     let observed = Observed {
         generation: backup.metadata.generation.unwrap_or(1),
         digest: &backup.spec.digest,
@@ -153,7 +152,7 @@ async fn assign(
         job_id: name.clone(),
         source: backup.spec.source.clone(),
         digest: backup.spec.digest.clone(),
-        target,
+        target: target.to_string(),
         attempt,
         credentials_ref: String::new(),
     };
@@ -170,14 +169,10 @@ async fn assign(
 
 /// The backup reference a job pushes to, from the spec and the configured
 /// backup location.
-fn target_of(ctx: &Context, backup: &ImageBackup) -> Result<String, String> {
+fn target_of(ctx: &Context, backup: &ImageBackup) -> Result<ImageRef, String> {
     let source = ImageRef::parse(&backup.spec.source)
         .map_err(|e| format!("source {:?} is not a valid image reference: {e}", backup.spec.source))?;
-    ctx.config
-        .backup
-        .reference_for(&source)
-        .map(|target| target.to_string())
-        .map_err(|e| format!("no backup reference for {source}: {e}"))
+    ctx.config.backup.reference_for(&source).map_err(|e| format!("no backup reference for {source}: {e}"))
 }
 
 /// The agent's word is not enough: the coordinator looks in the registry.
@@ -190,7 +185,7 @@ async fn verify(
     success: &JobSuccess,
 ) -> Option<Transition> {
     let expected = &backup.spec.digest;
-    let target = match target_of(ctx, backup).and_then(|t| ImageRef::parse(&t).map_err(|e| e.to_string())) {
+    let target = match target_of(ctx, backup) {
         Ok(target) => target,
         Err(error) => return Some(Transition::Failed { error, missing: Vec::new() }),
     };

@@ -201,10 +201,6 @@ impl LiveJobs {
             self.wake(&job);
         }
     }
-
-    pub fn waiting_count(&self) -> usize {
-        self.waiting().len()
-    }
 }
 
 #[cfg(test)]
