@@ -80,7 +80,14 @@ pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (s
     let addr = grpc.local_addr().expect("gRPC address");
     let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
     let counters = image_backup_coordinator::metrics::Metrics::new();
-    tokio::spawn(run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending()));
+    let coordinator =
+        run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
+    tokio::spawn(async move {
+        // A test that waits on a coordinator that has stopped says why.
+        if let Err(e) = coordinator.await {
+            eprintln!("the coordinator stopped: {e}");
+        }
+    });
     (addr, metrics_url)
 }
 
@@ -180,7 +187,7 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
         authentication::v1::{TokenRequest, TokenRequestSpec},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     };
-    use kube::api::{DeleteParams, PostParams};
+    use kube::api::PostParams;
     let rbac = include_str!("../../deploy/rbac.yaml");
     for doc in serde_yaml::Deserializer::from_str(rbac) {
         let object: Value = serde::Deserialize::deserialize(doc).expect("deploy/rbac.yaml parses");
@@ -189,18 +196,10 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
             Some("ServiceAccount") => {
                 create(&Api::<ServiceAccount>::namespaced(admin.clone(), "image-backup"), object).await;
             }
-            // Replaced, so the test holds the checked-in rules, not an
-            // earlier run's.
-            Some("ClusterRole") => {
-                let api = Api::<ClusterRole>::all(admin.clone());
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-                create(&api, object).await;
-            }
-            Some("ClusterRoleBinding") => {
-                let api = Api::<ClusterRoleBinding>::all(admin.clone());
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-                create(&api, object).await;
-            }
+            // Applied in place, so the test holds the checked-in rules and
+            // no earlier grant disappears while a coordinator runs.
+            Some("ClusterRole") => apply(&Api::<ClusterRole>::all(admin.clone()), &name, object).await,
+            Some("ClusterRoleBinding") => apply(&Api::<ClusterRoleBinding>::all(admin.clone()), &name, object).await,
             _ => {}
         }
     }
@@ -219,7 +218,26 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
-    Client::try_from(config).expect("a client with the coordinator's token")
+    let client = Client::try_from(config).expect("a client with the coordinator's token");
+    // RBAC reaches the API server's authorizer through its own watch: wait
+    // until the rules hold, or the coordinator's start-up check is refused.
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    eventually("the coordinator's RBAC takes effect", Duration::from_secs(30), || async {
+        backups.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        deployments.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    client
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, object: Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::apply("image-backup-tests").force(), &Patch::Apply(&object))
+        .await
+        .unwrap_or_else(|e| panic!("apply {name}: {e}"));
 }
 
 /// Deletes what tests create, in every namespace (a throwaway API server
