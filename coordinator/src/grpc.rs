@@ -4,11 +4,7 @@
 //! needs no .proto file. Jobs are read from the ImageBackup reflector
 //! store the controller uses, so a deleted ImageBackup is gone here too.
 
-use std::{
-    collections::HashSet,
-    pin::Pin,
-    sync::{Arc, Mutex},
-};
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use image_backup_crds::{ImageBackup, Phase};
@@ -16,20 +12,16 @@ use image_backup_proto::v1::{
     Agent as ProtoAgent, GetJobRequest, Job, JobEvent, JobPhase, ListAgentsRequest, ListAgentsResponse,
     ListJobsRequest, ListJobsResponse, WatchJobsRequest, job_event, job_service_server::JobService,
 };
-use kube::{
-    ResourceExt,
-    runtime::{reflector::Store, watcher},
-};
+use kube::{ResourceExt, runtime::reflector::Store};
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use crate::{agents::AgentHub, workloads::usage::Usage};
+use crate::{agents::AgentHub, relist::Change, workloads::usage::Usage};
 
 /// Changes of ImageBackups for WatchJobs, fed from the ImageBackup watch
 /// (deletions included, which a reconciler never sees).
 pub struct JobFeed {
     changes: broadcast::Sender<JobEvent>,
-    known: Mutex<HashSet<String>>,
     usage: Arc<Usage>,
 }
 
@@ -38,26 +30,29 @@ pub struct JobFeed {
 impl JobFeed {
     pub fn new(usage: Arc<Usage>) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
-        Arc::new(Self { changes, known: Mutex::default(), usage })
+        Arc::new(Self { changes, usage })
     }
 
-    /// Publishes what a watch event changed.
-    pub fn observe(&self, event: &watcher::Event<ImageBackup>) {
-        let mut known = self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (kind, backup) = match event {
-            watcher::Event::Apply(backup) | watcher::Event::InitApply(backup) => {
-                let kind =
-                    if known.insert(backup.name_any()) { job_event::Type::Added } else { job_event::Type::Modified };
-                (kind, backup)
+    /// Publishes what the ImageBackup watch changed.
+    pub fn publish(&self, change: &Change<'_, ImageBackup, String>) {
+        let event = match change {
+            Change::Added(backup) => {
+                JobEvent { r#type: job_event::Type::Added as i32, job: Some(to_job(backup, &self.usage)) }
             }
-            watcher::Event::Delete(backup) => {
-                known.remove(&backup.name_any());
-                (job_event::Type::Deleted, backup)
+            Change::Modified(backup) => {
+                JobEvent { r#type: job_event::Type::Modified as i32, job: Some(to_job(backup, &self.usage)) }
             }
-            watcher::Event::Init | watcher::Event::InitDone => return,
+            Change::Deleted(_, Some(backup)) => {
+                JobEvent { r#type: job_event::Type::Deleted as i32, job: Some(to_job(backup, &self.usage)) }
+            }
+            // Gone while the watch was away: only its name is left.
+            Change::Deleted(name, None) => JobEvent {
+                r#type: job_event::Type::Deleted as i32,
+                job: Some(Job { name: name.clone(), ..Job::default() }),
+            },
         };
         // No subscriber is not an error.
-        let _ = self.changes.send(JobEvent { r#type: kind as i32, job: Some(to_job(backup, &self.usage)) });
+        let _ = self.changes.send(event);
     }
 }
 

@@ -17,5 +17,6 @@ pub mod grpc;
 pub mod jobs;
 pub mod metrics;
 pub mod probes;
+pub mod relist;
 pub mod run;
 pub mod workloads;

@@ -37,7 +37,12 @@ use crate::{
     jobs::LiveJobs,
     metrics::Metrics,
     probes::{self, Probes},
-    workloads::{self, usage::Usage, workload::Workload},
+    relist::{Change, Seen},
+    workloads::{
+        self,
+        usage::{Usage, WorkloadKey},
+        workload::Workload,
+    },
 };
 
 /// Changes a slow controller may fall behind the shared ImageBackup watch.
@@ -91,6 +96,7 @@ pub async fn run(
     // Deletions reach no shared subscriber: the watch itself hands them on.
     let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();
     let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
+    let mut seen = Seen::new(|backup: &ImageBackup| backup.name_any());
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(forget_managed_fields)
@@ -100,9 +106,11 @@ pub async fn run(
             move |event| {
                 match &event {
                     Ok(event) => {
-                        feed.observe(event);
-                        if let watcher::Event::Delete(backup) = event {
-                            deleted(&ctx, backup, &wake_deployments, &wake_daemonsets);
+                        for change in seen.observe(event) {
+                            feed.publish(&change);
+                            if let Change::Deleted(name, _) = change {
+                                deleted(&ctx, &name, &wake_deployments, &wake_daemonsets);
+                            }
                         }
                     }
                     Err(e) => warn!(error = %e, "ImageBackup watch failed; retrying"),
@@ -208,19 +216,16 @@ pub async fn run(
 /// that use it look again (and make a new one).
 fn deleted(
     ctx: &Context,
-    backup: &ImageBackup,
+    name: &str,
     deployments: &tokio::sync::mpsc::UnboundedSender<ObjectRef<Deployment>>,
     daemonsets: &tokio::sync::mpsc::UnboundedSender<ObjectRef<DaemonSet>>,
 ) {
-    let name = backup.name_any();
     info!(imagebackup = %name, "ImageBackup deleted");
-    ctx.jobs.forget(&name);
-    ctx.written.forget(&name);
-    ctx.creating.failed(&name);
-    if let Some(agent) = backup.status.as_ref().and_then(|s| s.agent.as_deref()) {
-        ctx.hub.cancel(agent, &name, "the ImageBackup was deleted");
-    }
-    for user in ctx.usage.workloads_of(&name) {
+    ctx.jobs.forget(name);
+    ctx.written.forget(name);
+    ctx.creating.failed(name);
+    ctx.hub.cancel_anywhere(name, "the ImageBackup was deleted");
+    for user in ctx.usage.workloads_of(name) {
         // The receivers live as long as the controllers.
         if user.kind == "Deployment" {
             let _ = deployments.send(ObjectRef::new(&user.name).within(&user.namespace));
@@ -239,24 +244,30 @@ fn workload_watch<K>(
     wrap: fn(K) -> Workload,
 ) -> (impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static, Store<K>)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource,
+    K: Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let ctx = ctx.clone();
+    let mut seen = Seen::new(|object: &K| WorkloadKey {
+        kind: <K as k8s_openapi::Resource>::KIND,
+        namespace: object.namespace().unwrap_or_default(),
+        name: object.name_any(),
+    });
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(forget_managed_fields)
         .reflect(writer)
-        .inspect_ok(move |event| match event {
-            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
-                ctx.digests.observed(&wrap(object.clone()));
+        .inspect_ok(move |event| {
+            for change in seen.observe(event) {
+                match change {
+                    Change::Added(object) | Change::Modified(object) => ctx.digests.observed(&wrap(object.clone())),
+                    Change::Deleted(key, _) => {
+                        ctx.usage.remove(&key);
+                        ctx.digests.forget(&key);
+                    }
+                }
             }
-            watcher::Event::Delete(object) => {
-                let key = wrap(object.clone()).key();
-                ctx.usage.remove(&key);
-                ctx.digests.forget(&key);
-            }
-            watcher::Event::Init | watcher::Event::InitDone => {}
         })
         .touched_objects();
     (stream, store)

@@ -11,6 +11,7 @@ use image_backup_coordinator::{
     agents::AgentHub,
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
+    relist::Seen,
     workloads::usage::{Usage, Use, WorkloadKey},
 };
 use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
@@ -18,7 +19,10 @@ use image_backup_proto::v1::{
     GetJobRequest, JobPhase, ListAgentsRequest, ListJobsRequest, WatchJobsRequest, job_event,
     job_service_client::JobServiceClient,
 };
-use kube::runtime::{reflector, watcher};
+use kube::{
+    ResourceExt,
+    runtime::{reflector, watcher},
+};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -50,9 +54,12 @@ async fn reflection_health_and_job_service() {
     // What the ImageBackup watch would bring: each event goes to the store
     // and to the feed.
     let (store, mut writer) = reflector::store::<ImageBackup>();
+    let mut seen = Seen::new(|backup: &ImageBackup| backup.name_any());
     let mut apply = |event: watcher::Event<ImageBackup>| {
         writer.apply_watcher_event(&event);
-        feed.observe(&event);
+        for change in seen.observe(&event) {
+            feed.publish(&change);
+        }
     };
     apply(watcher::Event::Apply(backup(NGINX, Phase::Completed)));
     apply(watcher::Event::Apply(backup(REDIS, Phase::Pushing)));
@@ -133,4 +140,12 @@ async fn reflection_health_and_job_service() {
     apply(watcher::Event::Delete(backup(NGINX, Phase::Completed)));
     let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((event.r#type, event.job.unwrap().source.as_str()), (job_event::Type::Deleted as i32, NGINX));
+
+    // The watch fell behind and listed again: REDIS was deleted meanwhile,
+    // and watchers hear of it although no Delete event came.
+    apply(watcher::Event::Init);
+    apply(watcher::Event::InitDone);
+    let event = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((event.r#type, event.job.unwrap().name), (job_event::Type::Deleted as i32, name(REDIS)));
+    assert!(jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs.is_empty());
 }

@@ -269,6 +269,15 @@ impl AgentHub {
         }
     }
 
+    /// Asks whichever agent runs `job_id` to stop it (its ImageBackup was
+    /// deleted).
+    pub fn cancel_anywhere(&self, job_id: &str, reason: &str) {
+        let agent = self.lock().iter().find(|(_, agent)| agent.running.contains(job_id)).map(|(id, _)| id.clone());
+        if let Some(agent) = agent {
+            self.cancel(&agent, job_id, reason);
+        }
+    }
+
     /// Drops agents that have not heartbeaten within `deadline` and reports
     /// them disconnected with their jobs; called periodically.
     pub fn expire(&self, deadline: Duration) -> usize {
