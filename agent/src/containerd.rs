@@ -34,8 +34,8 @@ pub const DISTRIBUTION_SOURCE_LABEL: &str = "containerd.io/distribution.source."
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
-    #[error("connecting to containerd at {path}: {source}")]
-    Connect { path: String, source: tonic::transport::Error },
+    #[error("connecting to containerd at {path}: {error}")]
+    Connect { path: String, error: tonic::transport::Error },
     #[error("invalid containerd namespace {0:?}")]
     Namespace(String),
     #[error("image {reference} not found in containerd namespace {namespace}")]
@@ -44,8 +44,8 @@ pub enum ContainerdError {
     BlobNotFound { digest: String, namespace: String },
     #[error("containerd {call} for {subject}: {status}")]
     Call { call: &'static str, subject: String, status: Box<tonic::Status> },
-    #[error("reading containerd content file {path}: {source}")]
-    File { path: String, source: std::io::Error },
+    #[error("reading containerd content file {path}: {error}")]
+    File { path: String, error: std::io::Error },
     #[error("containerd returned {got} bytes of {digest} at offset {offset}, expected {expected}")]
     ShortRead { digest: String, offset: u64, got: u64, expected: u64 },
 }
@@ -126,7 +126,7 @@ impl ContentStore {
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .connect_with_connector(tower_service(path.clone()))
             .await
-            .map_err(|source| ContainerdError::Connect { path: path.display().to_string(), source })?;
+            .map_err(|error| ContainerdError::Connect { path: path.display().to_string(), error })?;
         let namespace_value = namespace.parse().map_err(|_| ContainerdError::Namespace(namespace.to_string()))?;
         Ok(Self {
             channel,
@@ -390,11 +390,11 @@ impl ContentStore {
             let path = root.join("blobs").join(algorithm).join(hex);
             let file = tokio::fs::File::open(&path)
                 .await
-                .map_err(|source| ContainerdError::File { path: path.display().to_string(), source })?;
+                .map_err(|error| ContainerdError::File { path: path.display().to_string(), error })?;
             let mut chunks = tokio_util::io::ReaderStream::with_capacity(file, DIRECT_READ_CHUNK);
             let mut got = 0u64;
             while let Some(chunk) = chunks.next().await {
-                let chunk = chunk.map_err(|source| ContainerdError::File { path: path.display().to_string(), source })?;
+                let chunk = chunk.map_err(|error| ContainerdError::File { path: path.display().to_string(), error })?;
                 got += chunk.len() as u64;
                 yield chunk;
             }

@@ -49,13 +49,13 @@ pub struct DaemonConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("connecting to coordinator {endpoint}: {source}")]
-    Connect { endpoint: String, source: tonic::transport::Error },
+    #[error("connecting to coordinator {endpoint}: {error}")]
+    Connect { endpoint: String, error: tonic::transport::Error },
     #[error("coordinator {endpoint} refused the session: {status}")]
     Refused { endpoint: String, status: Box<tonic::Status> },
     #[error("session with coordinator {endpoint} broke: {status}")]
     Broken { endpoint: String, status: Box<tonic::Status> },
-    #[error("reading containerd's images: {0}")]
+    #[error(transparent)]
     Containerd(#[from] ContainerdError),
 }
 
@@ -72,6 +72,7 @@ struct RunningJob {
     /// (the coordinator took the job back, then gave it here again) moves it.
     attempt: Arc<AtomicU32>,
     digest: String,
+    target: String,
 }
 
 /// The node agent in daemon mode. Cheap to share; all state is behind locks.
@@ -135,12 +136,12 @@ impl Agent {
     async fn session(self: Arc<Self>) -> Result<(), SessionError> {
         let endpoint = self.config.coordinator.clone();
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| SessionError::Connect { endpoint: endpoint.clone(), source })?
+            .map_err(|error| SessionError::Connect { endpoint: endpoint.clone(), error })?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .connect()
             .await
-            .map_err(|source| SessionError::Connect { endpoint: endpoint.clone(), source })?;
+            .map_err(|error| SessionError::Connect { endpoint: endpoint.clone(), error })?;
         let (tx, rx) = mpsc::channel(256);
         // Registration and the full inventory are queued before the call, so
         // the coordinator never sees an anonymous session; the channel holds
@@ -248,15 +249,8 @@ impl Agent {
 
     async fn report_progress(self: Arc<Self>, tx: mpsc::Sender<AgentMessage>) {
         let mut interval = tokio::time::interval(self.config.progress_interval);
-        // An operator following `kubectl logs` wants a line now and then,
-        // not one per report.
-        let mut last_logged = tokio::time::Instant::now();
         loop {
             interval.tick().await;
-            let log_now = last_logged.elapsed() >= PROGRESS_LOG_INTERVAL;
-            if log_now {
-                last_logged = tokio::time::Instant::now();
-            }
             let reports: Vec<JobProgress> = lock(&self.jobs)
                 .iter()
                 .map(|(job_id, job)| {
@@ -269,20 +263,11 @@ impl Agent {
                         blobs_total: s.blobs_total,
                         blobs_skipped: s.blobs_existing + s.blobs_mounted,
                         attempt: job.attempt.load(Ordering::Relaxed),
+                        digest: job.digest.clone(),
                     }
                 })
                 .collect();
             for report in reports {
-                if log_now {
-                    info!(
-                        job = %report.job_id,
-                        attempt = report.attempt,
-                        done_mb = report.bytes_done / 1_000_000,
-                        total_mb = report.bytes_total / 1_000_000,
-                        blobs = format_args!("{}/{}", report.blobs_done, report.blobs_total),
-                        "copying"
-                    );
-                }
                 if tx.send(message(agent_message::Message::Progress(report))).await.is_err() {
                     return;
                 }
@@ -332,12 +317,12 @@ impl Agent {
         let job_id = assignment.job_id.clone();
         let mut jobs = lock(&self.jobs);
         if let Some(running) = jobs.get(&job_id) {
-            if running.digest == assignment.digest {
+            if running.digest == assignment.digest && running.target == assignment.target {
                 debug!(job = %job_id, attempt = assignment.attempt, "already running; reporting as the new attempt");
                 running.attempt.store(assignment.attempt, Ordering::Relaxed);
                 return;
             }
-            info!(job = %job_id, digest = %assignment.digest, "the job now copies another digest; stopping the old copy");
+            info!(job = %job_id, digest = %assignment.digest, target = %assignment.target, "the job now copies another digest or to another place; stopping the old copy");
             running.task.abort();
             jobs.remove(&job_id);
         }
@@ -349,7 +334,8 @@ impl Agent {
                 ..JobFailure::default()
             };
             let attempt = assignment.attempt;
-            self.deliver(JobResult { job_id, outcome: Some(job_result::Outcome::Failure(failure)), attempt });
+            let digest = assignment.digest;
+            self.deliver(JobResult { job_id, outcome: Some(job_result::Outcome::Failure(failure)), attempt, digest });
             return;
         }
         let progress = Progress::new();
@@ -357,19 +343,31 @@ impl Agent {
         let agent = self.clone();
         let job_progress = progress.clone();
         let attempt = Arc::new(AtomicU32::new(assignment.attempt));
-        let digest = assignment.digest.clone();
+        let (digest, target) = (assignment.digest.clone(), assignment.target.clone());
         let task_attempt = attempt.clone();
         let task = tokio::spawn(
             async move {
                 let outcome = agent.copy(&assignment, job_progress).await;
-                lock(&agent.jobs).remove(&assignment.job_id);
+                {
+                    // A copy that replaced this one under the same job id
+                    // stays.
+                    let mut jobs = lock(&agent.jobs);
+                    if jobs.get(&assignment.job_id).is_some_and(|job| Arc::ptr_eq(&job.attempt, &task_attempt)) {
+                        jobs.remove(&assignment.job_id);
+                    }
+                }
                 let attempt = task_attempt.load(Ordering::Relaxed);
-                let result = JobResult { job_id: assignment.job_id.clone(), outcome: Some(outcome), attempt };
+                let result = JobResult {
+                    job_id: assignment.job_id.clone(),
+                    outcome: Some(outcome),
+                    attempt,
+                    digest: assignment.digest.clone(),
+                };
                 agent.deliver(result);
             }
             .instrument(span),
         );
-        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest });
+        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest, target });
     }
 
     async fn copy(&self, assignment: &Assignment, progress: Arc<Progress>) -> job_result::Outcome {
@@ -385,7 +383,9 @@ impl Agent {
             Err(e) => return failure(e.to_string(), false),
         };
         info!(%target, digest = %assignment.digest, "copy started");
-        match self.pusher.push(&source, &target, progress).await {
+        let push = self.pusher.push(&source, &target, progress.clone());
+        let pushed = log_progress(push, &progress).await;
+        match pushed {
             Ok(report) => {
                 info!(
                     pinned = %report.pinned,
@@ -406,19 +406,18 @@ impl Agent {
                     duration_seconds: report.duration.as_secs_f64(),
                 })
             }
-            Err(PushError::IncompleteIndex { digest, missing, pushed }) => {
-                let message = PushError::IncompleteIndex { digest, missing: missing.clone(), pushed: pushed.clone() };
-                warn!(error = %message, "copy failed");
-                job_result::Outcome::Failure(JobFailure {
-                    message: message.to_string(),
-                    retryable: false,
-                    missing_platforms: missing.iter().map(|m| to_proto_platform(&m.platform)).collect(),
-                    pushed_manifests: pushed.into_iter().map(to_proto_manifest).collect(),
-                })
-            }
             Err(e) => {
                 warn!(error = %e, "copy failed");
-                failure(e.to_string(), e.retryable())
+                let (message, retryable) = (e.to_string(), e.retryable());
+                match e {
+                    PushError::IncompleteIndex { missing, pushed, .. } => job_result::Outcome::Failure(JobFailure {
+                        message,
+                        retryable,
+                        missing_platforms: missing.iter().map(|m| to_proto_platform(&m.platform)).collect(),
+                        pushed_manifests: pushed.into_iter().map(to_proto_manifest).collect(),
+                    }),
+                    _ => failure(message, retryable),
+                }
             }
         }
     }
@@ -467,6 +466,21 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();
+        }
+    }
+}
+
+/// Runs a copy, logging how far it got now and then: an operator following
+/// `kubectl logs` wants a line every few seconds, whether or not a
+/// coordinator is connected, not one per report.
+async fn log_progress<T>(copy: impl std::future::Future<Output = T>, progress: &Progress) -> T {
+    let mut copy = std::pin::pin!(copy);
+    let mut ticks =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_LOG_INTERVAL, PROGRESS_LOG_INTERVAL);
+    loop {
+        tokio::select! {
+            done = &mut copy => return done,
+            _ = ticks.tick() => info!(progress = %progress.snapshot().summary(), "copying"),
         }
     }
 }

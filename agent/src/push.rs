@@ -41,8 +41,8 @@ pub struct PlatformManifest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
-    #[error("reading {what} from containerd: {source}")]
-    Containerd { what: String, source: ContainerdError },
+    #[error("reading {what} from containerd: {error}")]
+    Containerd { what: String, error: ContainerdError },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("blob {expected} read from containerd has digest {actual}: the content store is corrupt")]
@@ -71,7 +71,7 @@ impl PushError {
         match self {
             PushError::Registry(RegistryError::GaveUp { .. }) => true,
             PushError::Registry(e) => e.status().is_some_and(|s| s >= 500 || s == 429),
-            PushError::Containerd { source: ContainerdError::Call { .. }, .. } => true,
+            PushError::Containerd { error: ContainerdError::Call { .. }, .. } => true,
             _ => false,
         }
     }
@@ -153,13 +153,13 @@ impl Pusher {
                 .store
                 .resolve(source)
                 .await
-                .map_err(|e| PushError::Containerd { what: format!("image {source}"), source: e })?;
+                .map_err(|e| PushError::Containerd { what: format!("image {source}"), error: e })?;
             info!(digest = %record.target.digest, media_type = %record.target.media_type, "resolved image in containerd");
             let lease = self
                 .store
                 .lease(self.options.lease_expiry)
                 .await
-                .map_err(|e| PushError::Containerd { what: "a lease".into(), source: e })?;
+                .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
             let job = Job { pusher: self, registry, repository: target.repository(), lease: &lease, progress };
             let result = job.push_root(&record.target, target).await;
@@ -201,7 +201,7 @@ impl Pusher {
             .store
             .read_all(&root.digest, root.size)
             .await
-            .map_err(|e| PushError::Containerd { what: what(), source: e })?;
+            .map_err(|e| PushError::Containerd { what: what(), error: e })?;
         check_digest(&root.digest, root.size, &bytes)?;
         if !is_index(&effective_media_type(root, &bytes)) {
             return Ok(Vec::new());
@@ -209,7 +209,7 @@ impl Pusher {
         let mut present = Vec::new();
         for (platform, child) in index_children(root, &bytes)? {
             let held =
-                self.store.info(&child.digest).await.map_err(|e| PushError::Containerd { what: what(), source: e })?;
+                self.store.info(&child.digest).await.map_err(|e| PushError::Containerd { what: what(), error: e })?;
             if held.is_some() {
                 present.push(PlatformManifest { platform, digest: child.digest });
             }
@@ -277,11 +277,12 @@ impl Job<'_> {
         let mut present = Vec::new();
         let mut absent = Vec::new();
         for (platform, descriptor) in children {
-            let held =
-                self.pusher.store.info(&descriptor.digest).await.map_err(|e| PushError::Containerd {
-                    what: format!("manifest {}", descriptor.digest),
-                    source: e,
-                })?;
+            let held = self
+                .pusher
+                .store
+                .info(&descriptor.digest)
+                .await
+                .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), error: e })?;
             match held {
                 Some(_) => present.push((platform, descriptor)),
                 None => absent.push((platform, descriptor)),
@@ -325,7 +326,7 @@ impl Job<'_> {
             .store
             .read_all(&descriptor.digest, descriptor.size)
             .await
-            .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), source: e })?;
+            .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), error: e })?;
         check_digest(&descriptor.digest, descriptor.size, &bytes)?;
         Ok(bytes)
     }
@@ -357,7 +358,7 @@ impl Job<'_> {
         self.lease
             .protect(digest)
             .await
-            .map_err(|e| PushError::Containerd { what: format!("a lease on {digest}"), source: e })
+            .map_err(|e| PushError::Containerd { what: format!("a lease on {digest}"), error: e })
     }
 
     async fn push_blobs(&self, blobs: &[Descriptor]) -> Result<(), PushError> {
@@ -387,10 +388,10 @@ impl Job<'_> {
                 .store
                 .info(&blob.digest)
                 .await
-                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), source: e })?
+                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), error: e })?
                 .ok_or_else(|| PushError::Containerd {
                     what: format!("blob {}", blob.digest),
-                    source: ContainerdError::BlobNotFound {
+                    error: ContainerdError::BlobNotFound {
                         digest: blob.digest.clone(),
                         namespace: self.pusher.store.namespace().to_string(),
                     },
@@ -496,7 +497,7 @@ impl Job<'_> {
                 std::io::Error::other(message)
             };
             while let Some(chunk) = source.next().await {
-                let chunk = chunk.map_err(|e| fail(PushError::Containerd { what: format!("blob {}", expected.digest), source: e }))?;
+                let chunk = chunk.map_err(|e| fail(PushError::Containerd { what: format!("blob {}", expected.digest), error: e }))?;
                 seen += chunk.len() as u64;
                 if seen > expected.size {
                     Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;

@@ -58,9 +58,9 @@ pub enum RunError {
     CrdCheck(kube::Error),
     #[error("the ImageBackup store cannot be shared between controllers")]
     Unshared,
-    #[error("backup registry settings: {0}")]
+    #[error("backup registry settings")]
     Registry(#[from] image_backup_oci::registry::RegistryError),
-    #[error("gRPC reflection: {0}")]
+    #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("metrics and probes server: {0}")]
     Probes(std::io::Error),

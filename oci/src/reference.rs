@@ -12,15 +12,15 @@ use oci_spec::distribution::Reference;
 pub struct ImageRef(Reference);
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid image reference {input:?}: {source}")]
+#[error("invalid image reference {input:?}: {reason}")]
 pub struct ParseRefError {
     input: String,
-    source: oci_spec::distribution::ParseError,
+    reason: oci_spec::distribution::ParseError,
 }
 
 impl ImageRef {
     pub fn parse(input: &str) -> Result<Self, ParseRefError> {
-        Reference::try_from(input.trim()).map(Self).map_err(|source| ParseRefError { input: input.to_string(), source })
+        Reference::try_from(input.trim()).map(Self).map_err(|reason| ParseRefError { input: input.to_string(), reason })
     }
 
     /// Registry host as written in references (`docker.io`, `127.0.0.1:5000`).

@@ -283,6 +283,7 @@ async fn run_agent(coordinator: &str, node: &str, images: &[TestImage], registry
         let result = JobResult {
             job_id: assignment.job_id,
             attempt: assignment.attempt,
+            digest: assignment.digest,
             outcome: Some(job_result::Outcome::Success(success)),
         };
         tx.send(send(agent_message::Message::Result(result))).await?;

@@ -5,13 +5,15 @@
 use std::{sync::Arc, time::Duration};
 
 use image_backup_coordinator::{
-    agents::{AgentEvent, AgentHub, AgentSessions},
-    jobs::LiveJobs,
+    agents::{AgentHub, AgentSessions},
+    jobs::{LiveJobs, Outcome},
 };
 use image_backup_oci::registry::RegistryConfig;
-use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer, job_result};
+use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer};
 use image_backup_tests::{
-    Containerd, MediaTypes, Registry, RegistryAuth, TestImage, cluster::start_agent, init_tracing,
+    Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
+    cluster::{eventually, start_agent},
+    init_tracing,
 };
 use tokio::sync::oneshot;
 
@@ -29,22 +31,23 @@ async fn serve(hub: Arc<AgentHub>, listener: tokio::net::TcpListener, stop: ones
         .expect("serve AgentService");
 }
 
-async fn next_event(
-    events: &mut tokio::sync::broadcast::Receiver<AgentEvent>,
-    what: &str,
-    pred: impl Fn(&AgentEvent) -> bool,
-) -> AgentEvent {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match events.recv().await {
-                Ok(event) if pred(&event) => return event,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(e) => panic!("event stream closed waiting for {what}: {e}"),
-            }
-        }
+/// What the agents reported of `job` so far, once it has ended.
+async fn outcome(jobs: &LiveJobs, job: &str) -> Outcome {
+    let mut ended = None;
+    eventually(&format!("{job} ends"), Duration::from_secs(30), || {
+        ended = jobs.get(job).and_then(|live| live.outcome);
+        std::future::ready(ended.is_some().then_some(()).ok_or_else(|| format!("{:?}", jobs.get(job))))
     })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .await;
+    ended.expect("checked above")
+}
+
+/// Waits until the hub knows a node that holds `digest`.
+async fn held(hub: &AgentHub, digest: &str) {
+    eventually(&format!("an agent holds {digest}"), Duration::from_secs(30), || {
+        std::future::ready(hub.holders(digest).free.map(|_| ()).ok_or_else(|| format!("{:?}", hub.agents())))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,14 +60,14 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let hub = AgentHub::new("coordinator-a", Duration::from_secs(1), Arc::new(LiveJobs::new().0));
-    let mut events = hub.subscribe();
+    let jobs = Arc::new(LiveJobs::new().0);
+    let hub = AgentHub::new("coordinator-a", Duration::from_secs(1), jobs.clone());
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(serve(hub.clone(), listener, stopped));
     let registry_config = RegistryConfig { insecure_hosts: vec![registry.host()], ..RegistryConfig::default() };
     let _agent = start_agent(&containerd, "node-a", addr, registry_config).await;
 
-    next_event(&mut events, "inventory", |e| matches!(e, AgentEvent::Inventory { .. })).await;
+    held(&hub, image.digest()).await;
     let agents = hub.agents();
     assert_eq!(agents.len(), 1);
     assert_eq!((agents[0].node_name.as_str(), agents[0].max_jobs), ("node-a", 2));
@@ -86,11 +89,8 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
         },
     )
     .unwrap();
-    let result = next_event(&mut events, "result", |e| matches!(e, AgentEvent::Result { .. })).await;
-    let AgentEvent::Result { node, result, .. } = result else { unreachable!() };
-    assert_eq!(node, "node-a");
-    match result.outcome {
-        Some(job_result::Outcome::Success(success)) => {
+    match outcome(&jobs, "job-1").await {
+        Outcome::Success(success) => {
             assert_eq!(success.digest, image.digest());
             assert_eq!(
                 success.pinned_reference,
@@ -107,8 +107,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     // a candidate moments later.
     let pulled = TestImage::single(MediaTypes::Oci, &[64 << 10], 22);
     pulled.import(&containerd, "docker.io/library/new:1", &[], &[]).await.unwrap();
-    next_event(&mut events, "inventory update", |e| matches!(e, AgentEvent::Inventory { .. })).await;
-    assert!(hub.holders(pulled.digest()).free.is_some());
+    held(&hub, pulled.digest()).await;
 
     // A bad assignment fails with a clear, final error, not a crash.
     hub.assign(
@@ -123,15 +122,8 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
         },
     )
     .unwrap();
-    let failed = next_event(
-        &mut events,
-        "failure",
-        |e| matches!(e, AgentEvent::Result { result, .. } if result.job_id == "job-2"),
-    )
-    .await;
-    let AgentEvent::Result { result, .. } = failed else { unreachable!() };
-    match result.outcome {
-        Some(job_result::Outcome::Failure(failure)) => {
+    match outcome(&jobs, "job-2").await {
+        Outcome::Failure(failure) => {
             assert!(failure.message.contains("not found in containerd"), "{}", failure.message);
             assert!(!failure.retryable);
         }
@@ -153,9 +145,11 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     )
     .unwrap();
     assert_eq!(hub.expire(Duration::ZERO), 1);
-    let lost = next_event(&mut events, "disconnect", |e| matches!(e, AgentEvent::Disconnected { .. })).await;
-    let AgentEvent::Disconnected { running_jobs, node, .. } = lost else { unreachable!() };
-    assert_eq!((node.as_str(), running_jobs), ("node-a", vec!["job-3".to_string()]));
+    match outcome(&jobs, "job-3").await {
+        Outcome::Lost(why) => assert!(why.contains("agent-node-a on node node-a"), "{why}"),
+        other => panic!("expected the job lost with its agent, got {other:?}"),
+    }
+    assert!(hub.agents().is_empty());
     assert_eq!(hub.holders(image.digest()), Default::default());
 
     // The coordinator goes away and comes back on the same address: the
@@ -164,10 +158,8 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(20), server).await.expect("coordinator stops").unwrap();
     let hub = AgentHub::new("coordinator-b", Duration::from_secs(1), Arc::new(LiveJobs::new().0));
-    let mut events = hub.subscribe();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (_stop, stopped) = oneshot::channel();
     tokio::spawn(serve(hub.clone(), listener, stopped));
-    next_event(&mut events, "inventory after restart", |e| matches!(e, AgentEvent::Inventory { .. })).await;
-    assert!(hub.holders(image.digest()).free.is_some());
+    held(&hub, image.digest()).await;
 }

@@ -19,10 +19,9 @@ use std::{
 
 use image_backup_oci::media::is_index;
 use image_backup_proto::v1::{
-    Assignment, Cancel, CoordinatorMessage, InventoryImage, JobProgress, JobResult, Platform, Register, agent_message,
-    coordinator_message,
+    Assignment, Cancel, CoordinatorMessage, InventoryImage, Platform, Register, agent_message, coordinator_message,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{debug, info, info_span, warn};
 
@@ -36,37 +35,6 @@ use crate::jobs::{
 /// How long an assignment counts as running before the agent's heartbeats
 /// list it, at the least.
 const IN_TRANSIT_MIN: Duration = Duration::from_secs(20);
-
-/// What happened on an agent session, for the controllers to act on.
-#[derive(Clone, Debug)]
-pub enum AgentEvent {
-    Connected {
-        agent_id: String,
-        node: String,
-    },
-    /// The agent's image inventory changed.
-    Inventory {
-        agent_id: String,
-        node: String,
-    },
-    Progress {
-        agent_id: String,
-        node: String,
-        progress: JobProgress,
-    },
-    Result {
-        agent_id: String,
-        node: String,
-        result: JobResult,
-    },
-    /// The session ended or the agent missed its heartbeat deadline; its
-    /// running jobs are lost unless it reconnects with them.
-    Disconnected {
-        agent_id: String,
-        node: String,
-        running_jobs: Vec<String>,
-    },
-}
 
 /// A connected agent as the coordinator sees it.
 #[derive(Clone, Debug)]
@@ -126,20 +94,17 @@ pub struct AgentHub {
     heartbeat_interval: Duration,
     agents: Mutex<HashMap<String, Agent>>,
     sessions: AtomicU64,
-    events: broadcast::Sender<AgentEvent>,
     jobs: Arc<LiveJobs>,
     started: Instant,
 }
 
 impl AgentHub {
     pub fn new(coordinator_id: impl Into<String>, heartbeat_interval: Duration, jobs: Arc<LiveJobs>) -> Arc<Self> {
-        let (events, _) = broadcast::channel(1024);
         Arc::new(Self {
             coordinator_id: coordinator_id.into(),
             heartbeat_interval,
             agents: Mutex::default(),
             sessions: AtomicU64::new(0),
-            events,
             jobs,
             started: Instant::now(),
         })
@@ -150,18 +115,8 @@ impl AgentHub {
         self.started.elapsed()
     }
 
-    /// Session events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
-        self.events.subscribe()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Agent>> {
         self.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn publish(&self, event: AgentEvent) {
-        // No subscriber is not an error: the controllers may not run yet.
-        let _ = self.events.send(event);
     }
 
     pub fn agents(&self) -> Vec<AgentInfo> {
@@ -214,7 +169,7 @@ impl AgentHub {
     /// Takes a slot of `agent_id` for an attempt of `job`, before the
     /// attempt is recorded; [`AgentHub::send`] delivers it afterwards and
     /// [`AgentHub::release`] gives the slot back if recording failed.
-    pub fn reserve(&self, agent_id: &str, job: &str, attempt: u32) -> Result<(), AssignError> {
+    pub fn reserve(&self, agent_id: &str, job: &str, attempt: u32, digest: &str) -> Result<(), AssignError> {
         let mut agents = self.lock();
         let agent = agents.get_mut(agent_id).ok_or_else(|| AssignError::NotConnected(agent_id.to_string()))?;
         let max = agent.register.max_concurrent_jobs.max(1);
@@ -226,7 +181,7 @@ impl AgentHub {
                 max,
             });
         }
-        self.jobs.assigned(job, attempt, agent_id, &agent.register.node_name);
+        self.jobs.assigned(job, attempt, digest, agent_id);
         agent.assigned_at.insert(job.to_string(), Instant::now());
         agent.running.insert(job.to_string());
         Ok(())
@@ -252,20 +207,25 @@ impl AgentHub {
 
     /// Reserves and delivers at once (tests and tools that keep no status).
     pub fn assign(&self, agent_id: &str, assignment: Assignment) -> Result<(), AssignError> {
-        self.reserve(agent_id, &assignment.job_id, assignment.attempt)?;
+        self.reserve(agent_id, &assignment.job_id, assignment.attempt, &assignment.digest)?;
         let job = assignment.job_id.clone();
         self.send(agent_id, assignment).inspect_err(|_| self.release(agent_id, &job))
     }
 
     /// Asks an agent to stop a job (reassigned elsewhere, or deleted).
     pub fn cancel(&self, agent_id: &str, job_id: &str, reason: &str) {
-        let mut agents = self.lock();
-        if let Some(agent) = agents.get_mut(agent_id) {
-            agent.running.remove(job_id);
+        let freed = {
+            let mut agents = self.lock();
+            let Some(agent) = agents.get_mut(agent_id) else { return };
             let cancel = Cancel { job_id: job_id.into(), reason: reason.into() };
             let _ = agent
                 .tx
                 .try_send(Ok(CoordinatorMessage { message: Some(coordinator_message::Message::Cancel(cancel)) }));
+            agent.assigned_at.remove(job_id);
+            agent.running.remove(job_id)
+        };
+        if freed {
+            self.jobs.wake_waiting();
         }
     }
 
@@ -312,23 +272,21 @@ impl AgentHub {
     fn gone(&self, agent_id: String, agent: Agent, why: &str) {
         let node = agent.register.node_name;
         self.jobs.agent_lost(&agent_id, &format!("agent {agent_id} on node {node} {why}"));
-        self.publish(AgentEvent::Disconnected { agent_id, node, running_jobs: agent.running.into_iter().collect() });
     }
 
     fn handle(&self, agent_id: &str, session: u64, message: agent_message::Message) {
         let mut agents = self.lock();
         let Some(agent) = agents.get_mut(agent_id).filter(|a| a.session == session) else { return };
-        let node = agent.register.node_name.clone();
         agent.last_heartbeat = Instant::now();
         agent.last_heartbeat_wall = SystemTime::now();
         let running_before = agent.running.len();
         // Jobs this message shows the agent no longer runs: their
         // reconciles decide whether they are lost.
         let mut left: Vec<String> = Vec::new();
-        let event = match message {
+        let inventory_changed = match message {
             agent_message::Message::Register(_) => {
                 debug!("repeated registration ignored");
-                None
+                false
             }
             agent_message::Message::Inventory(inventory) => {
                 if inventory.full {
@@ -340,7 +298,7 @@ impl AgentHub {
                 for image in inventory.added {
                     agent.images.insert(image.name.clone(), image);
                 }
-                Some(AgentEvent::Inventory { agent_id: agent_id.into(), node })
+                true
             }
             agent_message::Message::Heartbeat(beat) => {
                 // The agent's own list is the truth about what it runs, but
@@ -351,37 +309,33 @@ impl AgentHub {
                 running.extend(agent.assigned_at.keys().filter(|job| agent.running.contains(*job)).cloned());
                 left.extend(agent.running.difference(&running).cloned());
                 agent.running = running;
-                None
+                false
             }
             agent_message::Message::Progress(progress) => {
                 let _span = info_span!("report", imagebackup = %progress.job_id, attempt = progress.attempt).entered();
-                if !self.jobs.progress(agent_id, &node, &progress) {
+                if !self.jobs.progress(agent_id, &progress) {
                     debug!(job = %progress.job_id, attempt = progress.attempt, "progress of a stale attempt dropped");
                 }
-                Some(AgentEvent::Progress { agent_id: agent_id.into(), node, progress })
+                false
             }
             agent_message::Message::Result(result) => {
                 let _span = info_span!("report", imagebackup = %result.job_id, attempt = result.attempt).entered();
                 agent.running.remove(&result.job_id);
                 agent.assigned_at.remove(&result.job_id);
-                if !self.jobs.result(agent_id, &node, &result) {
+                if !self.jobs.result(agent_id, &result) {
                     info!(job = %result.job_id, attempt = result.attempt, "result of a stale attempt dropped");
-                    left.push(result.job_id.clone());
+                    left.push(result.job_id);
                 }
-                Some(AgentEvent::Result { agent_id: agent_id.into(), node, result })
+                false
             }
         };
-        let capacity_changed =
-            agent.running.len() < running_before || matches!(event, Some(AgentEvent::Inventory { .. }));
+        let capacity_changed = agent.running.len() < running_before || inventory_changed;
         drop(agents);
         for job in left {
             self.jobs.wake(&job);
         }
         if capacity_changed {
             self.jobs.wake_waiting();
-        }
-        if let Some(event) = event {
-            self.publish(event);
         }
     }
 
@@ -465,8 +419,8 @@ mod tests {
         let holders = hub.holders("sha256:m");
         assert_eq!(holders.free.map(|(id, _)| id), Some("b".to_string()));
         assert_eq!(holders.busy, 1);
-        assert!(hub.reserve("c", "j3", 1).is_err(), "a full agent takes no more");
-        assert!(hub.reserve("b", "j3", 1).is_ok());
+        assert!(hub.reserve("c", "j3", 1, "sha256:m").is_err(), "a full agent takes no more");
+        assert!(hub.reserve("b", "j3", 1, "sha256:m").is_ok());
         assert_eq!(hub.holder("b", "j3"), Holder::Running);
         assert_eq!(hub.holder("a", "j3"), Holder::NotRunning);
         assert_eq!(hub.holder("z", "j3"), Holder::Absent);

@@ -18,7 +18,7 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span};
 
-use super::{Agent, AgentEvent, AgentHub};
+use super::{Agent, AgentHub};
 
 /// The gRPC face of the hub.
 #[derive(Clone)]
@@ -51,11 +51,12 @@ impl AgentService for AgentSessions {
         let _ =
             tx.try_send(Ok(CoordinatorMessage { message: Some(coordinator_message::Message::Registered(registered)) }));
         let now = SystemTime::now();
+        let running: HashSet<String> = register.running_job_ids.iter().cloned().collect();
         let replaced = hub.lock().insert(
             agent_id.clone(),
             Agent {
                 session,
-                running: register.running_job_ids.iter().cloned().collect(),
+                running: running.clone(),
                 assigned_at: HashMap::new(),
                 register,
                 connected_at: now,
@@ -69,13 +70,11 @@ impl AgentService for AgentSessions {
             info!(agent = %agent_id, "agent reconnected; its previous session is replaced");
             // Jobs of the old session the new one does not list are over
             // or lost: their reconciles look at them again.
-            let still: HashSet<String> = hub.lock().get(&agent_id).map(|a| a.running.clone()).unwrap_or_default();
-            for job in previous.running.iter().filter(|job| !still.contains(*job)) {
+            for job in previous.running.iter().filter(|job| !running.contains(*job)) {
                 hub.jobs.wake(job);
             }
         }
         info!(agent = %agent_id, %node, "agent connected");
-        hub.publish(AgentEvent::Connected { agent_id: agent_id.clone(), node: node.clone() });
         let span = info_span!("agent_session", agent = %agent_id, %node);
         tokio::spawn(
             async move {

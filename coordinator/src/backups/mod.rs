@@ -58,7 +58,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
     let live = ctx
         .jobs
         .get(&name)
-        .filter(|live| live.attempt == status.attempts && status.agent.as_deref() == Some(live.agent_id.as_str()));
+        .filter(|live| live.is(status.attempts, &backup.spec.digest, status.agent.as_deref().unwrap_or_default()));
     let holders = if status.phase == Phase::Pending {
         // Registered before the slots are read, so a slot freed in between
         // still wakes it; an assignment takes it off the list.
@@ -125,7 +125,7 @@ async fn assign(
             }));
         }
     };
-    if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt) {
+    if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt, &backup.spec.digest) {
         // Another job took the slot first; this one waits for the next,
         // and says so.
         debug!(error = %e, "agent slot taken meanwhile");

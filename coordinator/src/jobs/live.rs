@@ -25,8 +25,10 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveJob {
     pub attempt: u32,
+    /// The digest the attempt copies: attempt numbers start again when a
+    /// job's digest moves.
+    pub digest: String,
     pub agent_id: String,
-    pub node: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub outcome: Option<Outcome>,
@@ -35,17 +37,35 @@ pub struct LiveJob {
 }
 
 impl LiveJob {
-    fn new(attempt: u32, agent_id: &str, node: &str) -> Self {
+    fn new(attempt: u32, digest: &str, agent_id: &str) -> Self {
         Self {
             attempt,
+            digest: digest.into(),
             agent_id: agent_id.into(),
-            node: node.into(),
             bytes_done: 0,
             bytes_total: 0,
             outcome: None,
             updated: Instant::now(),
         }
     }
+
+    /// Whether this is the attempt `attempt` of `digest` on `agent_id`.
+    pub fn is(&self, attempt: u32, digest: &str, agent_id: &str) -> bool {
+        self.attempt == attempt && self.digest == digest && self.agent_id == agent_id
+    }
+}
+
+/// Where a report of `job` is recorded: the attempt known here, or, for a
+/// job not known (the coordinator restarted), a new entry the reconciler
+/// checks against status.
+fn report_to<'a>(
+    jobs: &'a mut HashMap<String, LiveJob>,
+    job: &str,
+    attempt: u32,
+    digest: &str,
+    agent_id: &str,
+) -> &'a mut LiveJob {
+    jobs.entry(job.to_string()).or_insert_with(|| LiveJob::new(attempt, digest, agent_id))
 }
 
 /// Every job with an unrecorded report, the jobs waiting for an agent, and
@@ -84,20 +104,19 @@ impl LiveJobs {
     }
 
     /// A new attempt was handed to an agent: earlier reports no longer count.
-    pub fn assigned(&self, job: &str, attempt: u32, agent_id: &str, node: &str) {
+    pub fn assigned(&self, job: &str, attempt: u32, digest: &str, agent_id: &str) {
         self.waiting().remove(job);
-        self.jobs().insert(job.into(), LiveJob::new(attempt, agent_id, node));
+        self.jobs().insert(job.into(), LiveJob::new(attempt, digest, agent_id));
     }
 
     /// Records a progress report. A report of another attempt than the one
     /// known is dropped; one for a job not known here (the coordinator
     /// restarted) is kept for the reconciler to check against status.
-    pub fn progress(&self, agent_id: &str, node: &str, report: &JobProgress) -> bool {
+    pub fn progress(&self, agent_id: &str, report: &JobProgress) -> bool {
         let accepted = {
             let mut jobs = self.jobs();
-            let live =
-                jobs.entry(report.job_id.clone()).or_insert_with(|| LiveJob::new(report.attempt, agent_id, node));
-            let current = live.attempt == report.attempt && live.agent_id == agent_id && live.outcome.is_none();
+            let live = report_to(&mut jobs, &report.job_id, report.attempt, &report.digest, agent_id);
+            let current = live.is(report.attempt, &report.digest, agent_id) && live.outcome.is_none();
             if current {
                 live.bytes_done = report.bytes_done;
                 live.bytes_total = report.bytes_total;
@@ -112,7 +131,7 @@ impl LiveJobs {
     }
 
     /// Records how an attempt ended, under the same rule as progress.
-    pub fn result(&self, agent_id: &str, node: &str, result: &JobResult) -> bool {
+    pub fn result(&self, agent_id: &str, result: &JobResult) -> bool {
         let outcome = match &result.outcome {
             Some(job_result::Outcome::Success(success)) => Outcome::Success(success.clone()),
             Some(job_result::Outcome::Failure(failure)) => Outcome::Failure(failure.clone()),
@@ -124,9 +143,8 @@ impl LiveJobs {
         };
         let accepted = {
             let mut jobs = self.jobs();
-            let live =
-                jobs.entry(result.job_id.clone()).or_insert_with(|| LiveJob::new(result.attempt, agent_id, node));
-            let current = live.attempt == result.attempt && live.agent_id == agent_id;
+            let live = report_to(&mut jobs, &result.job_id, result.attempt, &result.digest, agent_id);
+            let current = live.is(result.attempt, &result.digest, agent_id);
             if current {
                 live.outcome = Some(outcome);
                 live.updated = Instant::now();
@@ -208,17 +226,26 @@ mod tests {
     use super::*;
 
     fn progress(job: &str, attempt: u32, done: u64) -> JobProgress {
-        JobProgress { job_id: job.into(), bytes_done: done, bytes_total: 100, attempt, ..JobProgress::default() }
+        JobProgress {
+            job_id: job.into(),
+            bytes_done: done,
+            bytes_total: 100,
+            attempt,
+            digest: "sha256:1".into(),
+            ..JobProgress::default()
+        }
     }
 
     #[test]
     fn reports_of_another_attempt_or_agent_are_dropped() {
         let (jobs, mut woken) = LiveJobs::new();
-        jobs.assigned("a", 2, "agent-1", "node-1");
-        assert!(!jobs.progress("agent-1", "node-1", &progress("a", 1, 50)), "older attempt");
-        assert!(!jobs.progress("agent-2", "node-2", &progress("a", 2, 50)), "another agent");
+        jobs.assigned("a", 2, "sha256:1", "agent-1");
+        assert!(!jobs.progress("agent-1", &progress("a", 1, 50)), "older attempt");
+        assert!(!jobs.progress("agent-2", &progress("a", 2, 50)), "another agent");
+        let old_digest = JobProgress { digest: "sha256:0".into(), ..progress("a", 2, 50) };
+        assert!(!jobs.progress("agent-1", &old_digest), "the same attempt number of the digest before");
         assert!(woken.try_recv().is_err(), "nothing woken by a dropped report");
-        assert!(jobs.progress("agent-1", "node-1", &progress("a", 2, 50)));
+        assert!(jobs.progress("agent-1", &progress("a", 2, 50)));
         assert_eq!(woken.try_recv().unwrap(), "a");
         assert_eq!(jobs.get("a").unwrap().bytes_done, 50);
     }
@@ -226,14 +253,15 @@ mod tests {
     #[test]
     fn a_result_ends_the_attempt_and_late_progress_cannot_reopen_it() {
         let (jobs, _woken) = LiveJobs::new();
-        jobs.assigned("a", 1, "agent-1", "node-1");
+        jobs.assigned("a", 1, "sha256:1", "agent-1");
         let result = JobResult {
             job_id: "a".into(),
             attempt: 1,
+            digest: "sha256:1".into(),
             outcome: Some(job_result::Outcome::Success(JobSuccess::default())),
         };
-        assert!(jobs.result("agent-1", "node-1", &result));
-        assert!(!jobs.progress("agent-1", "node-1", &progress("a", 1, 10)), "progress after the result");
+        assert!(jobs.result("agent-1", &result));
+        assert!(!jobs.progress("agent-1", &progress("a", 1, 10)), "progress after the result");
         assert!(matches!(jobs.get("a").unwrap().outcome, Some(Outcome::Success(_))));
         jobs.recorded("a", 1);
         assert!(jobs.get("a").is_none());
@@ -242,8 +270,8 @@ mod tests {
     #[test]
     fn a_lost_agent_loses_only_its_unfinished_jobs() {
         let (jobs, mut woken) = LiveJobs::new();
-        jobs.assigned("a", 1, "agent-1", "node-1");
-        jobs.assigned("b", 1, "agent-2", "node-2");
+        jobs.assigned("a", 1, "sha256:1", "agent-1");
+        jobs.assigned("b", 1, "sha256:1", "agent-2");
         jobs.agent_lost("agent-1", "agent agent-1 on node node-1 disconnected");
         assert_eq!(woken.try_recv().unwrap(), "a");
         assert!(woken.try_recv().is_err());
@@ -258,7 +286,7 @@ mod tests {
         jobs.wait_for_agent("b");
         jobs.wake_waiting();
         assert_eq!([woken.try_recv().unwrap(), woken.try_recv().unwrap()], ["a", "b"]);
-        jobs.assigned("a", 1, "agent-1", "node-1");
+        jobs.assigned("a", 1, "sha256:1", "agent-1");
         jobs.wake_waiting();
         assert_eq!(woken.try_recv().unwrap(), "b");
         assert!(woken.try_recv().is_err());

@@ -339,8 +339,8 @@ mod tests {
     fn live(outcome: Option<Outcome>) -> LiveJob {
         LiveJob {
             attempt: 1,
+            digest: DIGEST.into(),
             agent_id: "agent-a".into(),
-            node: "node-a".into(),
             bytes_done: 0,
             bytes_total: 0,
             outcome,
