@@ -93,8 +93,7 @@ impl Progress {
 impl Snapshot {
     /// `42% 108.0/256.0 MB`, the form `kubectl get ib` and the terminal show.
     pub fn summary(&self) -> String {
-        let pct = (self.bytes_done * 100).checked_div(self.bytes_total).unwrap_or(100);
-        format!("{pct}% {:.1}/{:.1} MB", mb(self.bytes_done), mb(self.bytes_total))
+        image_backup_proto::progress_summary(self.bytes_done, self.bytes_total)
     }
 }
 

@@ -8,6 +8,7 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::media::PlatformName;
 use image_backup_proto::v1::{
     Agent as ProtoAgent, GetJobRequest, Job, JobEvent, JobPhase, ListAgentsRequest, ListAgentsResponse,
     ListJobsRequest, ListJobsResponse, WatchJobsRequest, job_event, job_service_server::JobService,
@@ -35,6 +36,10 @@ impl JobFeed {
 
     /// Publishes what the ImageBackup watch changed.
     pub fn publish(&self, change: &Change<'_, ImageBackup, String>) {
+        // Every status write passes here: build nothing nobody watches.
+        if self.changes.receiver_count() == 0 {
+            return;
+        }
         let event = match change {
             Change::Added(backup) => {
                 JobEvent { r#type: job_event::Type::Added as i32, job: Some(to_job(backup, &self.usage)) }
@@ -92,11 +97,12 @@ fn to_job(backup: &ImageBackup, usage: &Usage) -> Job {
             .missing_platforms
             .iter()
             .map(|p| {
-                let mut parts = p.splitn(3, '/');
+                let name = PlatformName::parse(p);
+                let (os, architecture, variant) = name.parts();
                 image_backup_proto::v1::Platform {
-                    os: parts.next().unwrap_or_default().into(),
-                    architecture: parts.next().unwrap_or_default().into(),
-                    variant: parts.next().unwrap_or_default().into(),
+                    os: os.into(),
+                    architecture: architecture.into(),
+                    variant: variant.into(),
                 }
             })
             .collect(),

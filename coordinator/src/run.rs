@@ -41,7 +41,7 @@ use crate::{
     workloads::{
         self,
         usage::{Usage, WorkloadKey},
-        workload::Workload,
+        workload::RollsOut,
     },
 };
 
@@ -166,7 +166,7 @@ pub async fn run(
         .for_each(|result| async move { log_result("ImageBackup", result) });
 
     // Workloads wake up when one of their ImageBackups finishes.
-    let (deployment_watch, deployment_store) = workload_watch(&client, &ctx, Workload::Deployment);
+    let (deployment_watch, deployment_store) = workload_watch::<Deployment>(&client, &ctx);
     let deployments = Controller::for_stream(deployment_watch, deployment_store)
         .with_config(limits.clone())
         .reconcile_on(UnboundedReceiverStream::new(deployment_wakes))
@@ -175,7 +175,7 @@ pub async fn run(
             move |backup| workloads::users_of::<Deployment>(&ctx, &backup, "Deployment")
         })
         .graceful_shutdown_on(shutdown.clone());
-    let (daemonset_watch, daemonset_store) = workload_watch(&client, &ctx, Workload::DaemonSet);
+    let (daemonset_watch, daemonset_store) = workload_watch::<DaemonSet>(&client, &ctx);
     let daemonsets = Controller::for_stream(daemonset_watch, daemonset_store)
         .with_config(limits)
         .reconcile_on(UnboundedReceiverStream::new(daemonset_wakes))
@@ -241,19 +241,19 @@ fn deleted(
 fn workload_watch<K>(
     client: &Client,
     ctx: &Arc<Context>,
-    wrap: fn(K) -> Workload,
 ) -> (impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static, Store<K>)
 where
-    K: Resource<DynamicType = ()> + k8s_openapi::Resource,
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource + RollsOut,
     K: Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let ctx = ctx.clone();
-    let mut seen = Seen::new(|object: &K| WorkloadKey {
+    let key = |object: &K| WorkloadKey {
         kind: <K as k8s_openapi::Resource>::KIND,
         namespace: object.namespace().unwrap_or_default(),
         name: object.name_any(),
-    });
+    };
+    let mut seen = Seen::new(key);
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(forget_managed_fields)
@@ -261,7 +261,10 @@ where
         .inspect_ok(move |event| {
             for change in seen.observe(event) {
                 match change {
-                    Change::Added(object) | Change::Modified(object) => ctx.digests.observed(&wrap(object.clone())),
+                    Change::Added(object) | Change::Modified(object) => {
+                        let generation = object.meta().generation.unwrap_or(0);
+                        ctx.digests.observed(key(object), generation, object.rollout_complete());
+                    }
                     Change::Deleted(key, _) => {
                         ctx.usage.remove(&key);
                         ctx.digests.forget(&key);

@@ -59,8 +59,9 @@ impl PlatformName {
         (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+    /// A name as written (`linux/arm64/v8`), e.g. read back from status.
+    pub fn parse(name: &str) -> Self {
+        Self(name.into())
     }
 }
 

@@ -157,7 +157,6 @@ fn rbac_grants_only_what_the_coordinator_uses() {
             "backup.k8slab.io/imagebackups:patch",
             "backup.k8slab.io/imagebackups:watch",
             "events.k8s.io/events:create",
-            "events.k8s.io/events:patch",
         ]
     );
 }

@@ -67,7 +67,8 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
     } else {
         Holders::default()
     };
-    let target = target_of(ctx, backup).ok().map(|t| t.pinned(&backup.spec.digest));
+    let target = target_of(ctx, backup);
+    let pinned = target.as_ref().ok().map(|t| t.pinned(&backup.spec.digest));
     let observed = Observed {
         generation: backup.metadata.generation.unwrap_or(1),
         digest: &backup.spec.digest,
@@ -75,7 +76,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         live: live.as_ref(),
         holder: status.agent.as_deref().map_or(Holder::Absent, |agent| ctx.hub.holder(agent, &name)),
         holders,
-        target: target.as_deref(),
+        target: pinned.as_deref(),
         since_transition: since(&status),
         since_report: live.as_ref().map(|l| l.updated.elapsed()),
         uptime: ctx.hub.uptime(),
@@ -84,13 +85,13 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         Next::Idle => return Ok(Some(Action::await_change())),
         Next::After(wait) => return Ok(Some(Action::requeue(wait))),
         Next::Record(transition) => transition,
-        Next::Verify(success) => match verify(ctx, backup, &status, &limits, &success).await {
+        Next::Verify(success) => match verify(ctx, backup, &target, &status, &limits, &success).await {
             Some(transition) => transition,
             // The registry did not answer: the agent's result stays until
             // it does, and no attempt is spent on it.
             None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
         },
-        Next::Assign { agent_id, node, attempt } => return assign(ctx, backup, agent_id, node, attempt).await,
+        Next::Assign { agent_id, node, attempt } => return assign(ctx, backup, &target, agent_id, node, attempt).await,
     };
     let Some(written) = status::write(ctx, backup, &transition).await? else { return Ok(None) };
     after_write(ctx, backup, &written, &transition).await;
@@ -110,15 +111,16 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
 async fn assign(
     ctx: &Context,
     backup: &ImageBackup,
+    target: &Result<ImageRef, String>,
     agent_id: String,
     node: String,
     attempt: u32,
 ) -> Result<Option<Action>, Error> {
     let name = backup.name_any();
-    let target = match target_of(ctx, backup) {
+    let target = match target {
         Ok(target) => target,
         Err(error) => {
-            let transition = Transition::Failed { error, missing: Vec::new() };
+            let transition = Transition::Failed { error: error.clone(), missing: Vec::new() };
             return Ok(status::write(ctx, backup, &transition).await?.map(|written| {
                 warn!(error = ?written.status.as_ref().and_then(|s| s.last_error.as_deref()), "invalid source");
                 Action::await_change()
@@ -126,22 +128,11 @@ async fn assign(
         }
     };
     if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt, &backup.spec.digest) {
-        // Another job took the slot first; this one waits for the next,
-        // and says so.
+        // Another job took the slot first (or the agent left): the next
+        // step looks at the holders again, and waits, saying so, if none
+        // is free.
         debug!(error = %e, "agent slot taken meanwhile");
-        ctx.jobs.wait_for_agent(&name);
-        let status = backup.status.clone().unwrap_or_default();
-        let holders = ctx.hub.holders(&backup.spec.digest);
-        if holders.free.is_some() {
-            // A slot freed meanwhile: try again at once.
-            return Ok(Some(Action::requeue(Duration::ZERO)));
-        }
-        return match machine::waiting(&status, &holders, &backup.spec.digest) {
-            Next::Record(transition) => {
-                Ok(status::write(ctx, backup, &transition).await?.map(|_| Action::await_change()))
-            }
-            _ => Ok(Some(Action::await_change())),
-        };
+        return Ok(Some(Action::requeue(Duration::ZERO)));
     }
     let transition = Transition::Assigned { agent_id: agent_id.clone(), node: node.clone(), attempt };
     let Some(_) = status::write(ctx, backup, &transition).await? else {
@@ -180,14 +171,15 @@ fn target_of(ctx: &Context, backup: &ImageBackup) -> Result<ImageRef, String> {
 async fn verify(
     ctx: &Context,
     backup: &ImageBackup,
+    target: &Result<ImageRef, String>,
     status: &ImageBackupStatus,
     limits: &Limits,
     success: &JobSuccess,
 ) -> Option<Transition> {
     let expected = &backup.spec.digest;
-    let target = match target_of(ctx, backup) {
+    let target = match target {
         Ok(target) => target,
-        Err(error) => return Some(Transition::Failed { error, missing: Vec::new() }),
+        Err(error) => return Some(Transition::Failed { error: error.clone(), missing: Vec::new() }),
     };
     let failure = |message: String| {
         let failure = image_backup_proto::v1::JobFailure { message, retryable: true, ..Default::default() };

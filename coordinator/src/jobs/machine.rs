@@ -156,7 +156,7 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
 }
 
 /// A pending job no agent can take now: says why, once.
-pub fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
+fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
     let message = if holders.busy > 0 {
         format!("waiting for a free agent: the {} agent(s) on nodes that hold {digest} are busy", holders.busy)
     } else {
@@ -263,7 +263,7 @@ impl Transition {
                 moved(&mut next, Phase::Pushing);
                 next.bytes_done = *bytes_done;
                 next.bytes_total = *bytes_total;
-                next.progress = Some(progress_text(*bytes_done, *bytes_total));
+                next.progress = Some(image_backup_proto::progress_summary(*bytes_done, *bytes_total));
             }
             Transition::Completed { reference, bytes } => {
                 moved(&mut next, Phase::Completed);
@@ -292,12 +292,6 @@ impl Transition {
         }
         next
     }
-}
-
-/// `42% 108.0/256.0 MB`, for `kubectl get ib`.
-fn progress_text(done: u64, total: u64) -> String {
-    let pct = (done * 100).checked_div(total).unwrap_or(0);
-    format!("{pct}% {:.1}/{:.1} MB", done as f64 / 1e6, total as f64 / 1e6)
 }
 
 #[cfg(test)]

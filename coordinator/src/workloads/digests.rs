@@ -59,15 +59,15 @@ pub struct DigestCache {
 // === impl DigestCache ===
 
 impl DigestCache {
-    /// Notes a workload as its watch delivers it.
-    pub fn observed(&self, workload: &Workload) {
-        let mut rolled_out = lock(&self.rolled_out);
-        if !workload.rollout_complete() {
-            rolled_out.remove(&workload.key());
+    /// Notes a workload as its watch delivers it: when it was first seen
+    /// rolled out at `generation`.
+    pub fn observed(&self, workload: WorkloadKey, generation: i64, rolled_out: bool) {
+        let mut seen = lock(&self.rolled_out);
+        if !rolled_out {
+            seen.remove(&workload);
             return;
         }
-        let generation = workload.metadata().generation.unwrap_or(0);
-        let entry = rolled_out.entry(workload.key()).or_insert((generation, Instant::now()));
+        let entry = seen.entry(workload).or_insert((generation, Instant::now()));
         if entry.0 != generation {
             *entry = (generation, Instant::now());
         }

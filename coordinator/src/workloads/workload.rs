@@ -103,26 +103,9 @@ impl Workload {
     /// it, and every desired pod runs it and is available. Before that, the
     /// pods may still run other images, or none.
     pub fn rollout_complete(&self) -> bool {
-        let generation = self.metadata().generation.unwrap_or(0);
         match self {
-            Workload::Deployment(d) => {
-                let Some(status) = &d.status else { return false };
-                let desired = d.spec.replicas.unwrap_or(1);
-                status.observed_generation.unwrap_or(0) >= generation
-                    && desired > 0
-                    && status.updated_replicas.unwrap_or(0) == desired
-                    && status.available_replicas.unwrap_or(0) == desired
-                    && status.replicas.unwrap_or(0) == desired
-            }
-            Workload::DaemonSet(d) => {
-                let Some(status) = &d.status else { return false };
-                let desired = status.desired_number_scheduled;
-                status.observed_generation.unwrap_or(0) >= generation
-                    && desired > 0
-                    && status.updated_number_scheduled.unwrap_or(0) == desired
-                    && status.number_available.unwrap_or(0) == desired
-                    && status.number_ready == desired
-            }
+            Workload::Deployment(d) => d.rollout_complete(),
+            Workload::DaemonSet(d) => d.rollout_complete(),
         }
     }
 
@@ -177,6 +160,37 @@ impl Exclusions {
             return Err(Excluded::SkipLabel);
         }
         Ok(())
+    }
+}
+
+/// A workload kind whose rollout can be complete: every replica updated to
+/// the current generation and available, and no old one left. Read on
+/// every watch event, so it borrows the object.
+pub trait RollsOut {
+    fn rollout_complete(&self) -> bool;
+}
+
+impl RollsOut for Deployment {
+    fn rollout_complete(&self) -> bool {
+        let Some(status) = &self.status else { return false };
+        let desired = self.spec.replicas.unwrap_or(1);
+        status.observed_generation.unwrap_or(0) >= self.metadata.generation.unwrap_or(0)
+            && desired > 0
+            && status.updated_replicas.unwrap_or(0) == desired
+            && status.available_replicas.unwrap_or(0) == desired
+            && status.replicas.unwrap_or(0) == desired
+    }
+}
+
+impl RollsOut for DaemonSet {
+    fn rollout_complete(&self) -> bool {
+        let Some(status) = &self.status else { return false };
+        let desired = status.desired_number_scheduled;
+        status.observed_generation.unwrap_or(0) >= self.metadata.generation.unwrap_or(0)
+            && desired > 0
+            && status.updated_number_scheduled.unwrap_or(0) == desired
+            && status.number_available.unwrap_or(0) == desired
+            && status.number_ready == desired
     }
 }
 
