@@ -72,6 +72,29 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
     }
 }
 
+/// The value of one series (`name{labels}`) on a Prometheus endpoint.
+pub async fn metric(url: &str, series: &str) -> Result<f64, String> {
+    let text = reqwest::get(url).await.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| format!("no {series} in\n{text}"))
+}
+
+/// Registry settings for an agent or coordinator that gives up on
+/// `host` after `give_up_after` of quick retries.
+pub fn quick_retries(host: &str, give_up_after: Duration) -> RegistryConfig {
+    RegistryConfig {
+        insecure_hosts: vec![host.into()],
+        retry: image_backup_oci::registry::RetryPolicy {
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            max_elapsed: give_up_after,
+        },
+        ..RegistryConfig::default()
+    }
+}
+
 /// Starts the coordinator on loopback ports; returns its gRPC address and
 /// its metrics URL. It runs until the test ends.
 pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (std::net::SocketAddr, String) {

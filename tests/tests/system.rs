@@ -17,7 +17,7 @@ use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
         ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        prepare, start_agent, start_agent_on, start_coordinator,
+        metric, prepare, quick_retries, start_agent, start_agent_on, start_coordinator,
     },
     containerd::NAMESPACE,
     init_tracing, on_both_api_servers,
@@ -212,7 +212,8 @@ async fn whole_loop(kind: ApiServerKind) {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
-    assert!(metrics.contains("image_backup_reconciles_total{kind=\"Deployment\"}"), "{metrics}");
+    let reconciles = metric(&metrics_url, "image_backup_reconciles_total{kind=\"Deployment\"}").await.unwrap();
+    assert!(reconciles >= 2.0, "each Deployment reconciled, then patched: {reconciles}");
 }
 on_both_api_servers!(whole_loop: the_whole_loop_on_the_emulator, the_whole_loop_on_a_real_api_server);
 
@@ -245,19 +246,32 @@ async fn left_alone(kind: ApiServerKind) {
     let late_spec = [("late", late_ref.as_str(), late.digest(), false)];
     s.w.deploy("Deployment", "shop", "late", json!({}), &late_spec, Placement { nodes: &["node-b"], ready: false })
         .await;
-    s.start().await;
+    let (_, metrics_url) = s.start().await;
 
-    // web is patched: the coordinator has looked at everything by then.
+    // web is patched, and the coordinator has reconciled more often than
+    // there are Deployments: it looked at the others too.
     s.runs("web runs its backup", &[("Deployment", "shop", "web", vec![s.pinned(&web, &web_ref)])]).await;
-    assert_eq!(s.w.images("Deployment", "kube-system", "system").await, (vec![web_ref.clone()], None));
-    assert_eq!(s.w.images("Deployment", "shop", "skipped").await, (vec![api_ref.clone()], None));
-    assert_eq!(s.w.images("Deployment", "shop", "mirrored").await, (vec![mirrored.clone()], None));
+    eventually("every Deployment reconciled", Duration::from_secs(10), || async {
+        let reconciles = metric(&metrics_url, "image_backup_reconciles_total{kind=\"Deployment\"}").await?;
+        if reconciles >= 6.0 { Ok(()) } else { Err(format!("{reconciles} reconciles")) }
+    })
+    .await;
+    let untouched = || async {
+        assert_eq!(s.w.images("Deployment", "kube-system", "system").await, (vec![web_ref.clone()], None));
+        assert_eq!(s.w.images("Deployment", "shop", "skipped").await, (vec![api_ref.clone()], None));
+        assert_eq!(s.w.images("Deployment", "shop", "mirrored").await, (vec![mirrored.clone()], None));
+    };
+    untouched().await;
     assert_eq!(s.w.images("Deployment", "shop", "late").await, (vec![late_ref.clone()], None));
     let backups: Api<ImageBackup> = Api::all(s.client.clone());
-    let sources: Vec<String> =
-        backups.list(&Default::default()).await.unwrap().items.into_iter().map(|b| b.spec.source).collect();
+    let sources = || async {
+        let mut sources: Vec<String> =
+            backups.list(&Default::default()).await.unwrap().items.into_iter().map(|b| b.spec.source).collect();
+        sources.sort();
+        sources
+    };
     assert_eq!(
-        sources,
+        sources().await,
         std::slice::from_ref(&web_ref),
         "nothing is backed up for skipped, mirrored or unready workloads"
     );
@@ -269,6 +283,11 @@ async fn left_alone(kind: ApiServerKind) {
     deployments.patch_status("late", &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
     s.runs("late runs its backup once ready", &[("Deployment", "shop", "late", vec![s.pinned(&late, &late_ref)])])
         .await;
+    // Long after the first look, the others are still left alone.
+    untouched().await;
+    let mut expected = [web_ref.clone(), late_ref.clone()];
+    expected.sort();
+    assert_eq!(sources().await, expected);
 }
 on_both_api_servers!(left_alone: excluded_and_unready_workloads_are_left_alone_on_the_emulator, excluded_and_unready_workloads_are_left_alone_on_a_real_api_server);
 
@@ -294,8 +313,17 @@ async fn moved_tag(kind: ApiServerKind) {
     .await;
     assert_eq!(s.w.images("Deployment", "shop", "web").await.0, [s.pinned(&web, &web_ref)]);
     let repository = format!("backup/{}/library/web", s.src.replace(':', "_"));
-    let old = s.backup_registry.manifest(&repository, web.digest()).await.unwrap();
-    assert!(old.is_some(), "the old digest stays in the registry for the workloads pinned to it");
+    for (image, what) in [(&web, "the old digest, for the workloads pinned to it"), (&next, "the new digest")] {
+        let served = s.backup_registry.manifest(&repository, image.digest()).await.unwrap();
+        assert_eq!(served.map(|m| m.digest).as_deref(), Some(image.digest()), "{what}");
+    }
+    // The one ImageBackup of web:1 now stands for the new digest.
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
+    let items = backups.list(&Default::default()).await.unwrap().items;
+    let [backup] = items.as_slice() else { panic!("one ImageBackup per source: {items:?}") };
+    let status = backup.status.clone().unwrap_or_default();
+    assert_eq!((backup.spec.digest.as_str(), status.phase), (next.digest(), Phase::Completed));
+    assert_eq!(status.backup_reference, Some(s.pinned(&next, &web_ref)));
 }
 on_both_api_servers!(moved_tag: a_moved_tag_is_copied_again_on_the_emulator, a_moved_tag_is_copied_again_on_a_real_api_server);
 
@@ -311,32 +339,50 @@ async fn busy_agent(kind: ApiServerKind) {
     // The registry is down, so the agent's one slot stays taken.
     s.proxy.set_faults(Faults { unavailable_every: Some(1), ..Faults::default() });
     let (grpc, _) = s.start_coordinator().await;
-    let registry = RegistryConfig {
-        retry: image_backup_oci::registry::RetryPolicy {
-            min_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(100),
-            max_elapsed: Duration::from_secs(60),
-        },
-        ..s.registry_config()
-    };
+    let registry = quick_retries(&s.backup_host(), Duration::from_secs(60));
     start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", grpc, registry, 1).await;
 
     let backups: Api<ImageBackup> = Api::all(s.client.clone());
-    eventually("one job copies, the others wait for the agent, saying so", Duration::from_secs(30), || async {
+    // One job copies, the others wait for the agent, saying so.
+    let settled = || async {
         let all = backups.list(&Default::default()).await.map_err(|e| e.to_string())?.items;
-        let phases: Vec<_> = all.iter().filter_map(|b| b.status.clone()).collect();
-        let copying = phases.iter().filter(|st| matches!(st.phase, Phase::Assigned | Phase::Pushing)).count();
-        let waiting = phases
+        let copying: Vec<&ImageBackup> = all
             .iter()
+            .filter(|b| b.status.as_ref().is_some_and(|st| matches!(st.phase, Phase::Assigned | Phase::Pushing)))
+            .collect();
+        let waiting = all
+            .iter()
+            .filter_map(|b| b.status.as_ref())
             .filter(|st| {
                 st.phase == Phase::Pending
                     && st.message.as_deref().is_some_and(|m| m.starts_with("waiting for a free agent"))
             })
             .count();
-        if (copying, waiting) == (1, 2) {
-            Ok(())
-        } else {
-            Err(format!("{copying} copying, {waiting} waiting: {phases:?}"))
+        match copying.as_slice() {
+            [one] if waiting == 2 => Ok(one.metadata.clone()),
+            _ => Err(format!(
+                "{} copying, {waiting} waiting: {:?}",
+                copying.len(),
+                all.iter().map(|b| &b.status).collect::<Vec<_>>()
+            )),
+        }
+    };
+    eventually("one job copies, the others wait for the agent, saying so", Duration::from_secs(30), || async {
+        settled().await.map(|_| ())
+    })
+    .await;
+
+    // The copying ImageBackup is deleted: its copy stops, its slot goes to
+    // a job at once, and its workload asks for the image again.
+    let deleted = settled().await.unwrap();
+    let name = deleted.name.clone().unwrap_or_default();
+    backups.delete(&name, &Default::default()).await.unwrap();
+    eventually("the deleted job is back and the agent busy again", Duration::from_secs(30), || async {
+        settled().await?;
+        let again = backups.get_opt(&name).await.map_err(|e| e.to_string())?;
+        match again {
+            Some(again) if again.metadata.uid != deleted.uid => Ok(()),
+            _ => Err(format!("{name} not made again yet")),
         }
     })
     .await;

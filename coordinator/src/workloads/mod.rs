@@ -135,6 +135,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     }
     if ctx.config.report_only {
         info!(images = backups.len(), "every image is backed up (report-only: workload left as is)");
+        ctx.metrics.patched("report_only");
         return Ok(Action::await_change());
     }
     patch(&ctx, &workload, &backups).await
