@@ -1,8 +1,9 @@
 //! What every reconcile shares, and the error they report.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -136,8 +137,8 @@ impl Context {
 pub struct Written(Mutex<HashMap<String, Arc<ImageBackup>>>);
 
 impl Written {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ImageBackup>>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Arc<ImageBackup>>> {
+        self.0.lock()
     }
 
     pub fn remember(&self, object: Arc<ImageBackup>) {
@@ -178,7 +179,7 @@ const CREATE_SETTLE: Duration = Duration::from_secs(30);
 impl Creating {
     /// Whether the caller should create `name` now.
     pub fn begin(&self, name: &str) -> bool {
-        let mut creating = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut creating = self.0.lock();
         creating.retain(|_, at| at.elapsed() < CREATE_SETTLE);
         match creating.entry(name.to_string()) {
             std::collections::hash_map::Entry::Occupied(_) => false,
@@ -191,6 +192,6 @@ impl Creating {
 
     /// The create failed: the next workload tries again.
     pub fn failed(&self, name: &str) {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(name);
+        self.0.lock().remove(name);
     }
 }

@@ -160,7 +160,7 @@ impl Metrics {
     /// The exposition text, with the gauges read from the hub and the
     /// ImageBackup store now.
     pub fn render(&self, hub: &AgentHub, backups: &Store<ImageBackup>) -> String {
-        self.agents.set(i64::try_from(hub.agents().len()).unwrap_or(i64::MAX));
+        self.agents.set(i64::try_from(hub.count()).unwrap_or(i64::MAX));
         let mut counts = [0i64; 5];
         for backup in backups.state() {
             counts[phase_index(backup.status.as_ref().map(|s| s.phase).unwrap_or_default())] += 1;

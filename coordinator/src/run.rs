@@ -227,7 +227,7 @@ fn deleted(
     ctx.hub.cancel_anywhere(name, "the ImageBackup was deleted");
     for user in ctx.usage.workloads_of(name) {
         // The receivers live as long as the controllers.
-        if user.kind == "Deployment" {
+        if user.kind == <Deployment as k8s_openapi::Resource>::KIND {
             let _ = deployments.send(ObjectRef::new(&user.name).within(&user.namespace));
         } else {
             let _ = daemonsets.send(ObjectRef::new(&user.name).within(&user.namespace));

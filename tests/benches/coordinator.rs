@@ -34,11 +34,14 @@ use image_backup_proto::v1::{
     AgentMessage, Heartbeat, Inventory, InventoryImage, JobResult, JobSuccess, Register, agent_message,
     agent_service_client::AgentServiceClient, coordinator_message, job_result,
 };
-use image_backup_tests::{MediaTypes, Registry, RegistryAuth, TestImage, cluster::prepare, process::free_port};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use image_backup_tests::{
+    MediaTypes, Registry, RegistryAuth, TestImage,
+    cluster::{Placement, Workloads, prepare},
+    process::free_port,
+};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
@@ -62,9 +65,7 @@ async fn main() -> anyhow::Result<()> {
     let coordinator = coordinator_binary()?;
     let (emulator, client, kubeconfig, server) = match std::env::var_os("IMAGE_BACKUP_BENCH_KUBECONFIG") {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
-            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-            let client = Client::try_from(config)?;
+            let client = Client::try_from(image_backup_tests::kube_config(&path).await?)?;
             // What an earlier run left would be watched too.
             image_backup_tests::cluster::wipe(&client).await;
             (None, client, PathBuf::from(path), "real kube-apiserver")
@@ -157,33 +158,12 @@ async fn main() -> anyhow::Result<()> {
 /// A Deployment `app-<j>` of one pod running image `i`, rolled out, with
 /// the pod a kubelet would have reported.
 async fn deploy(client: &Client, ns: &str, j: usize, image: &TestImage, i: usize) -> anyhow::Result<()> {
-    let name = format!("app-{j}");
     let reference = format!("bench.local/app-{i}:1");
-    let container = json!({ "name": "app", "image": reference });
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": { "name": name, "namespace": ns },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": name } },
-            "template": { "metadata": { "labels": { "app": name } }, "spec": { "containers": [container] } },
-        },
-    }))?;
-    let created = deployments.create(&PostParams::default(), &deployment).await?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": { "name": format!("{name}-0"), "namespace": ns, "labels": { "app": name } },
-        "spec": { "nodeName": "node-0", "containers": [container] },
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let id = format!("bench.local/app-{i}@{}", image.digest());
-    let status = json!({ "status": { "phase": "Running", "containerStatuses": [
-        { "name": "app", "image": reference, "imageID": id, "ready": true, "restartCount": 0 }
-    ] } });
-    pods.patch_status(&format!("{name}-0"), &PatchParams::default(), &Patch::Merge(status)).await?;
-    let generation = created.metadata.generation.unwrap_or(1);
-    let status = json!({ "status": { "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1 } });
-    deployments.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+    let containers = [("app", reference.as_str(), image.digest(), false)];
+    let at = Placement { nodes: &["node-0"], ready: true };
+    Workloads { client: client.clone() }
+        .deploy("Deployment", ns, &format!("app-{j}"), json!({}), &containers, at)
+        .await;
     Ok(())
 }
 

@@ -189,8 +189,7 @@ pub async fn cluster(kind: ApiServerKind) -> Option<(ClusterGuard, Client)> {
                 return None;
             };
             let turn = REAL_SERVER.lock().await;
-            let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
-            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+            let config = crate::kube_config(path).await.expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
             let client = Client::try_from(config).expect("a client for the real API server");
             wipe(&client).await;
             Some((ClusterGuard::Real(turn), client))
@@ -238,8 +237,7 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
         .and_then(|status| status.token)
         .expect("TokenRequest answers with a token");
     let path = std::env::var_os("IMAGE_BACKUP_TEST_KUBECONFIG").expect("a real API server");
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+    let mut config = crate::kube_config(path).await.expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
     let client = Client::try_from(config).expect("a client with the coordinator's token");
     // RBAC reaches the API server's authorizer through its own watch: wait

@@ -31,3 +31,10 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// The client settings of a kubeconfig file (its current context).
+pub async fn kube_config(path: impl AsRef<std::path::Path>) -> anyhow::Result<kube::Config> {
+    let path = path.as_ref();
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+    Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)
+}

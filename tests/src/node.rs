@@ -36,9 +36,7 @@ impl RealNode {
     }
 
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-        Ok(kube::Client::try_from(config)?)
+        Ok(kube::Client::try_from(crate::kube_config(&self.kubeconfig).await?)?)
     }
 
     /// Lets the node's containerd pull from a plain-HTTP registry on

@@ -11,9 +11,10 @@
 
 mod session;
 
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -115,8 +116,12 @@ impl AgentHub {
         self.started.elapsed()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Agent>> {
-        self.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Agent>> {
+        self.agents.lock()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
     }
 
     pub fn agents(&self) -> Vec<AgentInfo> {

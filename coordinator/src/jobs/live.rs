@@ -3,9 +3,9 @@
 //! record here and wake the reconciler; they never write to the API
 //! server, so one writer decides every status change.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Mutex,
     time::Instant,
 };
 
@@ -85,12 +85,12 @@ impl LiveJobs {
         (Self { jobs: Mutex::default(), waiting: Mutex::default(), wake }, woken)
     }
 
-    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveJob>> {
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn jobs(&self) -> parking_lot::MutexGuard<'_, HashMap<String, LiveJob>> {
+        self.jobs.lock()
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn waiting(&self) -> parking_lot::MutexGuard<'_, BTreeSet<String>> {
+        self.waiting.lock()
     }
 
     /// Has the reconciler look at `job` again.

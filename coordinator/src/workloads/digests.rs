@@ -6,9 +6,10 @@
 //! first showed the workload rolled out at its generation, so digests never
 //! come from the pods of an earlier rollout.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Instant,
 };
 
@@ -62,7 +63,7 @@ impl DigestCache {
     /// Notes a workload as its watch delivers it: when it was first seen
     /// rolled out at `generation`.
     pub fn observed(&self, workload: WorkloadKey, generation: i64, rolled_out: bool) {
-        let mut seen = lock(&self.rolled_out);
+        let mut seen = self.rolled_out.lock();
         if !rolled_out {
             seen.remove(&workload);
             return;
@@ -82,10 +83,10 @@ impl DigestCache {
             return Ok(Digests::new());
         }
         let generation = workload.metadata().generation.unwrap_or(0);
-        let since = *lock(&self.rolled_out).entry(workload.key()).or_insert((generation, Instant::now()));
+        let since = *self.rolled_out.lock().entry(workload.key()).or_insert((generation, Instant::now()));
         let since = since.1;
         let slot = {
-            let mut namespaces = lock(&self.namespaces);
+            let mut namespaces = self.namespaces.lock();
             // A listing serves the burst of reconciles it was made for;
             // later rollouts need a new one anyway.
             namespaces.retain(|_, (used, _)| used.elapsed() < LISTING_KEPT);
@@ -116,12 +117,8 @@ impl DigestCache {
     }
 
     pub fn forget(&self, workload: &WorkloadKey) {
-        lock(&self.rolled_out).remove(workload);
+        self.rolled_out.lock().remove(workload);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Lists a namespace's pods, page by page, keeping only what digests need.

@@ -72,8 +72,8 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         match ImageRef::parse(&container.image) {
             Ok(backup) if ctx.config.backup.holds(&backup) => {
                 let source = originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
-                if let (Some(source), Some(digest)) = (source, backup.digest()) {
-                    pinned.insert(image_backup_crds::name_for(&source), Use::Pinned(digest.to_string()));
+                if let Some(source) = source.filter(|_| backup.digest().is_some()) {
+                    pinned.insert(image_backup_crds::name_for(&source), Use::Pinned);
                 }
             }
             Ok(source) => images.push((container, source)),

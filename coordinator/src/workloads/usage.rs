@@ -3,10 +3,10 @@
 //! so nothing of it needs to be stored; it wakes the workloads when an
 //! ImageBackup finishes and tells JobService who uses an image.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    sync::Mutex,
 };
 
 /// A workload: `Kind/namespace/name`.
@@ -29,8 +29,9 @@ pub enum Use {
     /// It runs the source, at this digest (empty while its pods report
     /// none): the backup is for it.
     Runs(String),
-    /// It was patched to the backup of this digest.
-    Pinned(String),
+    /// It was patched to a backup (pinned by digest), whatever its source
+    /// runs now.
+    Pinned,
 }
 
 #[derive(Default)]
@@ -45,8 +46,8 @@ pub struct Usage(Mutex<Index>);
 // === impl Usage ===
 
 impl Usage {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Index> {
+        self.0.lock()
     }
 
     /// The ImageBackups `workload` uses now and how, replacing what it used
@@ -109,7 +110,7 @@ mod tests {
         let uses = |names: &[(&str, Use)]| names.iter().map(|(n, u)| (n.to_string(), u.clone())).collect();
         usage.set(&key("web"), uses(&[("nginx", runs("sha256:1")), ("busybox", runs(""))]));
         usage.set(&key("api"), uses(&[("nginx", runs("sha256:2"))]));
-        usage.set(&key("old"), uses(&[("nginx", Use::Pinned("sha256:0".into()))]));
+        usage.set(&key("old"), uses(&[("nginx", Use::Pinned)]));
         assert_eq!(usage.workloads_of("nginx"), [key("api"), key("old"), key("web")]);
         assert_eq!(usage.digests_of("nginx"), ["sha256:1".to_string(), "sha256:2".to_string()].into());
         assert!(usage.digests_of("busybox").is_empty(), "unknown digests are left out");

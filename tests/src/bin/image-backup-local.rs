@@ -167,9 +167,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Client::try_from(image_backup_tests::kube_config(kubeconfig).await?)?)
 }
 
 async fn deploy_sample(client: &Client, digest: &str) -> anyhow::Result<()> {
