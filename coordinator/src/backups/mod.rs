@@ -128,11 +128,23 @@ async fn assign(
         }
     };
     if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt, &backup.spec.digest) {
-        // Another job took the slot first (or the agent left): the next
-        // step looks at the holders again, and waits, saying so, if none
-        // is free.
+        // Another job took the slot first; this one waits for the next,
+        // and says so. Decided here, not in a requeued step: a freed slot
+        // wakes every waiting job, and all but one land here.
         debug!(error = %e, "agent slot taken meanwhile");
-        return Ok(Some(Action::requeue(Duration::ZERO)));
+        ctx.jobs.wait_for_agent(&name);
+        let status = backup.status.clone().unwrap_or_default();
+        let holders = ctx.hub.holders(&backup.spec.digest);
+        if holders.free.is_some() {
+            // A slot freed meanwhile: try again at once.
+            return Ok(Some(Action::requeue(Duration::ZERO)));
+        }
+        return match machine::waiting(&status, &holders, &backup.spec.digest) {
+            Next::Record(transition) => {
+                Ok(status::write(ctx, backup, &transition).await?.map(|_| Action::await_change()))
+            }
+            _ => Ok(Some(Action::await_change())),
+        };
     }
     let transition = Transition::Assigned { agent_id: agent_id.clone(), node: node.clone(), attempt };
     let Some(_) = status::write(ctx, backup, &transition).await? else {

@@ -156,7 +156,7 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
 }
 
 /// A pending job no agent can take now: says why, once.
-fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
+pub fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
     let message = if holders.busy > 0 {
         format!("waiting for a free agent: the {} agent(s) on nodes that hold {digest} are busy", holders.busy)
     } else {
