@@ -68,14 +68,6 @@ impl RealNode {
         }
         Ok(names)
     }
-
-    /// Names of the node's images whose target is `digest`.
-    pub async fn images(&self, digest: &str) -> anyhow::Result<Vec<String>> {
-        let channel = containerd_client::connect(&self.containerd_socket).await?;
-        let request = ListImagesRequest { filters: vec![format!("target.digest=={digest}")] };
-        let listed = ImagesClient::new(channel).list(in_namespace(request)).await?.into_inner();
-        Ok(listed.images.into_iter().map(|image| image.name).collect())
-    }
 }
 
 fn in_namespace<T>(message: T) -> Request<T> {
