@@ -9,7 +9,7 @@ use crate::{
     containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
     daemon::{Agent, DaemonConfig},
     progress::{Progress, spawn_printer},
-    push::{PushOptions, Pusher},
+    push::{PushOptions, Pusher, Scope},
 };
 use image_backup_oci::{
     ImageRef,
@@ -173,8 +173,10 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
     let pusher = Pusher::new(store, args.registry.config(), args.registry.options());
     let progress = Progress::new();
     let printer = spawn_printer(progress.clone());
-    let report =
-        pusher.push(&source, &target, progress).await.with_context(|| format!("pushing {source} to {target}"))?;
+    let report = pusher
+        .push(&source, &target, &Scope::Whole, progress)
+        .await
+        .with_context(|| format!("pushing {source} to {target}"))?;
     drop(printer);
     let secs = report.duration.as_secs_f64();
     eprintln!(
@@ -185,5 +187,6 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
         report.blobs_mounted,
         report.blobs_existing,
     );
-    Ok(report.pinned)
+    // A whole push always ends with the image pushed.
+    Ok(report.pinned.unwrap_or_default())
 }

@@ -17,9 +17,9 @@ use std::{
 use futures::StreamExt;
 use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName};
 use image_backup_proto::v1::{
-    AgentMessage, Assignment, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress, JobResult, JobSuccess,
-    Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register, agent_message,
-    agent_service_client::AgentServiceClient, coordinator_message, job_result,
+    AgentMessage, Assignment, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress,
+    JobResult, JobSuccess, Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register,
+    agent_message, agent_service_client::AgentServiceClient, coordinator_message, job_result,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
     progress::Progress,
-    push::{PushError, Pusher},
+    push::{Finish, PushError, Pusher, Scope},
 };
 
 #[derive(Clone, Debug)]
@@ -73,6 +73,7 @@ struct RunningJob {
     attempt: Arc<AtomicU32>,
     digest: String,
     target: String,
+    scope: Scope,
 }
 
 /// The node agent in daemon mode. Cheap to share; all state is behind locks.
@@ -220,18 +221,30 @@ impl Agent {
     /// An image as the coordinator needs to know it; for an index, which
     /// platform manifests this node actually holds.
     async fn inventory_image(&self, record: ImageRecord) -> InventoryImage {
-        let present_manifests = match self.pusher.present_platforms(&record.target).await {
-            Ok(present) => present.into_iter().map(to_proto_manifest).collect(),
-            Err(e) => {
-                warn!(image = %record.name, error = %e, "could not read the image's index");
-                Vec::new()
+        let (mut manifests, mut present_manifests) = (Vec::new(), Vec::new());
+        match self.pusher.index_content(&record.target).await {
+            Ok(Some(index)) => {
+                for (child, whole) in index.children {
+                    let manifest = ProtoPlatformManifest {
+                        platform: Some(to_proto_platform(&child.platform)),
+                        digest: child.digest().to_string(),
+                        attestation: child.attestation,
+                    };
+                    if whole {
+                        present_manifests.push(manifest.clone());
+                    }
+                    manifests.push(manifest);
+                }
             }
-        };
+            Ok(None) => {}
+            Err(e) => warn!(image = %record.name, error = %e, "could not read the image's index"),
+        }
         InventoryImage {
             name: record.name,
             digest: record.target.digest,
             media_type: record.target.media_type,
             present_manifests,
+            manifests,
         }
     }
 
@@ -315,9 +328,10 @@ impl Agent {
     /// digest under the same job is obsolete and stops.
     fn start(self: Arc<Self>, assignment: Assignment) {
         let job_id = assignment.job_id.clone();
+        let scope = scope_of(&assignment);
         let mut jobs = lock(&self.jobs);
         if let Some(running) = jobs.get(&job_id) {
-            if running.digest == assignment.digest && running.target == assignment.target {
+            if running.digest == assignment.digest && running.target == assignment.target && running.scope == scope {
                 debug!(job = %job_id, attempt = assignment.attempt, "already running; reporting as the new attempt");
                 running.attempt.store(assignment.attempt, Ordering::Relaxed);
                 return;
@@ -345,9 +359,10 @@ impl Agent {
         let attempt = Arc::new(AtomicU32::new(assignment.attempt));
         let (digest, target) = (assignment.digest.clone(), assignment.target.clone());
         let task_attempt = attempt.clone();
+        let task_scope = scope.clone();
         let task = tokio::spawn(
             async move {
-                let outcome = agent.copy(&assignment, job_progress).await;
+                let outcome = agent.copy(&assignment, &task_scope, job_progress).await;
                 {
                     // A copy that replaced this one under the same job id
                     // stays.
@@ -367,10 +382,10 @@ impl Agent {
             }
             .instrument(span),
         );
-        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest, target });
+        jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest, target, scope });
     }
 
-    async fn copy(&self, assignment: &Assignment, progress: Arc<Progress>) -> job_result::Outcome {
+    async fn copy(&self, assignment: &Assignment, scope: &Scope, progress: Arc<Progress>) -> job_result::Outcome {
         let failure = |message: String, retryable: bool| {
             job_result::Outcome::Failure(JobFailure { message, retryable, ..JobFailure::default() })
         };
@@ -383,12 +398,13 @@ impl Agent {
             Err(e) => return failure(e.to_string(), false),
         };
         info!(%target, digest = %assignment.digest, "copy started");
-        let push = self.pusher.push(&source, &target, progress.clone());
+        let push = self.pusher.push(&source, &target, scope, progress.clone());
         let pushed = log_progress(push, &progress).await;
         match pushed {
             Ok(report) => {
                 info!(
-                    pinned = %report.pinned,
+                    pinned = ?report.pinned,
+                    manifests = report.manifests.len(),
                     uploaded_bytes = report.bytes_uploaded,
                     uploaded = report.blobs_uploaded,
                     mounted = report.blobs_mounted,
@@ -397,8 +413,9 @@ impl Agent {
                     "copy finished"
                 );
                 job_result::Outcome::Success(JobSuccess {
-                    pinned_reference: report.pinned,
-                    digest: report.digest,
+                    pinned_reference: report.pinned.unwrap_or_default(),
+                    digest: report.digest.unwrap_or_default(),
+                    pushed_manifests: report.manifests.into_iter().map(to_proto_manifest).collect(),
                     bytes_uploaded: report.bytes_uploaded,
                     blobs_uploaded: report.blobs_uploaded,
                     blobs_mounted: report.blobs_mounted,
@@ -413,8 +430,8 @@ impl Agent {
                     PushError::IncompleteIndex { missing, pushed, .. } => job_result::Outcome::Failure(JobFailure {
                         message,
                         retryable,
-                        missing_platforms: missing.iter().map(|m| to_proto_platform(&m.platform)).collect(),
                         pushed_manifests: pushed.into_iter().map(to_proto_manifest).collect(),
+                        absent_manifests: missing.into_iter().map(|m| m.digest).collect(),
                     }),
                     _ => failure(message, retryable),
                 }
@@ -525,7 +542,18 @@ fn to_proto_platform(p: &PlatformName) -> ProtoPlatform {
 }
 
 fn to_proto_manifest(m: crate::push::PlatformManifest) -> ProtoPlatformManifest {
-    ProtoPlatformManifest { platform: Some(to_proto_platform(&m.platform)), digest: m.digest }
+    ProtoPlatformManifest { platform: Some(to_proto_platform(&m.platform)), digest: m.digest, attestation: false }
+}
+
+/// What of the image an assignment copies.
+fn scope_of(assignment: &Assignment) -> Scope {
+    let finish = match assignment.finish() {
+        ProtoFinish::Whole => return Scope::Whole,
+        ProtoFinish::None => Finish::None,
+        ProtoFinish::Index => Finish::Index,
+        ProtoFinish::Reduced => Finish::Reduced { keep: assignment.keep.clone() },
+    };
+    Scope::Part { manifests: assignment.manifests.clone(), finish }
 }
 
 #[cfg(test)]

@@ -50,6 +50,15 @@ pub struct Cli {
     /// An agent silent this long loses its jobs to another node.
     #[arg(long, env = "IMAGE_BACKUP_HEARTBEAT_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat_deadline: Duration,
+    /// How long platforms of an index that no connected node holds are
+    /// waited for (a node may be joining) before the backup is pushed as a
+    /// reduced index without them.
+    #[arg(long, env = "IMAGE_BACKUP_REDUCE_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub reduce_after: Duration,
+    /// Never push a reduced index: a backup whose platforms are not all on
+    /// some node fails instead, and its workloads are left as they are.
+    #[arg(long, env = "IMAGE_BACKUP_REQUIRE_COMPLETE_INDEX")]
+    pub require_complete_index: bool,
     /// Reconciles run at once, per kind: bounds memory and API load when
     /// thousands of workloads change together (after a start, say).
     #[arg(long, env = "IMAGE_BACKUP_CONCURRENCY", default_value_t = 32)]
@@ -70,6 +79,8 @@ impl Cli {
             max_attempts: self.max_attempts.max(1),
             retry_backoff: self.retry_backoff,
             heartbeat_deadline: self.heartbeat_deadline,
+            reduce_after: self.reduce_after,
+            require_complete_index: self.require_complete_index,
             concurrency: self.concurrency.max(1),
         }
     }

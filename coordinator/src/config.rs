@@ -21,6 +21,11 @@ pub struct CoordinatorConfig {
     pub retry_backoff: Duration,
     /// An agent silent for this long loses its jobs.
     pub heartbeat_deadline: Duration,
+    /// How long children of an index that no connected node holds are
+    /// waited for before the backup goes without them.
+    pub reduce_after: Duration,
+    /// Fail such a backup instead of pushing a reduced index.
+    pub require_complete_index: bool,
     /// Reconciles run at once, per kind.
     pub concurrency: u16,
 }

@@ -10,7 +10,7 @@ use futures::Stream;
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::media::PlatformName;
 use image_backup_proto::v1::{
-    Agent as ProtoAgent, GetJobRequest, Job, JobEvent, JobPhase, ListAgentsRequest, ListAgentsResponse,
+    Agent as ProtoAgent, GetJobRequest, Job, JobEvent, JobPhase, JobPlatform, ListAgentsRequest, ListAgentsResponse,
     ListJobsRequest, ListJobsResponse, WatchJobsRequest, job_event, job_service_server::JobService,
 };
 use kube::{ResourceExt, runtime::reflector::Store};
@@ -94,10 +94,11 @@ fn to_job(backup: &ImageBackup, usage: &Usage) -> Job {
         created_at: backup.metadata.creation_timestamp.as_ref().map(|t| timestamp(&t.0)),
         updated_at: status.last_transition_time.as_ref().map(|t| timestamp(&t.0)),
         missing_platforms: status
-            .missing_platforms
+            .platforms
             .iter()
+            .filter(|p| p.copied_from.is_none())
             .map(|p| {
-                let name = PlatformName::parse(p);
+                let name = PlatformName::parse(&p.platform);
                 let (os, architecture, variant) = name.parts();
                 image_backup_proto::v1::Platform {
                     os: os.into(),
@@ -106,6 +107,17 @@ fn to_job(backup: &ImageBackup, usage: &Usage) -> Job {
                 }
             })
             .collect(),
+        platforms: status
+            .platforms
+            .iter()
+            .map(|p| JobPlatform {
+                platform: p.platform.clone(),
+                digest: p.digest.clone(),
+                attestation: p.attestation,
+                copied_from: p.copied_from.clone().unwrap_or_default(),
+            })
+            .collect(),
+        reduced: status.reduced,
     }
 }
 

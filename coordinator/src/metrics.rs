@@ -140,6 +140,7 @@ impl Metrics {
             Transition::Waiting { .. } => "waiting",
             Transition::Assigned { .. } => "assigned",
             Transition::Progress { .. } => "progress",
+            Transition::Copied { .. } => "copied",
             Transition::Completed { .. } => "completed",
             Transition::Retry { .. } => "retry",
             Transition::Failed { .. } => "failed",

@@ -61,8 +61,13 @@ pub struct ImageBackupStatus {
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// Assignments made so far (every part of an index counts).
     #[serde(default)]
     pub attempts: u32,
+    /// Failed or lost attempts since the last one that copied something;
+    /// the retry limit and the backoff count these.
+    #[serde(default)]
+    pub failures: u32,
     #[serde(default)]
     pub bytes_done: u64,
     #[serde(default)]
@@ -76,9 +81,18 @@ pub struct ImageBackupStatus {
     pub backup_reference: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Platforms of an index that no connected node holds yet.
+    /// For an index: each child manifest, and where its copy came from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub missing_platforms: Vec<String>,
+    pub platforms: Vec<PlatformCopy>,
+    /// The backup is a reduced index: only the children some node held,
+    /// annotated with the source index digest. Nodes of a left-out
+    /// platform cannot run it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reduced: bool,
+    /// Platforms of the source index the backup leaves out, because no
+    /// node held them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
     /// What the job waits for, in words (`waiting for a free agent ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -90,6 +104,22 @@ pub struct ImageBackupStatus {
     pub last_transition_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One child manifest of an index and its copy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformCopy {
+    /// `linux/arm64/v8`; `unknown/unknown` for an attestation.
+    pub platform: String,
+    pub digest: String,
+    /// A buildx attestation entry, which no node's containerd holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attestation: bool,
+    /// Where the copy came from, once in the backup registry:
+    /// `node/<name>` for a node's containerd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<String>,
 }
 
 /// The CRD manifest as YAML, exactly as `deploy/crds/imagebackup.yaml` holds it.

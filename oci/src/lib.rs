@@ -5,6 +5,7 @@
 //! containerd's client nor the push engine.
 
 pub mod access;
+pub mod index;
 pub mod media;
 pub mod reference;
 pub mod registry;

@@ -1,10 +1,10 @@
 //! Media types and indexes, on oci-spec's types. Only what copying needs
 //! beyond them lives here: telling an index from a manifest when containerd
-//! recorded no media type, and naming an index's children by platform.
+//! recorded no media type, and naming platforms.
 
 use std::fmt;
 
-use oci_spec::image::{Descriptor, ImageIndex, MediaType, Platform, ToDockerV2S2};
+use oci_spec::image::{MediaType, Platform, ToDockerV2S2};
 
 /// Whether a media type names a multi-platform index (OCI or Docker list).
 pub fn is_index(media_type: &str) -> bool {
@@ -81,12 +81,6 @@ impl From<(&str, &str, &str)> for PlatformName {
     }
 }
 
-/// The child manifests of an index, each with its platform.
-pub fn index_children(bytes: &[u8]) -> Result<Vec<(PlatformName, Descriptor)>, serde_json::Error> {
-    let index: ImageIndex = serde_json::from_slice(bytes)?;
-    Ok(index.manifests().iter().map(|child| (PlatformName::of(child.platform().as_ref()), child.clone())).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,18 +107,5 @@ mod tests {
             "application/vnd.oci.image.manifest.v1+json"
         );
         assert_eq!(media_type_of("application/x-declared", docker), "application/x-declared");
-    }
-
-    #[test]
-    fn names_children_by_platform_and_attestations_as_unknown() {
-        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
-            {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":10,"platform":{"os":"linux","architecture":"amd64"}},
-            {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","size":10,"platform":{"os":"linux","architecture":"arm64","variant":"v8"}},
-            {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc","size":10,"platform":{"os":"unknown","architecture":"unknown"}}
-        ]}"#;
-        let names: Vec<String> = index_children(index).unwrap().into_iter().map(|(p, _)| p.to_string()).collect();
-        assert_eq!(names, ["linux/amd64", "linux/arm64/v8", "unknown/unknown"]);
-        assert_eq!(PlatformName::from(("linux", "arm64", "v8")).parts(), ("linux", "arm64", "v8"));
-        assert!(index_children(b"{").is_err());
     }
 }

@@ -226,6 +226,7 @@ async fn run_agent(coordinator: &str, node: &str, images: &[TestImage], registry
             digest: image.digest().into(),
             media_type: image.root().media_type.clone(),
             present_manifests: Vec::new(),
+            manifests: Vec::new(),
         })
         .collect();
     tx.send(send(agent_message::Message::Inventory(Inventory { full: true, added, removed: Vec::new() }))).await?;

@@ -68,6 +68,8 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
         heartbeat_deadline: Duration::from_secs(10),
+        reduce_after: Duration::from_secs(3),
+        require_complete_index: false,
         concurrency: 8,
     }
 }

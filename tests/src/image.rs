@@ -79,15 +79,12 @@ pub struct PlatformImage {
 
 impl PlatformImage {
     pub fn build(media: MediaTypes, layer_sizes: &[usize], os: &str, architecture: &str, seed: u64) -> Self {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let layers: Vec<Blob> = layer_sizes
-            .iter()
-            .map(|&size| {
-                let mut data = vec![0u8; size];
-                rng.fill_bytes(&mut data);
-                Blob::new(media.layer(), data.into())
-            })
-            .collect();
+        Self::assemble(media, random_layers(media, layer_sizes, seed), os, architecture, seed)
+    }
+
+    /// An image of `layers` (some may be another image's): config and
+    /// manifest around them, labelled with `seed`.
+    pub fn assemble(media: MediaTypes, layers: Vec<Blob>, os: &str, architecture: &str, seed: u64) -> Self {
         let config = json!({
             "architecture": architecture,
             "os": os,
@@ -156,18 +153,34 @@ impl PlatformImage {
     }
 }
 
+fn random_layers(media: MediaTypes, sizes: &[usize], seed: u64) -> Vec<Blob> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    sizes
+        .iter()
+        .map(|&size| {
+            let mut data = vec![0u8; size];
+            rng.fill_bytes(&mut data);
+            Blob::new(media.layer(), data.into())
+        })
+        .collect()
+}
+
 /// An image as a registry would serve it: one platform, or an index over
 /// several.
 #[derive(Clone, Debug)]
 pub struct TestImage {
     pub media: MediaTypes,
     pub platforms: Vec<PlatformImage>,
+    /// buildx attestation manifests (`unknown/unknown`), one per platform:
+    /// in the index, never pulled by containerd.
+    pub attestations: Vec<PlatformImage>,
     pub index: Option<Blob>,
 }
 
 impl TestImage {
     pub fn single(media: MediaTypes, layer_sizes: &[usize], seed: u64) -> Self {
-        Self { media, platforms: vec![PlatformImage::build(media, layer_sizes, "linux", "amd64", seed)], index: None }
+        let platforms = vec![PlatformImage::build(media, layer_sizes, "linux", "amd64", seed)];
+        Self { media, platforms, attestations: Vec::new(), index: None }
     }
 
     /// An index over `architectures`, each with its own random layers.
@@ -179,22 +192,59 @@ impl TestImage {
                 PlatformImage::build(media, layer_sizes, "linux", arch, seed.wrapping_add(i as u64 * 7919))
             })
             .collect();
-        let index = serde_json::to_vec_pretty(&json!({
-            "schemaVersion": 2,
-            "mediaType": media.index(),
-            "manifests": platforms.iter().map(|p| json!({
+        Self::indexed(media, platforms, Vec::new())
+    }
+
+    /// An index as buildx makes it: every platform on a shared base layer
+    /// of `base` bytes plus its own `layer_sizes`, and an attestation
+    /// manifest per platform.
+    pub fn buildx(media: MediaTypes, base: usize, layer_sizes: &[usize], architectures: &[&str], seed: u64) -> Self {
+        let base = random_layers(media, &[base], seed.wrapping_add(104_729));
+        let platforms: Vec<PlatformImage> = architectures
+            .iter()
+            .enumerate()
+            .map(|(i, arch)| {
+                let seed = seed.wrapping_add(i as u64 * 7919);
+                let layers = base.iter().cloned().chain(random_layers(media, layer_sizes, seed)).collect();
+                PlatformImage::assemble(media, layers, "linux", arch, seed)
+            })
+            .collect();
+        let attestations = (0..platforms.len())
+            .map(|i| PlatformImage::build(media, &[2 << 10], "unknown", "unknown", seed.wrapping_add(31 + i as u64)))
+            .collect();
+        Self::indexed(media, platforms, attestations)
+    }
+
+    fn indexed(media: MediaTypes, platforms: Vec<PlatformImage>, attestations: Vec<PlatformImage>) -> Self {
+        let entry = |p: &PlatformImage| {
+            json!({
                 "mediaType": p.manifest.media_type,
                 "digest": p.manifest.digest,
                 "size": p.manifest.size(),
                 "platform": { "os": p.os, "architecture": p.architecture },
-            })).collect::<Vec<_>>(),
+            })
+        };
+        let attestation = |(a, p): (&PlatformImage, &PlatformImage)| {
+            let mut entry = entry(a);
+            entry["annotations"] = json!({
+                "vnd.docker.reference.digest": p.manifest.digest,
+                "vnd.docker.reference.type": "attestation-manifest",
+            });
+            entry
+        };
+        let index = serde_json::to_vec_pretty(&json!({
+            "schemaVersion": 2,
+            "mediaType": media.index(),
+            "manifests": platforms.iter().map(entry)
+                .chain(attestations.iter().zip(&platforms).map(attestation))
+                .collect::<Vec<_>>(),
         }))
         .expect("json");
         let mut index = Blob::new(media.index(), index.into());
-        for (i, p) in platforms.iter().enumerate() {
+        for (i, p) in platforms.iter().chain(&attestations).enumerate() {
             index.gc_labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), p.manifest.digest.clone());
         }
-        Self { media, platforms, index: Some(index) }
+        Self { media, platforms, attestations, index: Some(index) }
     }
 
     /// The descriptor the image name points at (index or manifest).
@@ -233,6 +283,8 @@ impl TestImage {
             }
         }
         blobs.extend(self.index.iter());
+        let mut seen = std::collections::HashSet::new();
+        blobs.retain(|b| seen.insert(b.digest.as_str()));
         blobs.retain(|b| !skip.contains(&b.digest.as_str()));
         let name = reference.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(reference, |(n, _)| n);
         let names = [reference.to_string(), format!("{name}@{}", self.digest())];

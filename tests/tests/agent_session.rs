@@ -45,7 +45,8 @@ async fn outcome(jobs: &LiveJobs, job: &str) -> Outcome {
 /// Waits until the hub knows a node that holds `digest`.
 async fn held(hub: &AgentHub, digest: &str) {
     eventually(&format!("an agent holds {digest}"), Duration::from_secs(30), || {
-        std::future::ready(hub.holders(digest).free.map(|_| ()).ok_or_else(|| format!("{:?}", hub.agents())))
+        let free = hub.holdings(digest).agents.iter().any(|h| h.free && h.root);
+        std::future::ready(free.then_some(()).ok_or_else(|| format!("{:?}", hub.agents())))
     })
     .await;
 }
@@ -71,10 +72,11 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let agents = hub.agents();
     assert_eq!(agents.len(), 1);
     assert_eq!((agents[0].node_name.as_str(), agents[0].max_jobs), ("node-a", 2));
-    let holders = hub.holders(image.digest());
-    assert_eq!(holders.free, Some(("agent-node-a".to_string(), "node-a".to_string())));
-    let nobody = hub.holders("sha256:0000000000000000000000000000000000000000000000000000000000000000");
-    assert_eq!((nobody.free, nobody.busy), (None, 0));
+    let holdings = hub.holdings(image.digest());
+    let holders: Vec<(&str, &str)> = holdings.agents.iter().map(|h| (h.agent_id.as_str(), h.node.as_str())).collect();
+    assert_eq!(holders, [("agent-node-a", "node-a")]);
+    let nobody = hub.holdings("sha256:0000000000000000000000000000000000000000000000000000000000000000");
+    assert!(nobody.agents.is_empty());
 
     let target = format!("{}/mirror/docker.io/library/web:2", registry.host());
     hub.assign(
@@ -85,7 +87,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
             digest: image.digest().into(),
             target: target.clone(),
             attempt: 1,
-            credentials_ref: String::new(),
+            ..Assignment::default()
         },
     )
     .unwrap();
@@ -118,7 +120,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
             digest: String::new(),
             target: format!("{}/mirror/absent:1", registry.host()),
             attempt: 1,
-            credentials_ref: String::new(),
+            ..Assignment::default()
         },
     )
     .unwrap();
@@ -140,7 +142,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
             digest: image.digest().into(),
             target,
             attempt: 1,
-            credentials_ref: String::new(),
+            ..Assignment::default()
         },
     )
     .unwrap();
@@ -150,7 +152,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
         other => panic!("expected the job lost with its agent, got {other:?}"),
     }
     assert!(hub.agents().is_empty());
-    assert_eq!(hub.holders(image.digest()), Default::default());
+    assert_eq!(hub.holdings(image.digest()), Default::default());
 
     // The coordinator goes away and comes back on the same address: the
     // agent reconnects and registers again with its inventory.

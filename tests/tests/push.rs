@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     progress::Progress,
-    push::{PushError, PushOptions, PushReport, Pusher},
+    push::{Finish, PushError, PushOptions, PushReport, Pusher, Scope},
 };
 use image_backup_oci::{
     ImageRef,
@@ -46,7 +46,12 @@ async fn pusher_reading(containerd: &Containerd, config: RegistryConfig, read: R
 }
 
 async fn push(pusher: &Pusher, source: &str, target: &str) -> Result<PushReport, PushError> {
-    pusher.push(&ImageRef::parse(source).unwrap(), &ImageRef::parse(target).unwrap(), Progress::new()).await
+    push_part(pusher, source, target, Scope::Whole).await
+}
+
+async fn push_part(pusher: &Pusher, source: &str, target: &str, scope: Scope) -> Result<PushReport, PushError> {
+    let (source, target) = (ImageRef::parse(source).unwrap(), ImageRef::parse(target).unwrap());
+    pusher.push(&source, &target, &scope, Progress::new()).await
 }
 
 /// Every blob and manifest of the platform image, read back from the
@@ -87,8 +92,8 @@ async fn push_lands_and_second_push_uploads_nothing(read: ReadPath) {
     let target = format!("{}/backup/docker.io/library/app:1.0", proxy.host());
     let report = push(&pusher, "app:1.0", &target).await.expect("push");
 
-    assert_eq!(report.digest, image.digest());
-    assert_eq!(report.pinned, format!("{}/backup/docker.io/library/app@{}", proxy.host(), image.digest()));
+    assert_eq!(report.digest.as_deref(), Some(image.digest()));
+    assert_eq!(report.pinned, Some(format!("{}/backup/docker.io/library/app@{}", proxy.host(), image.digest())));
     assert_eq!(report.blobs_uploaded, 5);
     assert_eq!(proxy.uploads(), 5, "4 layers and a config");
     assert_platform_in_registry(&registry, "backup/docker.io/library/app", &image.platforms[0]).await;
@@ -98,7 +103,7 @@ async fn push_lands_and_second_push_uploads_nothing(read: ReadPath) {
     // Pushing again, by digest this time, finds everything in place.
     let again =
         push(&pusher, &format!("docker.io/library/app@{}", image.digest()), &target).await.expect("second push");
-    assert_eq!(again.digest, image.digest());
+    assert_eq!(again.digest.as_deref(), Some(image.digest()));
     assert_eq!((again.blobs_uploaded, again.bytes_uploaded), (0, 0));
     assert_eq!(proxy.uploads(), 5, "the second push uploads nothing");
 
@@ -163,7 +168,7 @@ async fn faulty_registry_gets_a_complete_image(read: ReadPath) {
 
     let report = push(&pusher, "flaky:1", &format!("{}/flaky:1", proxy.host())).await.expect("push through faults");
     assert!(proxy.faults() >= 4, "the proxy injected faults ({})", proxy.faults());
-    assert_eq!(report.digest, image.digest());
+    assert_eq!(report.digest.as_deref(), Some(image.digest()));
     assert_platform_in_registry(&registry, "flaky", &image.platforms[0]).await;
     assert_eq!(registry.manifest("flaky", "1").await.unwrap().expect("tag").digest, image.digest());
 }
@@ -224,12 +229,85 @@ async fn partial_multi_platform_index_reports_missing_platforms_and_pushes_no_in
     // The node holding the other platforms completes the index.
     let second = pusher(&node_b, insecure(&[registry.host()])).await;
     let report = push(&second, "multi:3", &target).await.expect("complete index");
-    assert_eq!(report.digest, image.digest());
+    assert_eq!(report.digest.as_deref(), Some(image.digest()));
     let index = registry.manifest("mirror/multi", "3").await.unwrap().expect("tagged index");
     assert_eq!(index.bytes, image.index.as_ref().unwrap().data);
     for arch in ["amd64", "arm64", "s390x"] {
         assert_platform_in_registry(&registry, "mirror/multi", image.platform(arch)).await;
     }
+}
+
+#[tokio::test]
+async fn an_index_in_parts_from_two_nodes_then_reduced_to_what_the_nodes_hold() {
+    init_tracing();
+    let (node_a, node_b, node_c) =
+        (Containerd::start().await.unwrap(), Containerd::start().await.unwrap(), Containerd::start().await.unwrap());
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::multi_platform(MediaTypes::Oci, &[MB, 300 * KB], &["amd64", "arm64", "s390x"], 11);
+    let (amd64, arm64, s390x) = (image.platform("amd64"), image.platform("arm64"), image.platform("s390x"));
+    image.import(&node_a, "docker.io/library/parts:3", &["amd64"], &[]).await.unwrap();
+    image.import(&node_b, "docker.io/library/parts:3", &["arm64"], &[]).await.unwrap();
+    // containerd skipped a layer whose snapshot existed: not whole there.
+    image.import(&node_c, "docker.io/library/parts:3", &["arm64"], &[&arm64.layers[0].digest]).await.unwrap();
+    let target = format!("{}/mirror/parts:3", registry.host());
+    let (a, b, c) = (
+        pusher(&node_a, insecure(&[registry.host()])).await,
+        pusher(&node_b, insecure(&[registry.host()])).await,
+        pusher(&node_c, insecure(&[registry.host()])).await,
+    );
+
+    let root = |pusher: &Pusher| {
+        let pusher = pusher.clone();
+        async move {
+            let record = pusher.store().resolve(&ImageRef::parse("parts:3").unwrap()).await.unwrap();
+            let content = pusher.index_content(&record.target).await.unwrap().expect("an index");
+            content.children.iter().map(|(child, whole)| (child.platform.to_string(), *whole)).collect::<Vec<_>>()
+        }
+    };
+    let held =
+        |arch: &str| [("linux/amd64", arch == "amd64"), ("linux/arm64", arch == "arm64"), ("linux/s390x", false)];
+    let as_owned = |list: [(&str, bool); 3]| list.map(|(p, w)| (p.to_string(), w)).to_vec();
+    assert_eq!(root(&a).await, as_owned(held("amd64")));
+    assert_eq!(root(&b).await, as_owned(held("arm64")));
+    assert_eq!(root(&c).await, as_owned(held("none")), "a child missing a layer is not whole");
+
+    let part = |manifests: &[&str], finish| Scope::Part {
+        manifests: manifests.iter().map(|m| m.to_string()).collect(),
+        finish,
+    };
+    let err = push_part(&c, "parts:3", &target, part(&[&arm64.manifest.digest], Finish::None)).await.unwrap_err();
+    assert!(matches!(err, PushError::NotHeld { .. }) && err.retryable(), "{err}");
+
+    let first = push_part(&a, "parts:3", &target, part(&[&amd64.manifest.digest], Finish::None)).await.unwrap();
+    assert_eq!((first.pinned, first.digest), (None, None), "children only, no index");
+    assert_eq!(first.manifests.iter().map(|m| m.digest.as_str()).collect::<Vec<_>>(), [amd64.manifest.digest.as_str()]);
+    assert!(registry.tags("mirror/parts").await.unwrap().is_empty(), "no tag before the index");
+
+    let err = push_part(&b, "parts:3", &target, part(&[&arm64.manifest.digest], Finish::Index)).await.unwrap_err();
+    match &err {
+        PushError::IncompleteIndex { missing, pushed, .. } => {
+            assert_eq!(missing.iter().map(|m| m.digest.as_str()).collect::<Vec<_>>(), [s390x.manifest.digest.as_str()]);
+            assert_eq!(pushed.len(), 1);
+        }
+        other => panic!("expected an incomplete index, got {other}"),
+    }
+    assert!(registry.manifest("mirror/parts", image.digest()).await.unwrap().is_none(), "no index without s390x");
+
+    let keep = vec![amd64.manifest.digest.clone(), arm64.manifest.digest.clone()];
+    let reduced = push_part(&b, "parts:3", &target, part(&[], Finish::Reduced { keep })).await.unwrap();
+    let digest = reduced.digest.expect("a reduced index pushed");
+    assert_ne!(digest, image.digest());
+    assert_eq!(reduced.pinned, Some(format!("{}/mirror/parts@{digest}", registry.host())));
+    let tagged = registry.manifest("mirror/parts", "3").await.unwrap().expect("the tag names the reduced index");
+    assert_eq!(tagged.digest, digest);
+    let index: serde_json::Value = serde_json::from_slice(&tagged.bytes).unwrap();
+    let children: Vec<&str> =
+        index["manifests"].as_array().unwrap().iter().map(|m| m["digest"].as_str().unwrap()).collect();
+    assert_eq!(children, [amd64.manifest.digest.as_str(), arm64.manifest.digest.as_str()]);
+    assert_eq!(index["annotations"][image_backup_oci::index::SOURCE_INDEX_ANNOTATION], image.digest());
+    assert_eq!(index["annotations"][image_backup_oci::index::LEFT_OUT_ANNOTATION], "linux/s390x");
+    assert_platform_in_registry(&registry, "mirror/parts", amd64).await;
+    assert_platform_in_registry(&registry, "mirror/parts", arm64).await;
 }
 
 #[tokio::test]
@@ -242,9 +320,13 @@ async fn docker_manifest_list_with_every_platform_present_pushes_whole() {
     let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
     let report =
         push(&pusher, "ghcr.io/org/both", &format!("{}/ghcr.io/org/both:latest", registry.host())).await.unwrap();
-    assert_eq!(report.media_type, "application/vnd.docker.distribution.manifest.list.v2+json");
+    assert_eq!(report.manifests.len(), 2, "both platforms from this node");
+
     let index = registry.manifest("ghcr.io/org/both", "latest").await.unwrap().unwrap();
-    assert_eq!((index.digest.as_str(), &index.media_type), (image.digest(), &report.media_type));
+    assert_eq!(
+        (index.digest.as_str(), index.media_type.as_str()),
+        (image.digest(), "application/vnd.docker.distribution.manifest.list.v2+json")
+    );
 }
 
 #[tokio::test]
@@ -335,7 +417,7 @@ async fn tls_registry_with_basic_auth_from_a_docker_config() {
         push(&pusher(&containerd, config(Some(write_config("backup", "s3cr3t-pw")), true)).await, "secure:1", &target)
             .await
             .expect("push with CA and credentials");
-    assert_eq!(report.digest, image.digest());
+    assert_eq!(report.digest.as_deref(), Some(image.digest()));
     assert_platform_in_registry(&registry, "secure", &image.platforms[0]).await;
 }
 
@@ -354,6 +436,7 @@ async fn progress_counts_every_byte_once() {
         .push(
             &ImageRef::parse("counted:1").unwrap(),
             &ImageRef::parse(&format!("{}/counted:1", proxy.host())).unwrap(),
+            &Scope::Whole,
             progress.clone(),
         )
         .await
@@ -399,7 +482,7 @@ async fn bearer_token_flow_with_credentials_from_a_docker_config() {
 
     let pusher = pusher(&containerd, config("t0ken-pw")).await;
     let report = push(&pusher, "registry.k8s.io/pause:3.9", &target).await.expect("push with a bearer token");
-    assert_eq!(report.digest, image.digest());
+    assert_eq!(report.digest.as_deref(), Some(image.digest()));
     assert_platform_in_registry(&registry, "mirror/registry.k8s.io/pause", &image.platforms[0]).await;
     // A second repository needs a token for a new scope, mount included.
     let second =

@@ -48,7 +48,7 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     let run_id = format!("{:x}", rand::random::<u64>());
     let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
     let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
-    let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], index: None };
+    let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], attestations: Vec::new(), index: None };
     source.push("e2e/sleeper", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/sleeper:1", source.host());
 

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use image_backup_oci::media::is_index;
+use image_backup_oci::media::{PlatformName, is_index};
 use image_backup_proto::v1::{
     Assignment, Cancel, CoordinatorMessage, InventoryImage, Platform, Register, agent_message, coordinator_message,
 };
@@ -30,7 +30,8 @@ pub use session::AgentSessions;
 
 use crate::jobs::{
     LiveJobs,
-    machine::{Holder, Holders},
+    machine::Holder,
+    plan::{Child, Holding, Holdings},
 };
 
 /// How long an assignment counts as running before the agent's heartbeats
@@ -75,18 +76,29 @@ struct Agent {
 }
 
 impl Agent {
-    /// Whether this node's containerd holds the content of `digest`: as an
-    /// image's target, or as a platform manifest of an index it pulled.
-    fn holds(&self, digest: &str) -> bool {
+    /// Whether this node's containerd holds the whole content of the image
+    /// manifest `digest`: as an image's target, or as a child of an index.
+    fn holds_whole(&self, digest: &str) -> bool {
         self.images.values().any(|image| {
-            if image.digest == digest {
-                // An index is useful only with at least its own platform.
-                !is_index(&image.media_type) || !image.present_manifests.is_empty()
-            } else {
-                image.present_manifests.iter().any(|m| m.digest == digest)
-            }
+            (image.digest == digest && !is_index_image(image))
+                || image.present_manifests.iter().any(|m| m.digest == digest)
         })
     }
+
+    /// The index `digest` as this node's inventory lists it.
+    fn index(&self, digest: &str) -> Option<&InventoryImage> {
+        self.images.values().find(|image| image.digest == digest && is_index_image(image))
+    }
+
+    fn free(&self) -> bool {
+        self.running.len() < self.register.max_concurrent_jobs.max(1) as usize
+    }
+}
+
+/// containerd may record no media type for an image pulled by digest; an
+/// index lists its children either way.
+fn is_index_image(image: &InventoryImage) -> bool {
+    !image.manifests.is_empty() || is_index(&image.media_type)
 }
 
 /// Every connected agent. Shared by the gRPC service and the controllers.
@@ -144,22 +156,51 @@ impl AgentHub {
         agents
     }
 
-    /// The least busy agent with a free slot whose node holds the content
-    /// of `digest`, and how many holding agents are full.
-    pub fn holders(&self, digest: &str) -> Holders {
+    /// What the connected agents' nodes hold of the image `digest`: for an
+    /// index, its children and which node holds which whole. Least busy
+    /// agents first.
+    pub fn holdings(&self, digest: &str) -> Holdings {
         let agents = self.lock();
-        let mut free: Vec<(&String, &Agent)> = Vec::new();
-        let mut busy = 0;
-        for (id, agent) in agents.iter().filter(|(_, a)| a.holds(digest)) {
-            if agent.running.len() < agent.register.max_concurrent_jobs.max(1) as usize {
-                free.push((id, agent));
-            } else {
-                busy += 1;
-            }
-        }
-        let best =
-            free.into_iter().min_by_key(|(id, a)| (a.running.len(), a.register.node_name.clone(), (*id).clone()));
-        Holders { free: best.map(|(id, a)| (id.clone(), a.register.node_name.clone())), busy }
+        let children: Vec<Child> = agents
+            .values()
+            .find_map(|a| a.index(digest))
+            .map(|index| {
+                index
+                    .manifests
+                    .iter()
+                    .map(|m| Child {
+                        platform: m.platform.as_ref().map_or_else(
+                            || "unknown/unknown".to_string(),
+                            |p| PlatformName::from((&*p.os, &*p.architecture, &*p.variant)).to_string(),
+                        ),
+                        digest: m.digest.clone(),
+                        attestation: m.attestation,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut holders: Vec<(&String, &Agent, Holding)> = agents
+            .iter()
+            .filter_map(|(id, agent)| {
+                let root = if children.is_empty() { agent.holds_whole(digest) } else { agent.index(digest).is_some() };
+                let held: Vec<String> =
+                    children.iter().filter(|c| agent.holds_whole(&c.digest)).map(|c| c.digest.clone()).collect();
+                (root || !held.is_empty()).then(|| {
+                    let holding = Holding {
+                        agent_id: id.clone(),
+                        node: agent.register.node_name.clone(),
+                        free: agent.free(),
+                        root,
+                        children: held,
+                    };
+                    (id, agent, holding)
+                })
+            })
+            .collect();
+        holders.sort_by(|(a_id, a, _), (b_id, b, _)| {
+            (a.running.len(), &a.register.node_name, a_id).cmp(&(b.running.len(), &b.register.node_name, b_id))
+        });
+        Holdings { children, agents: holders.into_iter().map(|(_, _, holding)| holding).collect() }
     }
 
     /// Whether `agent_id` is connected and runs `job`.
@@ -384,50 +425,57 @@ mod tests {
     }
 
     fn image(name: &str, digest: &str, media_type: &str, present: &[&str]) -> InventoryImage {
+        let manifest = |d: &&str| PlatformManifest { digest: d.to_string(), ..PlatformManifest::default() };
+        let children = if media_type == INDEX { vec!["sha256:amd64", "sha256:arm64"] } else { vec![] };
         InventoryImage {
             name: name.into(),
             digest: digest.into(),
             media_type: media_type.into(),
-            present_manifests: present
-                .iter()
-                .map(|d| PlatformManifest { platform: None, digest: d.to_string() })
-                .collect(),
+            present_manifests: present.iter().map(manifest).collect(),
+            manifests: children.iter().map(manifest).collect(),
         }
     }
 
     #[test]
-    fn holds_manifests_and_indexes_with_their_own_platform() {
+    fn holds_manifests_whole_and_indexes_with_the_children_it_has() {
         let node = agent(
-            vec![
-                image("app:1", "sha256:m", MANIFEST, &[]),
-                image("web:1", "sha256:i", INDEX, &["sha256:amd64"]),
-                image("bare:1", "sha256:empty", INDEX, &[]),
-            ],
+            vec![image("app:1", "sha256:m", MANIFEST, &[]), image("web:1", "sha256:i", INDEX, &["sha256:amd64"])],
             &[],
             2,
         );
-        assert!(node.holds("sha256:m"));
-        assert!(node.holds("sha256:i"), "an index with its own platform's manifest");
-        assert!(node.holds("sha256:amd64"), "a platform manifest of an index it pulled");
-        assert!(!node.holds("sha256:empty"), "an index without any of its manifests is of no use");
-        assert!(!node.holds("sha256:other"));
+        assert!(node.holds_whole("sha256:m"));
+        assert!(node.holds_whole("sha256:amd64"), "a platform manifest of an index it pulled");
+        assert!(!node.holds_whole("sha256:arm64"), "listed by the index, not pulled");
+        assert!(!node.holds_whole("sha256:i"), "an index is held as its children");
+        assert!(node.index("sha256:i").is_some());
+        assert!(!node.holds_whole("sha256:other"));
     }
 
     #[test]
-    fn holders_are_the_least_busy_free_agents_and_the_full_ones_are_counted() {
+    fn holdings_list_the_least_busy_first_with_what_each_holds() {
         let (jobs, _woken) = LiveJobs::new();
         let hub = AgentHub::new("test", Duration::from_secs(5), Arc::new(jobs));
         let held = || vec![image("app:1", "sha256:m", MANIFEST, &[])];
         hub.lock().insert("a".into(), agent(held(), &["j1"], 2));
         hub.lock().insert("b".into(), agent(held(), &[], 2));
         hub.lock().insert("c".into(), agent(held(), &["j2"], 1));
-        let holders = hub.holders("sha256:m");
-        assert_eq!(holders.free.map(|(id, _)| id), Some("b".to_string()));
-        assert_eq!(holders.busy, 1);
+        let holdings = hub.holdings("sha256:m");
+        let order: Vec<(&str, bool)> = holdings.agents.iter().map(|h| (h.agent_id.as_str(), h.free)).collect();
+        assert_eq!(order, [("b", true), ("a", true), ("c", false)]);
+        assert!(holdings.children.is_empty());
         assert!(hub.reserve("c", "j3", 1, "sha256:m").is_err(), "a full agent takes no more");
         assert!(hub.reserve("b", "j3", 1, "sha256:m").is_ok());
         assert_eq!(hub.holder("b", "j3"), Holder::Running);
         assert_eq!(hub.holder("a", "j3"), Holder::NotRunning);
         assert_eq!(hub.holder("z", "j3"), Holder::Absent);
+
+        hub.lock().insert("d".into(), agent(vec![image("web:1", "sha256:i", INDEX, &["sha256:arm64"])], &[], 1));
+        let index = hub.holdings("sha256:i");
+        assert_eq!(
+            index.children.iter().map(|c| c.digest.as_str()).collect::<Vec<_>>(),
+            ["sha256:amd64", "sha256:arm64"]
+        );
+        assert_eq!(index.agents.len(), 1);
+        assert_eq!((index.agents[0].root, index.agents[0].children.clone()), (true, vec!["sha256:arm64".to_string()]));
     }
 }

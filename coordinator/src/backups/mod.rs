@@ -8,15 +8,18 @@ mod status;
 use std::{sync::Arc, time::Duration};
 
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
-use image_backup_oci::ImageRef;
-use image_backup_proto::v1::{Assignment, JobSuccess};
+use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
+use image_backup_proto::v1::{Assignment, JobFailure, JobSuccess};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
 use tracing::{debug, info, instrument, warn};
 
 use crate::{
     context::{Context, Error, kube_err},
-    jobs::machine::{self, Holder, Holders, Limits, Next, Observed, Transition},
+    jobs::{
+        machine::{self, Holder, Limits, Next, Observed, Transition},
+        plan::{Holdings, Part},
+    },
 };
 
 /// How often a stale write is retried from a fresh read before the
@@ -50,22 +53,18 @@ pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Ac
 async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Error> {
     let name = backup.name_any();
     let status = backup.status.clone().unwrap_or_default();
-    let limits = Limits {
-        max_attempts: ctx.config.max_attempts,
-        retry_backoff: ctx.config.retry_backoff,
-        grace: ctx.config.heartbeat_deadline,
-    };
+    let limits = limits(ctx);
     let live = ctx
         .jobs
         .get(&name)
         .filter(|live| live.is(status.attempts, &backup.spec.digest, status.agent.as_deref().unwrap_or_default()));
-    let holders = if status.phase == Phase::Pending {
+    let holdings = if status.phase == Phase::Pending {
         // Registered before the slots are read, so a slot freed in between
         // still wakes it; an assignment takes it off the list.
         ctx.jobs.wait_for_agent(&name);
-        ctx.hub.holders(&backup.spec.digest)
+        ctx.hub.holdings(&backup.spec.digest)
     } else {
-        Holders::default()
+        Holdings::default()
     };
     let target = target_of(ctx, backup);
     let pinned = target.as_ref().ok().map(|t| t.pinned(&backup.spec.digest));
@@ -75,7 +74,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         status: &status,
         live: live.as_ref(),
         holder: status.agent.as_deref().map_or(Holder::Absent, |agent| ctx.hub.holder(agent, &name)),
-        holders,
+        holdings,
         target: pinned.as_deref(),
         since_transition: since(&status),
         since_report: live.as_ref().map(|l| l.updated.elapsed()),
@@ -91,7 +90,11 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
             // it does, and no attempt is spent on it.
             None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
         },
-        Next::Assign { agent_id, node, attempt } => return assign(ctx, backup, &target, agent_id, node, attempt).await,
+        Next::Assign { agent_id, node, attempt, part } => {
+            let transition =
+                Transition::Assigned { agent_id, node, attempt, children: observed.holdings.children.clone(), part };
+            return assign(ctx, backup, &target, transition, &limits).await;
+        }
     };
     let Some(written) = status::write(ctx, backup, &transition).await? else { return Ok(None) };
     after_write(ctx, backup, &written, &transition).await;
@@ -99,11 +102,23 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         // The backoff is kept in status (the transition time), so it
         // survives a coordinator restart.
         Transition::Retry { .. } | Transition::Lost { .. } => {
-            Action::requeue(machine::backoff(&limits, status.attempts).max(Duration::from_millis(100)))
+            let failures = written.status.as_ref().map_or(1, |s| s.failures);
+            Action::requeue(machine::backoff(&limits, failures).max(Duration::from_millis(100)))
         }
-        Transition::Restart { .. } => Action::requeue(Duration::ZERO),
+        Transition::Restart { .. } | Transition::Copied { .. } => Action::requeue(Duration::ZERO),
+        Transition::Waiting { recheck: Some(after), .. } => Action::requeue(after),
         _ => Action::await_change(),
     }))
+}
+
+fn limits(ctx: &Context) -> Limits {
+    Limits {
+        max_attempts: ctx.config.max_attempts,
+        retry_backoff: ctx.config.retry_backoff,
+        grace: ctx.config.heartbeat_deadline,
+        reduce_after: ctx.config.reduce_after,
+        require_complete: ctx.config.require_complete_index,
+    }
 }
 
 /// Reserves the agent's slot, records the attempt, then delivers it: the
@@ -112,62 +127,84 @@ async fn assign(
     ctx: &Context,
     backup: &ImageBackup,
     target: &Result<ImageRef, String>,
-    agent_id: String,
-    node: String,
-    attempt: u32,
+    transition: Transition,
+    limits: &Limits,
 ) -> Result<Option<Action>, Error> {
+    let Transition::Assigned { agent_id, node, attempt, part, .. } = &transition else {
+        return Ok(Some(Action::await_change()));
+    };
     let name = backup.name_any();
     let target = match target {
         Ok(target) => target,
         Err(error) => {
-            let transition = Transition::Failed { error: error.clone(), missing: Vec::new() };
+            let transition = Transition::Failed { error: error.clone(), absent: Vec::new() };
             return Ok(status::write(ctx, backup, &transition).await?.map(|written| {
                 warn!(error = ?written.status.as_ref().and_then(|s| s.last_error.as_deref()), "invalid source");
                 Action::await_change()
             }));
         }
     };
-    if let Err(e) = ctx.hub.reserve(&agent_id, &name, attempt, &backup.spec.digest) {
-        // Another job took the slot first; this one waits for the next,
-        // and says so. Decided here, not in a requeued step: a freed slot
-        // wakes every waiting job, and all but one land here.
+    if let Err(e) = ctx.hub.reserve(agent_id, &name, *attempt, &backup.spec.digest) {
+        // Another job took the slot first; this one decides again here,
+        // not in a requeued step: a freed slot wakes every waiting job,
+        // and all but one land here.
         debug!(error = %e, "agent slot taken meanwhile");
-        ctx.jobs.wait_for_agent(&name);
-        let status = backup.status.clone().unwrap_or_default();
-        let holders = ctx.hub.holders(&backup.spec.digest);
-        if holders.free.is_some() {
-            // A slot freed meanwhile: try again at once.
-            return Ok(Some(Action::requeue(Duration::ZERO)));
-        }
-        return match machine::waiting(&status, &holders, &backup.spec.digest) {
-            Next::Record(transition) => {
-                Ok(status::write(ctx, backup, &transition).await?.map(|_| Action::await_change()))
-            }
-            _ => Ok(Some(Action::await_change())),
-        };
+        return lost_race(ctx, backup, limits).await;
     }
-    let transition = Transition::Assigned { agent_id: agent_id.clone(), node: node.clone(), attempt };
     let Some(_) = status::write(ctx, backup, &transition).await? else {
-        ctx.hub.release(&agent_id, &name);
+        ctx.hub.release(agent_id, &name);
         return Ok(None);
     };
-    let assignment = Assignment {
-        job_id: name.clone(),
+    let assignment = assignment(&name, backup, target, *attempt, part);
+    if let Err(e) = ctx.hub.send(agent_id, assignment) {
+        warn!(agent = %agent_id, error = %e, "assignment not delivered");
+        ctx.jobs.lose(&name, *attempt, &format!("assignment not delivered: {e}"));
+        return Ok(Some(Action::await_change()));
+    }
+    info!(agent = %agent_id, %node, attempt, manifests = part.manifests.len(), finish = ?part.finish, "copy assigned");
+    let note = format!("copy of {} assigned to node {node} (attempt {attempt})", backup.spec.source);
+    ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupStarted", note).await;
+    Ok(Some(Action::await_change()))
+}
+
+fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32, part: &Part) -> Assignment {
+    Assignment {
+        job_id: name.to_string(),
         source: backup.spec.source.clone(),
         digest: backup.spec.digest.clone(),
         target: target.to_string(),
         attempt,
-        credentials_ref: String::new(),
-    };
-    if let Err(e) = ctx.hub.send(&agent_id, assignment) {
-        warn!(agent = %agent_id, error = %e, "assignment not delivered");
-        ctx.jobs.lose(&name, attempt, &format!("assignment not delivered: {e}"));
-        return Ok(Some(Action::await_change()));
+        manifests: part.manifests.clone(),
+        finish: part.finish.into(),
+        keep: part.keep.clone(),
     }
-    info!(agent = %agent_id, %node, attempt, "copy assigned");
-    let note = format!("copy of {} assigned to node {node} (attempt {attempt})", backup.spec.source);
-    ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupStarted", note).await;
-    Ok(Some(Action::await_change()))
+}
+
+/// The slot went to another job: waits for the next one, and says so, or
+/// tries again at once if one freed meanwhile.
+async fn lost_race(ctx: &Context, backup: &ImageBackup, limits: &Limits) -> Result<Option<Action>, Error> {
+    ctx.jobs.wait_for_agent(&backup.name_any());
+    let status = backup.status.clone().unwrap_or_default();
+    let observed = Observed {
+        generation: backup.metadata.generation.unwrap_or(1),
+        digest: &backup.spec.digest,
+        status: &status,
+        live: None,
+        holder: Holder::Absent,
+        holdings: ctx.hub.holdings(&backup.spec.digest),
+        target: None,
+        since_transition: since(&status),
+        since_report: None,
+        uptime: ctx.hub.uptime(),
+    };
+    match machine::pending(&observed, limits) {
+        Next::Assign { .. } => Ok(Some(Action::requeue(Duration::ZERO))),
+        Next::Record(transition @ Transition::Waiting { .. }) => {
+            Ok(status::write(ctx, backup, &transition).await?.map(|_| Action::await_change()))
+        }
+        Next::After(after) => Ok(Some(Action::requeue(after))),
+        _ => Ok(Some(Action::await_change())),
+    }
 }
 
 /// The backup reference a job pushes to, from the spec and the configured
@@ -188,30 +225,60 @@ async fn verify(
     limits: &Limits,
     success: &JobSuccess,
 ) -> Option<Transition> {
-    let expected = &backup.spec.digest;
     let target = match target {
         Ok(target) => target,
-        Err(error) => return Some(Transition::Failed { error: error.clone(), missing: Vec::new() }),
+        Err(error) => return Some(Transition::Failed { error: error.clone(), absent: Vec::new() }),
     };
     let failure = |message: String| {
-        let failure = image_backup_proto::v1::JobFailure { message, retryable: true, ..Default::default() };
-        machine::failed(status, limits, &failure)
+        machine::failed(status, limits, &JobFailure { message, retryable: true, ..JobFailure::default() })
     };
-    match ctx.registry.manifest_digest(target.repository(), expected).await {
-        Ok(Some(digest)) if &digest == expected => {
+    let source = &backup.spec.digest;
+    let reduced = success.digest != *source;
+    let found = if reduced {
+        reduced_index(ctx, target, &success.digest, source).await
+    } else {
+        ctx.registry.manifest_digest(target.repository(), source).await.map(|d| d.filter(|d| d == source))
+    };
+    match found {
+        Ok(Some(digest)) => {
             ctx.metrics.pushed(success.bytes_uploaded, success.duration_seconds);
-            Some(Transition::Completed { reference: target.pinned(expected), bytes: success.bytes_uploaded })
+            Some(Transition::Completed {
+                reference: target.pinned(&digest),
+                bytes: success.bytes_uploaded,
+                node: status.node.clone().unwrap_or_default(),
+                manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
+                reduced,
+            })
         }
-        Ok(other) => Some(failure(format!(
-            "agent reported success, but {} serves {} for {expected}",
-            target.name(),
-            other.as_deref().unwrap_or("nothing")
+        Ok(None) => Some(failure(format!(
+            "agent reported {} pushed, but {} does not serve it as a backup of {source}",
+            success.digest,
+            target.name()
         ))),
         Err(e) => {
             warn!(error = %e, "could not verify the backup in the registry; trying again");
             None
         }
     }
+}
+
+/// `digest` when the backup registry serves it as a reduced index of the
+/// index `source`.
+async fn reduced_index(
+    ctx: &Context,
+    target: &ImageRef,
+    digest: &str,
+    source: &str,
+) -> Result<Option<String>, image_backup_oci::registry::RegistryError> {
+    #[derive(serde::Deserialize)]
+    struct Annotated {
+        #[serde(default)]
+        annotations: std::collections::BTreeMap<String, String>,
+    }
+    let Some((_, bytes)) = ctx.registry.manifest(target.repository(), digest).await? else { return Ok(None) };
+    let of_source = serde_json::from_slice::<Annotated>(&bytes)
+        .is_ok_and(|index| index.annotations.get(SOURCE_INDEX_ANNOTATION).map(String::as_str) == Some(source));
+    Ok(of_source.then(|| digest.to_string()))
 }
 
 /// Events and bookkeeping once a transition is recorded.
@@ -221,11 +288,14 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
     let object = backup.object_ref(&());
     let source = &backup.spec.source;
     match transition {
-        Transition::Completed { reference, .. } => {
+        Transition::Completed { reference, reduced, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
-            info!(%reference, "backup completed");
-            let node = status.node.as_deref().unwrap_or("?");
-            let note = format!("{source} backed up as {reference} from node {node}");
+            info!(%reference, reduced, "backup completed");
+            let note = if *reduced {
+                format!("{source} backed up as {reference}, a reduced index without {}", status.left_out.join(", "))
+            } else {
+                format!("{source} backed up as {reference}")
+            };
             ctx.event(&object, EventType::Normal, "BackupCompleted", note).await;
         }
         Transition::Failed { error, .. } => {
@@ -251,7 +321,8 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
             ctx.jobs.forget(&name);
             info!(digest = %backup.spec.digest, "new digest to copy");
         }
-        Transition::Waiting { message } => debug!(%message, "waiting"),
+        Transition::Waiting { message, .. } => debug!(%message, "waiting"),
+        Transition::Copied { .. } => ctx.jobs.recorded(&name, status.attempts),
         Transition::Assigned { .. } | Transition::Progress { .. } => {}
     }
 }

@@ -5,11 +5,14 @@
 
 use std::time::Duration;
 
-use image_backup_crds::{ImageBackupStatus, Phase};
-use image_backup_proto::v1::{JobFailure, JobSuccess};
+use image_backup_crds::{ImageBackupStatus, Phase, PlatformCopy};
+use image_backup_proto::v1::{Finish, JobFailure, JobSuccess};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
-use super::live::{LiveJob, Outcome};
+use super::{
+    live::{LiveJob, Outcome},
+    plan::{self, Child, Holdings, Part, Plan},
+};
 
 /// The limits the machine keeps to.
 #[derive(Clone, Debug)]
@@ -20,6 +23,11 @@ pub struct Limits {
     pub retry_backoff: Duration,
     /// How long an agent may be silent about a job it was given.
     pub grace: Duration,
+    /// How long children of an index that no connected node holds are
+    /// waited for before the backup goes without them (or fails).
+    pub reduce_after: Duration,
+    /// Fail rather than push a reduced index.
+    pub require_complete: bool,
 }
 
 /// Where the agent that status names stands.
@@ -33,14 +41,6 @@ pub enum Holder {
     Absent,
 }
 
-/// A free agent on a node that holds the digest, and how many such agents
-/// are busy.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Holders {
-    pub free: Option<(String, String)>,
-    pub busy: usize,
-}
-
 /// Everything the machine looks at for one ImageBackup.
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
@@ -50,7 +50,8 @@ pub struct Observed<'a> {
     /// Reports of the attempt status names, from the agent it names.
     pub live: Option<&'a LiveJob>,
     pub holder: Holder,
-    pub holders: Holders,
+    /// What connected agents hold of the image (only read while Pending).
+    pub holdings: Holdings,
     /// The pinned backup reference the spec and the configured location
     /// give now; `None` when the source is not a valid reference.
     pub target: Option<&'a str>,
@@ -74,6 +75,7 @@ pub enum Next {
         agent_id: String,
         node: String,
         attempt: u32,
+        part: Part,
     },
     /// The agent says the copy is done: look in the registry, then record.
     Verify(JobSuccess),
@@ -87,32 +89,48 @@ pub enum Transition {
     Restart {
         generation: i64,
     },
-    /// No agent can take the job now; says why.
+    /// No agent can take the job now; says why, and when to look again
+    /// if nothing else changes.
     Waiting {
         message: String,
+        recheck: Option<Duration>,
     },
     Assigned {
         agent_id: String,
         node: String,
         attempt: u32,
+        /// For an index: its children, kept in status with their copies.
+        children: Vec<Child>,
+        part: Part,
     },
     Progress {
         bytes_done: u64,
         bytes_total: u64,
     },
+    /// Part of an index is in the backup registry; the next part follows.
+    Copied {
+        node: String,
+        manifests: Vec<String>,
+    },
     Completed {
         reference: String,
         bytes: u64,
+        node: String,
+        /// Children of an index this last part copied.
+        manifests: Vec<String>,
+        /// The backup is a reduced index.
+        reduced: bool,
     },
-    /// The attempt failed; another follows after the backoff.
+    /// The attempt failed; another follows after the backoff. `absent`
+    /// are children the backup registry turned out not to hold.
     Retry {
         error: String,
-        missing: Vec<String>,
+        absent: Vec<String>,
     },
     /// No attempt is left, or none could succeed.
     Failed {
         error: String,
-        missing: Vec<String>,
+        absent: Vec<String>,
     },
     /// The agent went away mid-copy; another takes it.
     Lost {
@@ -120,9 +138,9 @@ pub enum Transition {
     },
 }
 
-/// Backoff before attempt `attempts + 1`, doubling per failed attempt.
-pub fn backoff(limits: &Limits, attempts: u32) -> Duration {
-    limits.retry_backoff.saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(10)))
+/// Backoff after `failures` failed attempts in a row, doubling per failure.
+pub fn backoff(limits: &Limits, failures: u32) -> Duration {
+    limits.retry_backoff.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(10)))
 }
 
 pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
@@ -133,40 +151,84 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
     match status.phase {
         // A backup made for another location (the settings changed) is
         // not the one workloads would be pointed at: copy it again.
-        Phase::Completed if observed.target.is_some() && status.backup_reference.as_deref() != observed.target => {
+        Phase::Completed if observed.target.is_some_and(|target| !made_for(status, target)) => {
             Next::Record(Transition::Restart { generation: observed.generation })
         }
         Phase::Completed | Phase::Failed => Next::Idle,
         Phase::Pending => {
-            if status.attempts > 0 {
-                let wait = backoff(limits, status.attempts);
+            if status.failures > 0 {
+                let wait = backoff(limits, status.failures);
                 if observed.since_transition < wait {
                     return Next::After(wait - observed.since_transition);
                 }
             }
-            match &observed.holders.free {
-                Some((agent_id, node)) => {
-                    Next::Assign { agent_id: agent_id.clone(), node: node.clone(), attempt: status.attempts + 1 }
-                }
-                None => waiting(status, &observed.holders, observed.digest),
-            }
+            pending(observed, limits)
         }
         Phase::Assigned | Phase::Pushing => in_flight(observed, limits),
     }
 }
 
-/// A pending job no agent can take now: says why, once.
-pub fn waiting(status: &ImageBackupStatus, holders: &Holders, digest: &str) -> Next {
-    let message = if holders.busy > 0 {
-        format!("waiting for a free agent: the {} agent(s) on nodes that hold {digest} are busy", holders.busy)
-    } else {
-        format!("no connected agent runs on a node that holds {digest}")
-    };
-    if status.message.as_deref() == Some(message.as_str()) {
-        Next::Idle
-    } else {
-        Next::Record(Transition::Waiting { message })
+/// Whether a Completed backup is at `target`: the same reference, or for a
+/// reduced index (a digest of its own) the same repository.
+fn made_for(status: &ImageBackupStatus, target: &str) -> bool {
+    let repository = |reference: &str| reference.split_once('@').map(|(name, _)| name.to_string());
+    match status.backup_reference.as_deref() {
+        Some(reference) if status.reduced => repository(reference) == repository(target),
+        Some(reference) => reference == target,
+        None => false,
     }
+}
+
+/// The next part of a pending job, or why it waits.
+pub fn pending(observed: &Observed<'_>, limits: &Limits) -> Next {
+    let status = observed.status;
+    let assign = |agent_id: String, node: String, part: Part| Next::Assign {
+        agent_id,
+        node,
+        attempt: status.attempts + 1,
+        part,
+    };
+    let (platforms, reducer) = match plan::next(status, &observed.holdings, observed.digest) {
+        Plan::Assign { agent_id, node, part } => return assign(agent_id, node, part),
+        Plan::Wait(message) => return waiting(status, message, None),
+        Plan::Nowhere { platforms, reducer } => (platforms, reducer),
+    };
+    // After a coordinator restart, agents get the grace to reconnect.
+    let waited = observed.since_transition.min(observed.uptime);
+    let list = platforms.join(", ");
+    let digest = observed.digest;
+    if waited < limits.reduce_after {
+        let then = if limits.require_complete { "the backup fails" } else { "a reduced index goes without them" };
+        let message = format!(
+            "platforms {list} of {digest} are on no connected node; {then} unless a node brings them within {}s",
+            limits.reduce_after.as_secs()
+        );
+        return waiting(status, message, Some(limits.reduce_after - waited));
+    }
+    if limits.require_complete {
+        let error = format!("index {digest} is incomplete: platforms {list} are on no connected node");
+        return Next::Record(Transition::Failed { error, absent: Vec::new() });
+    }
+    match reducer {
+        Some((agent_id, node)) => {
+            let mut keep: Vec<String> = plan::copied(status).into_iter().map(str::to_string).collect();
+            keep.sort();
+            assign(agent_id, node, Part { manifests: Vec::new(), finish: Finish::Reduced, keep })
+        }
+        None => {
+            let message = format!("waiting for a free agent on a node that holds {digest} to push a reduced index");
+            waiting(status, message, None)
+        }
+    }
+}
+
+/// A pending job no agent can take now: says why, once; looks again after
+/// `recheck`, if given, unless something wakes it first.
+pub fn waiting(status: &ImageBackupStatus, message: String, recheck: Option<Duration>) -> Next {
+    if status.message.as_deref() != Some(message.as_str()) {
+        return Next::Record(Transition::Waiting { message, recheck });
+    }
+    recheck.map_or(Next::Idle, Next::After)
 }
 
 fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
@@ -175,6 +237,18 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
     let node = status.node.as_deref().unwrap_or("?");
     if let Some(live) = observed.live {
         match &live.outcome {
+            // A part of an index: recorded, and the next part planned.
+            Some(Outcome::Success(success)) if success.digest.is_empty() => {
+                return Next::Record(if success.pushed_manifests.is_empty() {
+                    let message = format!("agent {agent} on node {node} reported a copy of nothing");
+                    failed(status, limits, &JobFailure { message, retryable: true, ..JobFailure::default() })
+                } else {
+                    Transition::Copied {
+                        node: node.to_string(),
+                        manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
+                    }
+                });
+            }
             Some(Outcome::Success(success)) => return Next::Verify(success.clone()),
             Some(Outcome::Failure(failure)) => return Next::Record(failed(status, limits, failure)),
             Some(Outcome::Lost(reason)) => return Next::Record(Transition::Lost { error: reason.clone() }),
@@ -210,16 +284,43 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
 
 /// A failed attempt: retried while attempts remain and retrying can help.
 pub fn failed(status: &ImageBackupStatus, limits: &Limits, failure: &JobFailure) -> Transition {
-    let missing = failure
-        .missing_platforms
-        .iter()
-        .map(|p| image_backup_oci::media::PlatformName::from((&*p.os, &*p.architecture, &*p.variant)).to_string())
-        .collect();
-    let error = failure.message.clone();
-    if failure.retryable && status.attempts < limits.max_attempts {
-        Transition::Retry { error, missing }
+    let (error, absent) = (failure.message.clone(), failure.absent_manifests.clone());
+    if failure.retryable && status.failures + 1 < limits.max_attempts {
+        Transition::Retry { error, absent }
     } else {
-        Transition::Failed { error, missing }
+        Transition::Failed { error, absent }
+    }
+}
+
+fn mark_copied(status: &mut ImageBackupStatus, manifests: &[String], from: &str) {
+    for platform in status.platforms.iter_mut().filter(|p| manifests.contains(&p.digest)) {
+        platform.copied_from = Some(from.to_string());
+    }
+}
+
+fn platform_label(platform: &PlatformCopy) -> String {
+    plan::platform_label(&Child {
+        platform: platform.platform.clone(),
+        digest: platform.digest.clone(),
+        attestation: platform.attestation,
+    })
+}
+
+/// `linux/amd64, linux/arm64`: the platforms of these children.
+fn platforms_of(manifests: &[String], platforms: &[PlatformCopy]) -> String {
+    let names: Vec<String> = platforms.iter().filter(|p| manifests.contains(&p.digest)).map(platform_label).collect();
+    if names.is_empty() { format!("{} manifest(s)", manifests.len()) } else { names.join(", ") }
+}
+
+/// What an assignment does, in words.
+fn describe(part: &Part, platforms: &[PlatformCopy]) -> String {
+    let children = platforms_of(&part.manifests, platforms);
+    match (part.finish, part.manifests.is_empty()) {
+        (Finish::Whole, _) => "copying".into(),
+        (Finish::None, _) => format!("copying {children}"),
+        (Finish::Index, true) => "pushing the index".into(),
+        (Finish::Index, false) => format!("copying {children} and the index"),
+        (Finish::Reduced, _) => "pushing a reduced index".into(),
     }
 }
 
@@ -243,11 +344,11 @@ impl Transition {
                     ..ImageBackupStatus::default()
                 };
             }
-            Transition::Waiting { message } => {
+            Transition::Waiting { message, .. } => {
                 moved(&mut next, Phase::Pending);
                 next.message = Some(message.clone());
             }
-            Transition::Assigned { agent_id, node, attempt } => {
+            Transition::Assigned { agent_id, node, attempt, children, part } => {
                 moved(&mut next, Phase::Assigned);
                 next.last_transition_time = Some(Time(now));
                 next.agent = Some(agent_id.clone());
@@ -256,8 +357,22 @@ impl Transition {
                 next.bytes_done = 0;
                 next.bytes_total = 0;
                 next.progress = None;
-                next.message = Some(format!("copying on node {node} (attempt {attempt})"));
-                next.missing_platforms.clear();
+                if !children.is_empty() {
+                    next.platforms = children
+                        .iter()
+                        .map(|c| PlatformCopy {
+                            platform: c.platform.clone(),
+                            digest: c.digest.clone(),
+                            attestation: c.attestation,
+                            copied_from: status
+                                .platforms
+                                .iter()
+                                .find(|p| p.digest == c.digest)
+                                .and_then(|p| p.copied_from.clone()),
+                        })
+                        .collect();
+                }
+                next.message = Some(format!("{} on node {node} (attempt {attempt})", describe(part, &next.platforms)));
             }
             Transition::Progress { bytes_done, bytes_total } => {
                 moved(&mut next, Phase::Pushing);
@@ -265,28 +380,56 @@ impl Transition {
                 next.bytes_total = *bytes_total;
                 next.progress = Some(image_backup_proto::progress_summary(*bytes_done, *bytes_total));
             }
-            Transition::Completed { reference, bytes } => {
+            Transition::Copied { node, manifests } => {
+                moved(&mut next, Phase::Pending);
+                next.last_transition_time = Some(Time(now));
+                mark_copied(&mut next, manifests, &format!("node/{node}"));
+                next.failures = 0;
+                next.last_error = None;
+                next.message = Some(format!("copied {} from node {node}", platforms_of(manifests, &next.platforms)));
+            }
+            Transition::Completed { reference, bytes, node, manifests, reduced } => {
                 moved(&mut next, Phase::Completed);
                 next.backup_reference = Some(reference.clone());
                 next.bytes_done = next.bytes_total.max(*bytes);
                 next.bytes_total = next.bytes_done;
                 next.progress = Some("100%".into());
+                next.failures = 0;
                 next.last_error = None;
-                next.message = None;
-                next.missing_platforms.clear();
+                mark_copied(&mut next, manifests, &format!("node/{node}"));
+                next.reduced = *reduced;
+                next.left_out.clear();
+                for platform in &mut next.platforms {
+                    if platform.copied_from.is_some() {
+                        continue;
+                    }
+                    if *reduced {
+                        next.left_out.push(platform_label(platform));
+                    } else {
+                        // An exact index is accepted only with every child
+                        // there: this one was in the backup registry already.
+                        platform.copied_from = Some("registry".into());
+                    }
+                }
+                next.message =
+                    reduced.then(|| format!("reduced index: {} left out (on no node)", next.left_out.join(", ")));
             }
-            Transition::Retry { error, missing } | Transition::Failed { error, missing } => {
+            Transition::Retry { error, absent } | Transition::Failed { error, absent } => {
                 let phase = if matches!(self, Transition::Retry { .. }) { Phase::Pending } else { Phase::Failed };
                 moved(&mut next, phase);
                 next.last_transition_time = Some(Time(now));
                 next.last_error = Some(error.clone());
-                next.missing_platforms = missing.clone();
+                next.failures += 1;
+                for platform in next.platforms.iter_mut().filter(|p| absent.contains(&p.digest)) {
+                    platform.copied_from = None;
+                }
                 next.message = (phase == Phase::Pending).then(|| format!("retrying after attempt {}", next.attempts));
             }
             Transition::Lost { error } => {
                 moved(&mut next, Phase::Pending);
                 next.last_transition_time = Some(Time(now));
                 next.last_error = Some(error.clone());
+                next.failures += 1;
                 next.message = Some("the copy moves to another agent".into());
             }
         }
@@ -297,17 +440,26 @@ impl Transition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::plan::Holding;
+    use image_backup_proto::v1::PlatformManifest;
 
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn limits() -> Limits {
-        Limits { max_attempts: 3, retry_backoff: Duration::from_secs(10), grace: Duration::from_secs(30) }
+        Limits {
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            reduce_after: Duration::from_secs(60),
+            require_complete: false,
+        }
     }
 
     fn status(phase: Phase, attempts: u32) -> ImageBackupStatus {
         ImageBackupStatus {
             phase,
             attempts,
+            failures: attempts.saturating_sub(1),
             observed_generation: 1,
             agent: Some("agent-a".into()),
             node: Some("node-a".into()),
@@ -322,11 +474,21 @@ mod tests {
             status,
             live,
             holder: Holder::Running,
-            holders: Holders::default(),
+            holdings: Holdings::default(),
             target: Some("r@sha256:x"),
             since_transition: Duration::from_secs(1),
             since_report: None,
             uptime: Duration::from_secs(3600),
+        }
+    }
+
+    fn holding(agent: &str, free: bool, children: &[&str]) -> Holding {
+        Holding {
+            agent_id: agent.into(),
+            node: format!("node-{agent}"),
+            free,
+            root: true,
+            children: children.iter().map(|c| c.to_string()).collect(),
         }
     }
 
@@ -356,13 +518,16 @@ mod tests {
     fn pending_goes_to_a_free_holder_and_says_why_it_waits_otherwise() {
         let pending = status(Phase::Pending, 0);
         let mut o = observed(&pending, None);
-        o.holders = Holders { free: Some(("agent-b".into(), "node-b".into())), busy: 1 };
-        assert_eq!(next(&o, &limits()), Next::Assign { agent_id: "agent-b".into(), node: "node-b".into(), attempt: 1 });
-        o.holders = Holders { free: None, busy: 2 };
-        let Next::Record(Transition::Waiting { message }) = next(&o, &limits()) else { panic!() };
+        o.holdings =
+            Holdings { children: vec![], agents: vec![holding("agent-a", false, &[]), holding("agent-b", true, &[])] };
+        let assigned =
+            Next::Assign { agent_id: "agent-b".into(), node: "node-agent-b".into(), attempt: 1, part: Part::default() };
+        assert_eq!(next(&o, &limits()), assigned);
+        o.holdings.agents.pop();
+        let Next::Record(Transition::Waiting { message, .. }) = next(&o, &limits()) else { panic!() };
         assert!(message.starts_with("waiting for a free agent"), "{message}");
-        o.holders = Holders::default();
-        let Next::Record(Transition::Waiting { message }) = next(&o, &limits()) else { panic!() };
+        o.holdings = Holdings::default();
+        let Next::Record(Transition::Waiting { message, .. }) = next(&o, &limits()) else { panic!() };
         assert!(message.starts_with("no connected agent runs on a node that holds"), "{message}");
         let recorded = ImageBackupStatus { message: Some(message), ..pending.clone() };
         assert_eq!(next(&observed(&recorded, None), &limits()), Next::Idle, "the same reason is not written again");
@@ -370,7 +535,7 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_backs_off_doubling_then_stays_failed() {
-        let retried = status(Phase::Pending, 2);
+        let retried = ImageBackupStatus { failures: 2, ..status(Phase::Pending, 2) };
         let o = Observed { since_transition: Duration::from_secs(5), ..observed(&retried, None) };
         assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(15)), "20 s backoff after attempt 2");
         let failure = JobFailure { message: "registry said 500".into(), retryable: true, ..JobFailure::default() };
@@ -394,8 +559,14 @@ mod tests {
         assert_eq!(shown.progress.as_deref(), Some("50% 0.0/0.0 MB"));
         let unchanged = next(&observed(&shown, Some(&report)), &limits());
         assert_eq!(unchanged, Next::After(limits().grace), "same progress is not written again");
-        let success = live(Some(Outcome::Success(JobSuccess::default())));
+        let pushed = JobSuccess { digest: DIGEST.into(), ..JobSuccess::default() };
+        let success = live(Some(Outcome::Success(pushed)));
         assert!(matches!(next(&observed(&pushing, Some(&success)), &limits()), Next::Verify(_)));
+        let nothing = live(Some(Outcome::Success(JobSuccess::default())));
+        let Next::Record(Transition::Retry { error, .. }) = next(&observed(&pushing, Some(&nothing)), &limits()) else {
+            panic!("a copy of nothing is a failed attempt")
+        };
+        assert!(error.contains("nothing"), "{error}");
         let lost = live(Some(Outcome::Lost("gone".into())));
         assert_eq!(
             next(&observed(&pushing, Some(&lost)), &limits()),
@@ -424,6 +595,9 @@ mod tests {
         assert_eq!(next(&observed(&done, None), &limits()), Next::Record(Transition::Restart { generation: 1 }));
         done.backup_reference = Some("r@sha256:x".into());
         assert_eq!(next(&observed(&done, None), &limits()), Next::Idle);
+        let reduced =
+            ImageBackupStatus { reduced: true, backup_reference: Some("r@sha256:reduced".into()), ..done.clone() };
+        assert_eq!(next(&observed(&reduced, None), &limits()), Next::Idle, "a reduced index has its own digest");
     }
 
     #[test]
@@ -443,10 +617,102 @@ mod tests {
         let mut pushing = status(Phase::Pushing, 2);
         pushing.last_error = Some("earlier failure".into());
         pushing.bytes_total = 300;
-        let done =
-            Transition::Completed { reference: "r@sha256:x".into(), bytes: 200 }.apply(&pushing, Timestamp::now());
+        let done = Transition::Completed {
+            reference: "r@sha256:x".into(),
+            bytes: 200,
+            node: "node-a".into(),
+            manifests: vec![],
+            reduced: false,
+        }
+        .apply(&pushing, Timestamp::now());
         assert_eq!(done.phase, Phase::Completed);
         assert_eq!((done.last_error, done.backup_reference.as_deref()), (None, Some("r@sha256:x")));
         assert_eq!((done.bytes_done, done.bytes_total), (300, 300));
+    }
+
+    fn index_status(copied: &[&str]) -> ImageBackupStatus {
+        let platform = |(name, digest, attestation): (&str, &str, bool)| PlatformCopy {
+            platform: name.into(),
+            digest: digest.into(),
+            attestation,
+            copied_from: copied.contains(&digest).then(|| "node/node-a".into()),
+        };
+        ImageBackupStatus {
+            platforms: [("linux/amd64", "a", false), ("linux/arm64", "b", false), ("unknown/unknown", "att", true)]
+                .into_iter()
+                .map(platform)
+                .collect(),
+            ..status(Phase::Pending, 1)
+        }
+    }
+
+    fn index_holdings(agents: Vec<Holding>) -> Holdings {
+        let child = |platform: &str, digest: &str| Child {
+            platform: platform.into(),
+            digest: digest.into(),
+            attestation: platform == "unknown/unknown",
+        };
+        Holdings {
+            children: vec![child("linux/amd64", "a"), child("linux/arm64", "b"), child("unknown/unknown", "att")],
+            agents,
+        }
+    }
+
+    #[test]
+    fn a_part_copied_is_recorded_and_the_next_part_follows_at_once() {
+        let pushing = ImageBackupStatus { phase: Phase::Pushing, failures: 1, ..index_status(&[]) };
+        let manifest = PlatformManifest { digest: "a".into(), ..PlatformManifest::default() };
+        let success = JobSuccess { pushed_manifests: vec![manifest], ..JobSuccess::default() };
+        let report = live(Some(Outcome::Success(success)));
+        let Next::Record(copied) = next(&observed(&pushing, Some(&report)), &limits()) else { panic!() };
+        assert_eq!(copied, Transition::Copied { node: "node-a".into(), manifests: vec!["a".into()] });
+        let after = copied.apply(&pushing, Timestamp::now());
+        assert_eq!((after.phase, after.failures), (Phase::Pending, 0), "a copied part clears the failures");
+        assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));
+        assert_eq!(after.message.as_deref(), Some("copied linux/amd64 from node node-a"));
+        let mut o = observed(&after, None);
+        o.holdings = index_holdings(vec![holding("agent-b", true, &["b"])]);
+        let Next::Assign { agent_id, part, .. } = next(&o, &limits()) else { panic!() };
+        assert_eq!((agent_id.as_str(), part.manifests), ("agent-b", vec!["b".to_string()]));
+    }
+
+    #[test]
+    fn platforms_on_no_node_are_waited_for_then_left_out_of_a_reduced_index() {
+        let pending = index_status(&["a", "b"]);
+        let mut o = observed(&pending, None);
+        o.holdings = index_holdings(vec![holding("agent-a", true, &["a"])]);
+        o.since_transition = Duration::from_secs(20);
+        let Next::Record(Transition::Waiting { message, recheck }) = next(&o, &limits()) else { panic!() };
+        assert!(message.contains("unknown/unknown (attestation)") && message.contains("reduced index"), "{message}");
+        assert_eq!(recheck, Some(Duration::from_secs(40)));
+        o.since_transition = Duration::from_secs(61);
+        let Next::Assign { part, .. } = next(&o, &limits()) else { panic!() };
+        assert_eq!((part.finish, part.keep), (Finish::Reduced, vec!["a".to_string(), "b".to_string()]));
+
+        let complete = Limits { require_complete: true, ..limits() };
+        let Next::Record(Transition::Failed { error, .. }) = next(&o, &complete) else { panic!() };
+        assert!(error.contains("incomplete") && error.contains("unknown/unknown"), "{error}");
+
+        let done = Transition::Completed {
+            reference: "r@sha256:reduced".into(),
+            bytes: 1,
+            node: "node-a".into(),
+            manifests: vec![],
+            reduced: true,
+        }
+        .apply(&pending, Timestamp::now());
+        assert!(done.reduced);
+        assert_eq!(done.left_out, ["unknown/unknown (attestation)"]);
+        assert!(done.message.as_deref().is_some_and(|m| m.starts_with("reduced index")));
+    }
+
+    #[test]
+    fn an_index_the_registry_lost_children_of_copies_them_again() {
+        let pushing = ImageBackupStatus { phase: Phase::Pushing, ..index_status(&["a", "b"]) };
+        let failure = JobFailure { retryable: true, absent_manifests: vec!["b".into()], ..JobFailure::default() };
+        let retry = failed(&pushing, &limits(), &failure);
+        let after = retry.apply(&pushing, Timestamp::now());
+        assert_eq!(after.platforms[1].copied_from, None);
+        assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));
     }
 }

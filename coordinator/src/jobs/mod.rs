@@ -3,5 +3,6 @@
 
 pub mod live;
 pub mod machine;
+pub mod plan;
 
 pub use live::{LiveJob, LiveJobs, Outcome};

@@ -109,6 +109,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     ctx.usage.set(&key, pinned.into_iter().chain(runs).collect());
 
     let mut backups: BTreeMap<String, String> = BTreeMap::new();
+    let mut reduced = Vec::new();
     let mut waiting = None;
     for (container, source, digest) in &images {
         let Some(digest) = digest else {
@@ -117,7 +118,10 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
             continue;
         };
         match backup_for(&ctx, source, digest, &key).await? {
-            Some(reference) => {
+            Some(Backup { reference, left_out }) => {
+                if !left_out.is_empty() {
+                    reduced.push(format!("{} without {}", container.image, left_out.join(", ")));
+                }
                 backups.insert(container.image.clone(), reference);
             }
             None => {
@@ -138,7 +142,14 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         ctx.metrics.patched("report_only");
         return Ok(Action::await_change());
     }
-    patch(&ctx, &workload, &backups).await
+    patch(&ctx, &workload, &backups, &reduced).await
+}
+
+/// A verified backup a workload can be pinned to.
+struct Backup {
+    reference: String,
+    /// Platforms a reduced index left out.
+    left_out: Vec<String>,
 }
 
 /// The pinned backup reference of `source` at `digest` once its ImageBackup
@@ -148,7 +159,7 @@ async fn backup_for(
     source: &ImageRef,
     digest: &str,
     user: &WorkloadKey,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<Backup>, Error> {
     let name = image_backup_crds::name_for(source);
     let Some(backup) = ctx.backups.get(&ObjectRef::new(&name)) else {
         create(ctx, &name, source, digest, user).await?;
@@ -168,8 +179,19 @@ async fn backup_for(
     // from status: what a workload runs is not for a status writer to say.
     // Status only confirms the copy was verified there (not at a location
     // the settings named before).
-    let reference = ctx.config.backup.reference_for(source).map(|target| target.pinned(digest)).ok();
-    Ok(reference.filter(|r| status.backup_reference.as_ref() == Some(r)))
+    // A reduced index has a digest of its own, which the coordinator
+    // checked in the registry (annotated with the source index) before
+    // recording it: only its repository is compared.
+    let Ok(target) = ctx.config.backup.reference_for(source) else { return Ok(None) };
+    let repository = target.name();
+    let reduced_here =
+        |r: &str| r.strip_prefix(repository.as_str()).is_some_and(|digest| digest.starts_with("@sha256:"));
+    let reference = match status.backup_reference {
+        Some(reference) if status.reduced && reduced_here(&reference) => reference,
+        Some(reference) if reference == target.pinned(digest) => reference,
+        _ => return Ok(None),
+    };
+    Ok(Some(Backup { reference, left_out: status.left_out }))
 }
 
 async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
@@ -229,7 +251,12 @@ async fn retarget(ctx: &Context, backup: &ImageBackup, digest: &str, user: &Work
     }
 }
 
-async fn patch(ctx: &Context, workload: &Workload, backups: &BTreeMap<String, String>) -> Result<Action, Error> {
+async fn patch(
+    ctx: &Context,
+    workload: &Workload,
+    backups: &BTreeMap<String, String>,
+    reduced: &[String],
+) -> Result<Action, Error> {
     let key = workload.key();
     let patch = match backup_patch(workload, backups) {
         Ok(patch) => patch,
@@ -254,6 +281,13 @@ async fn patch(ctx: &Context, workload: &Workload, backups: &BTreeMap<String, St
             info!(images = backups.len(), "workload now runs its backups");
             let note = format!("{} image(s) moved to backups in {}", backups.len(), ctx.config.backup.registry);
             ctx.event(&workload.object_ref(), EventType::Normal, "WorkloadRewritten", note).await;
+            if !reduced.is_empty() {
+                // Nodes of a left-out platform cannot run these: whoever
+                // adds such a node must know before its pods fail to pull.
+                let note =
+                    format!("pinned to reduced indexes (platforms no node held are left out): {}", reduced.join("; "));
+                ctx.event(&workload.object_ref(), EventType::Warning, "ReducedBackup", note).await;
+            }
             Ok(Action::await_change())
         }
         // A `test` operation failed: the workload changed since it was

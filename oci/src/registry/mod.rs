@@ -271,6 +271,34 @@ impl Registry {
         .await
     }
 
+    /// A manifest's media type and bytes, or `None` when absent. The
+    /// bytes are checked against `reference` when it is a digest, so a
+    /// registry cannot hand over other content under it.
+    pub async fn manifest(&self, repository: &str, reference: &str) -> Result<Option<(String, Bytes)>, RegistryError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.inner.base);
+        let call = Call { operation: "GET manifest", repository, object: reference, extra_pull: None };
+        self.retrying(&call, || async {
+            let response = self.send(&call, || self.inner.http.get(&url).header(ACCEPT, MANIFEST_ACCEPT)).await?;
+            match response.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(None),
+                _ => return Err(self.unexpected(&call, response).await),
+            }
+            let media_type =
+                response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let bytes = response.bytes().await.map_err(|e| self.transport_error(&call, e))?;
+            if let Some(hex) = reference.strip_prefix("sha256:") {
+                let actual = sha256_hex(&bytes);
+                if actual != hex {
+                    let detail = format!("served content with digest sha256:{actual}");
+                    return Err(self.request_error(&call, None, detail, None));
+                }
+            }
+            Ok(Some((media_type, bytes)))
+        })
+        .await
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or the retry budget
     /// is spent; 5xx, 429 and dropped connections are retried with jittered
     /// exponential backoff, honouring Retry-After.
@@ -474,6 +502,11 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 #[cfg(test)]

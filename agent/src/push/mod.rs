@@ -1,10 +1,13 @@
-//! The push engine: copies one image from containerd's content store to a
-//! registry. Blobs first (several at once, each skipped, mounted or streamed
-//! with its digest checked), then manifests byte for byte, then the tag, then
-//! a check that the registry serves the tag with the expected digest.
+//! The push engine: copies one image, or the part of an index a node
+//! holds, from containerd's content store to a registry. Blobs first
+//! (several at once, each skipped, mounted or streamed with its digest
+//! checked), then manifests byte for byte, then the tag, then a check that
+//! the registry serves the tag with the expected digest.
+
+mod index;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,9 +23,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use image_backup_oci::{
     ImageRef,
+    index::IndexError,
     media::{PlatformName, is_index, media_type_of},
     registry::{MountOutcome, Registry, RegistryConfig, RegistryError, retry_with_policy},
 };
+
+pub use index::{Finish, IndexContent, Scope};
 
 use crate::{
     containerd::{ContainerdError, ContentStore, DISTRIBUTION_SOURCE_LABEL, Descriptor, Lease},
@@ -52,10 +58,16 @@ pub enum PushError {
     #[error("manifest {digest} ({media_type}) cannot be read: {detail}")]
     Manifest { digest: String, media_type: String, detail: String },
     #[error(
-        "index {digest} is incomplete on this node: platform manifests missing: {}; pushed {} platform manifest(s), no index and no tag",
+        "index {digest} cannot be finished: the backup registry lacks {}; pushed {} platform manifest(s), no index and no tag",
         list_platforms(missing), pushed.len()
     )]
     IncompleteIndex { digest: String, missing: Vec<PlatformManifest>, pushed: Vec<PlatformManifest> },
+    #[error("manifest {digest} is not a child of index {index}")]
+    NotInIndex { index: String, digest: String },
+    #[error("manifest {} of index {index} is not whole in this node's containerd", manifest.digest)]
+    NotHeld { index: String, manifest: PlatformManifest },
+    #[error("reducing index {digest}: {error}")]
+    Reduce { digest: String, error: IndexError },
     #[error("registry {reference} reports digest {got:?} after the push, expected {expected}")]
     Verify { reference: String, expected: String, got: Option<String> },
 }
@@ -72,6 +84,9 @@ impl PushError {
             PushError::Registry(RegistryError::GaveUp { .. }) => true,
             PushError::Registry(e) => e.status().is_some_and(|s| s >= 500 || s == 429),
             PushError::Containerd { error: ContainerdError::Call { .. }, .. } => true,
+            // The plan was made from an inventory or a registry that changed
+            // since: the coordinator plans again.
+            PushError::IncompleteIndex { .. } | PushError::NotHeld { .. } => true,
             _ => false,
         }
     }
@@ -80,10 +95,12 @@ impl PushError {
 /// What a finished push did.
 #[derive(Clone, Debug)]
 pub struct PushReport {
-    /// The target reference pinned by digest (`host/repo@sha256:...`).
-    pub pinned: String,
-    pub digest: String,
-    pub media_type: String,
+    /// The target reference pinned by digest (`host/repo@sha256:...`);
+    /// `None` when the push copied children of an index but not the index.
+    pub pinned: Option<String>,
+    pub digest: Option<String>,
+    /// For an index: the children now in the target.
+    pub manifests: Vec<PlatformManifest>,
     pub bytes_total: u64,
     pub bytes_uploaded: u64,
     pub blobs_uploaded: u32,
@@ -136,14 +153,15 @@ impl Pusher {
         Ok(registry)
     }
 
-    /// Copies `source` (as containerd holds it) to `target`. Never reports
-    /// success before the registry serves the target with the source digest.
-    /// Boxed so that the future is checked `Send` here, where its lifetimes
-    /// are concrete, and the daemon can spawn it.
+    /// Copies `scope` of `source` (as containerd holds it) to `target`.
+    /// Never reports an image pushed before the registry serves the target
+    /// with its digest. Boxed so that the future is checked `Send` here,
+    /// where its lifetimes are concrete, and the daemon can spawn it.
     pub fn push<'a>(
         &'a self,
         source: &'a ImageRef,
         target: &'a ImageRef,
+        scope: &'a Scope,
         progress: Arc<Progress>,
     ) -> futures::future::BoxFuture<'a, Result<PushReport, PushError>> {
         let span = info_span!("push", source = %source, target = %target);
@@ -162,17 +180,17 @@ impl Pusher {
                 .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
             let job = Job { pusher: self, registry, repository: target.repository(), lease: &lease, progress };
-            let result = job.push_root(&record.target, target).await;
+            let result = job.push_root(&record.target, target, scope).await;
             let snapshot = job.progress.snapshot();
             drop(job);
             if let Err(e) = lease.release().await {
                 warn!(error = %e, "could not release containerd lease; it expires on its own");
             }
-            let root = result?;
+            let pushed = result?;
             let report = PushReport {
-                pinned: target.pinned(&root.digest),
-                digest: root.digest,
-                media_type: root.media_type,
+                pinned: pushed.root.as_ref().map(|root| target.pinned(&root.digest)),
+                digest: pushed.root.map(|root| root.digest),
+                manifests: pushed.manifests,
                 bytes_total: snapshot.bytes_total,
                 bytes_uploaded: snapshot.bytes_uploaded,
                 blobs_uploaded: snapshot.blobs_uploaded,
@@ -180,41 +198,11 @@ impl Pusher {
                 blobs_existing: snapshot.blobs_existing,
                 duration: started.elapsed(),
             };
-            info!(pinned = %report.pinned, uploaded = report.bytes_uploaded, elapsed = ?report.duration, "push complete");
+            info!(pinned = ?report.pinned, manifests = report.manifests.len(), uploaded = report.bytes_uploaded, elapsed = ?report.duration, "push complete");
             Ok(report)
         }
         .instrument(span)
         .boxed()
-    }
-}
-
-impl Pusher {
-    /// For an index, the platform manifests this node's containerd holds
-    /// (a kubelet pull keeps only its own platform's); empty for a
-    /// single-platform image.
-    pub async fn present_platforms(&self, root: &Descriptor) -> Result<Vec<PlatformManifest>, PushError> {
-        if !root.media_type.is_empty() && !is_index(&root.media_type) {
-            return Ok(Vec::new());
-        }
-        let what = || format!("index {}", root.digest);
-        let bytes = self
-            .store
-            .read_all(&root.digest, root.size)
-            .await
-            .map_err(|e| PushError::Containerd { what: what(), error: e })?;
-        check_digest(&root.digest, root.size, &bytes)?;
-        if !is_index(&effective_media_type(root, &bytes)) {
-            return Ok(Vec::new());
-        }
-        let mut present = Vec::new();
-        for (platform, child) in index_children(root, &bytes)? {
-            let held =
-                self.store.info(&child.digest).await.map_err(|e| PushError::Containerd { what: what(), error: e })?;
-            if held.is_some() {
-                present.push(PlatformManifest { platform, digest: child.digest });
-            }
-        }
-        Ok(present)
     }
 }
 
@@ -234,32 +222,46 @@ struct ManifestContent {
     blobs: Vec<Descriptor>,
 }
 
+/// What one push put in the target.
+struct Pushed {
+    /// The image or index, when pushed and tagged.
+    root: Option<Descriptor>,
+    manifests: Vec<PlatformManifest>,
+}
+
 impl Job<'_> {
-    async fn push_root(&self, root: &Descriptor, target: &ImageRef) -> Result<Descriptor, PushError> {
-        let reference = target.tag().unwrap_or(&root.digest);
-        // A registry only accepts a manifest whose blobs (and, for an index,
-        // child manifests) it holds, so the target reference already naming
-        // this digest means the whole image is there.
-        if self.registry.manifest_digest(self.repository, reference).await?.as_deref() == Some(root.digest.as_str()) {
-            info!(%reference, "target already holds the image");
-            if root.media_type.is_empty() {
-                let bytes = self.read_manifest(root).await?;
-                return Ok(Descriptor { media_type: effective_media_type(root, &bytes), ..root.clone() });
-            }
-            return Ok(root.clone());
-        }
+    async fn push_root(&self, root: &Descriptor, target: &ImageRef, scope: &Scope) -> Result<Pushed, PushError> {
         let bytes = self.read_manifest(root).await?;
-        let media_type = effective_media_type(root, &bytes);
-        let root = Descriptor { media_type: media_type.clone(), ..root.clone() };
-        if is_index(&media_type) {
-            self.push_index(&root, bytes.clone()).await?;
-        } else {
+        let root = Descriptor { media_type: effective_media_type(root, &bytes), ..root.clone() };
+        if is_index(&root.media_type) {
+            return self.push_index(root, bytes, target, scope).await;
+        }
+        if !self.already_there(&root, target).await? {
             let manifest = self.manifest_content(root.clone(), bytes.clone())?;
             self.push_blobs(&manifest.blobs).await?;
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
+            self.tag_and_verify(&root, bytes, target).await?;
         }
-        // The tag goes last: a tag never names an image whose parts are
-        // not all in the registry.
+        Ok(Pushed { root: Some(root), manifests: Vec::new() })
+    }
+
+    /// Whether the target reference already names this digest. A registry
+    /// only accepts a manifest whose blobs (and, for an index, children) it
+    /// holds, so then the whole image is there.
+    async fn already_there(&self, root: &Descriptor, target: &ImageRef) -> Result<bool, PushError> {
+        let reference = target.tag().unwrap_or(&root.digest);
+        let there = self.registry.manifest_digest(self.repository, reference).await?.as_deref() == Some(&root.digest);
+        if there {
+            info!(%reference, "target already holds the image");
+        }
+        Ok(there)
+    }
+
+    /// Puts the root under its tag, then checks the registry serves it. The
+    /// tag goes last: a tag never names an image whose parts are not all in
+    /// the registry.
+    async fn tag_and_verify(&self, root: &Descriptor, bytes: Bytes, target: &ImageRef) -> Result<(), PushError> {
+        let reference = target.tag().unwrap_or(&root.digest);
         if let Some(tag) = target.tag() {
             self.registry.put_manifest(self.repository, tag, &root.media_type, bytes).await?;
         }
@@ -267,56 +269,7 @@ impl Job<'_> {
         if got.as_deref() != Some(root.digest.as_str()) {
             return Err(PushError::Verify { reference: target.to_string(), expected: root.digest.clone(), got });
         }
-        Ok(root)
-    }
-
-    /// Pushes every child the node holds; the index only when the target has
-    /// all of them, since a registry refuses an index with unknown children.
-    async fn push_index(&self, index: &Descriptor, bytes: Bytes) -> Result<(), PushError> {
-        let children = index_children(index, &bytes)?;
-        let mut present = Vec::new();
-        let mut absent = Vec::new();
-        for (platform, descriptor) in children {
-            let held = self
-                .pusher
-                .store
-                .info(&descriptor.digest)
-                .await
-                .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), error: e })?;
-            match held {
-                Some(_) => present.push((platform, descriptor)),
-                None => absent.push((platform, descriptor)),
-            }
-        }
-        let mut manifests = Vec::new();
-        for (platform, descriptor) in &present {
-            let bytes = self.read_manifest(descriptor).await?;
-            manifests.push((platform.clone(), self.manifest_content(descriptor.clone(), bytes)?));
-        }
-        let mut seen = HashSet::new();
-        let blobs: Vec<Descriptor> = manifests
-            .iter()
-            .flat_map(|(_, m)| m.blobs.iter().cloned())
-            .filter(|b| seen.insert(b.digest.clone()))
-            .collect();
-        self.push_blobs(&blobs).await?;
-        let mut pushed = Vec::new();
-        for (platform, manifest) in &manifests {
-            self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
-            pushed.push(PlatformManifest { platform: platform.clone(), digest: manifest.descriptor.digest.clone() });
-        }
-        // Another node may already have pushed the platforms this one lacks.
-        let mut missing = Vec::new();
-        for (platform, descriptor) in absent {
-            let there = self.registry.manifest_digest(self.repository, &descriptor.digest).await?;
-            if there.as_deref() != Some(descriptor.digest.as_str()) {
-                missing.push(PlatformManifest { platform, digest: descriptor.digest });
-            }
-        }
-        if !missing.is_empty() {
-            return Err(PushError::IncompleteIndex { digest: index.digest.clone(), missing, pushed });
-        }
-        self.put_manifest(index, &bytes).await
+        Ok(())
     }
 
     async fn read_manifest(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
@@ -332,18 +285,7 @@ impl Job<'_> {
     }
 
     fn manifest_content(&self, descriptor: Descriptor, bytes: Bytes) -> Result<ManifestContent, PushError> {
-        let invalid = |detail: String| PushError::Manifest {
-            digest: descriptor.digest.clone(),
-            media_type: descriptor.media_type.clone(),
-            detail,
-        };
-        let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-        let mut blobs = vec![to_descriptor(manifest.config())];
-        // Foreign layers (with `urls`) are not distributable: registries
-        // fetch them from their URLs, and nodes may not hold them.
-        blobs.extend(
-            manifest.layers().iter().filter(|l| l.urls().as_ref().is_none_or(Vec::is_empty)).map(to_descriptor),
-        );
+        let blobs = manifest_blobs(&descriptor, &bytes)?;
         let descriptor = Descriptor { media_type: effective_media_type(&descriptor, &bytes), ..descriptor };
         Ok(ManifestContent { descriptor, bytes, blobs })
     }
@@ -545,14 +487,18 @@ impl Job<'_> {
     }
 }
 
-/// The child manifests of an index with their platforms.
-fn index_children(index: &Descriptor, bytes: &[u8]) -> Result<Vec<(PlatformName, Descriptor)>, PushError> {
-    let children = image_backup_oci::media::index_children(bytes).map_err(|e| PushError::Manifest {
-        digest: index.digest.clone(),
-        media_type: index.media_type.clone(),
+/// The blobs of an image manifest: its config and its distributable layers.
+fn manifest_blobs(descriptor: &Descriptor, bytes: &[u8]) -> Result<Vec<Descriptor>, PushError> {
+    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| PushError::Manifest {
+        digest: descriptor.digest.clone(),
+        media_type: descriptor.media_type.clone(),
         detail: e.to_string(),
     })?;
-    Ok(children.into_iter().map(|(platform, child)| (platform, to_descriptor(&child))).collect())
+    let mut blobs = vec![to_descriptor(manifest.config())];
+    // Foreign layers (with `urls`) are not distributable: registries fetch
+    // them from their URLs, and nodes may not hold them.
+    blobs.extend(manifest.layers().iter().filter(|l| l.urls().as_ref().is_none_or(Vec::is_empty)).map(to_descriptor));
+    Ok(blobs)
 }
 
 fn to_descriptor(d: &oci_spec::image::Descriptor) -> Descriptor {

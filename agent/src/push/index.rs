@@ -1,0 +1,227 @@
+//! An index: the children this node holds whole, and the index itself once
+//! the target has every child it names, or a reduced index of the children
+//! the cluster holds when some exist nowhere.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use image_backup_oci::{
+    ImageRef,
+    index::{self, Child},
+};
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, info};
+
+use super::{Job, PlatformManifest, PushError, Pushed, Pusher, check_digest, manifest_blobs, to_descriptor};
+use crate::containerd::Descriptor;
+
+/// What part of an image one push copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole image. For an index: every child this node holds, then the
+    /// index, which needs the other children in the target already.
+    #[default]
+    Whole,
+    /// Part of an index, as the coordinator plans it across nodes.
+    Part { manifests: Vec<String>, finish: Finish },
+}
+
+/// What an index push ends with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// Only the children; another push finishes the index.
+    None,
+    /// The index, byte for byte.
+    Index,
+    /// An index of only these children (and those pushed now), annotated
+    /// with the source index and the platforms left out.
+    Reduced { keep: Vec<String> },
+}
+
+/// An index as this node's containerd holds it: each child, and whether
+/// its whole content (manifest, config, layers) is here.
+#[derive(Clone, Debug)]
+pub struct IndexContent {
+    pub children: Vec<(Child, bool)>,
+}
+
+// === impl Pusher ===
+
+impl Pusher {
+    /// For an index, its children and which of them this node holds whole;
+    /// `None` for a single-platform image. A kubelet pull keeps only its
+    /// own platform, and containerd skips fetching a layer whose snapshot
+    /// exists, so a child's manifest alone does not make it whole.
+    pub async fn index_content(&self, root: &Descriptor) -> Result<Option<IndexContent>, PushError> {
+        if !root.media_type.is_empty() && !image_backup_oci::media::is_index(&root.media_type) {
+            return Ok(None);
+        }
+        let bytes = self.read(root).await?;
+        if !image_backup_oci::media::is_index(&super::effective_media_type(root, &bytes)) {
+            return Ok(None);
+        }
+        let mut children = Vec::new();
+        for child in children_of(root, &bytes)? {
+            let whole = self.holds_whole(&to_descriptor(&child.descriptor)).await?;
+            children.push((child, whole));
+        }
+        Ok(Some(IndexContent { children }))
+    }
+
+    async fn holds_whole(&self, manifest: &Descriptor) -> Result<bool, PushError> {
+        let store = self.store();
+        let containerd = |error| PushError::Containerd { what: format!("manifest {}", manifest.digest), error };
+        if store.info(&manifest.digest).await.map_err(containerd)?.is_none() {
+            return Ok(false);
+        }
+        let bytes = self.read(manifest).await?;
+        let Ok(blobs) = manifest_blobs(manifest, &bytes) else {
+            // A nested index or something else no kubelet runs.
+            return Ok(false);
+        };
+        for blob in blobs {
+            if store.info(&blob.digest).await.map_err(containerd)?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn read(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
+        let bytes = self
+            .store()
+            .read_all(&descriptor.digest, descriptor.size)
+            .await
+            .map_err(|error| PushError::Containerd { what: format!("manifest {}", descriptor.digest), error })?;
+        check_digest(&descriptor.digest, descriptor.size, &bytes)?;
+        Ok(bytes)
+    }
+}
+
+// === impl Job ===
+
+impl Job<'_> {
+    pub(super) async fn push_index(
+        &self,
+        root: Descriptor,
+        bytes: Bytes,
+        target: &ImageRef,
+        scope: &Scope,
+    ) -> Result<Pushed, PushError> {
+        let children = children_of(&root, &bytes)?;
+        let (wanted, finish) = match scope {
+            Scope::Whole => {
+                let mut held = Vec::new();
+                for child in &children {
+                    if self.pusher.holds_whole(&to_descriptor(&child.descriptor)).await? {
+                        held.push(child);
+                    }
+                }
+                (held, &Finish::Index)
+            }
+            Scope::Part { manifests, finish } => {
+                let mut wanted = Vec::new();
+                for digest in manifests {
+                    let child = children
+                        .iter()
+                        .find(|c| c.digest() == digest)
+                        .ok_or_else(|| PushError::NotInIndex { index: root.digest.clone(), digest: digest.clone() })?;
+                    if !self.pusher.holds_whole(&to_descriptor(&child.descriptor)).await? {
+                        let manifest = platform_manifest(child);
+                        return Err(PushError::NotHeld { index: root.digest.clone(), manifest });
+                    }
+                    wanted.push(child);
+                }
+                (wanted, finish)
+            }
+        };
+        if *finish == Finish::Index && self.already_there(&root, target).await? {
+            return Ok(Pushed { root: Some(root), manifests: wanted.into_iter().map(platform_manifest).collect() });
+        }
+        let pushed = self.push_children(&wanted).await?;
+        match finish {
+            Finish::None => Ok(Pushed { root: None, manifests: pushed }),
+            Finish::Index => {
+                self.require_in_target(&root, children.iter(), &pushed).await?;
+                self.put_manifest(&root, &bytes).await?;
+                self.tag_and_verify(&root, bytes, target).await?;
+                Ok(Pushed { root: Some(root), manifests: pushed })
+            }
+            Finish::Reduced { keep } => {
+                let keep: HashSet<&str> =
+                    keep.iter().map(String::as_str).chain(pushed.iter().map(|m| m.digest.as_str())).collect();
+                let reduced = index::reduced(&bytes, &root.digest, &keep)
+                    .map_err(|error| PushError::Reduce { digest: root.digest.clone(), error })?;
+                let kept = children.iter().filter(|c| keep.contains(c.digest()));
+                self.require_in_target(&root, kept, &pushed).await?;
+                let digest = format!("sha256:{}", hex::encode(Sha256::digest(&reduced)));
+                let descriptor = Descriptor { media_type: root.media_type.clone(), digest, size: reduced.len() as u64 };
+                info!(source_index = %root.digest, reduced = %descriptor.digest, kept = keep.len(), "pushing a reduced index");
+                let reduced = Bytes::from(reduced);
+                self.put_manifest(&descriptor, &reduced).await?;
+                self.tag_and_verify(&descriptor, reduced, target).await?;
+                Ok(Pushed { root: Some(descriptor), manifests: pushed })
+            }
+        }
+    }
+
+    /// Pushes the children's blobs (each once, however many children share
+    /// it), then the children's manifests.
+    async fn push_children(&self, children: &[&Child]) -> Result<Vec<PlatformManifest>, PushError> {
+        let mut manifests = Vec::new();
+        for child in children {
+            let descriptor = to_descriptor(&child.descriptor);
+            let bytes = self.read_manifest(&descriptor).await?;
+            manifests.push((child, self.manifest_content(descriptor, bytes)?));
+        }
+        let mut seen = HashSet::new();
+        let blobs: Vec<Descriptor> = manifests
+            .iter()
+            .flat_map(|(_, m)| m.blobs.iter().cloned())
+            .filter(|b| seen.insert(b.digest.clone()))
+            .collect();
+        self.push_blobs(&blobs).await?;
+        let mut pushed = Vec::new();
+        for (child, manifest) in &manifests {
+            self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
+            pushed.push(platform_manifest(child));
+        }
+        Ok(pushed)
+    }
+
+    /// A registry refuses an index with unknown children: each child not
+    /// pushed now must be there from an earlier push (another node's).
+    async fn require_in_target<'c>(
+        &self,
+        root: &Descriptor,
+        children: impl Iterator<Item = &'c Child>,
+        pushed: &[PlatformManifest],
+    ) -> Result<(), PushError> {
+        let mut missing = Vec::new();
+        for child in children.filter(|c| !pushed.iter().any(|p| p.digest == c.digest())) {
+            let there = self.registry.manifest_digest(self.repository, child.digest()).await?;
+            if there.as_deref() != Some(child.digest()) {
+                missing.push(platform_manifest(child));
+            } else {
+                debug!(digest = %child.digest(), platform = %child.platform, "child already in the target");
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(PushError::IncompleteIndex { digest: root.digest.clone(), missing, pushed: pushed.to_vec() })
+        }
+    }
+}
+
+fn children_of(index: &Descriptor, bytes: &[u8]) -> Result<Vec<Child>, PushError> {
+    index::children(bytes).map_err(|e| PushError::Manifest {
+        digest: index.digest.clone(),
+        media_type: index.media_type.clone(),
+        detail: e.to_string(),
+    })
+}
+
+fn platform_manifest(child: &Child) -> PlatformManifest {
+    PlatformManifest { platform: child.platform.clone(), digest: child.digest().to_string() }
+}

@@ -1,0 +1,242 @@
+//! Multi-platform images as real clusters hold them: each node's containerd
+//! keeps the index and only its own platform (as a kubelet pull leaves it),
+//! and the source registry is gone. On real containerd (one per simulated
+//! node), a real registry and an API server (the emulator, and a real one
+//! when IMAGE_BACKUP_TEST_KUBECONFIG gives it). The tests write the Pods a
+//! kubelet would, with the index digest as `imageID`.
+
+use std::time::Duration;
+
+use image_backup_coordinator::config::CoordinatorConfig;
+use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
+use image_backup_oci::{
+    index::{LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION},
+    registry::RegistryConfig,
+};
+use image_backup_tests::{
+    Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
+    cluster::{
+        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
+        prepare, start_agent, start_coordinator,
+    },
+    image::PlatformImage,
+    init_tracing, on_both_api_servers,
+};
+use kube::{Api, Client};
+use serde_json::json;
+
+const KB: usize = 1 << 10;
+const MB: usize = 1 << 20;
+
+/// An amd64 node and an arm64 node, an agent on each, a backup registry
+/// behind a counting proxy, and a source registry that is only a name.
+struct Setup {
+    kind: ApiServerKind,
+    _cluster: ClusterGuard,
+    client: Client,
+    w: Workloads,
+    src: String,
+    amd64: Containerd,
+    arm64: Containerd,
+    backup_registry: Registry,
+    proxy: Proxy,
+}
+
+impl Setup {
+    async fn new(kind: ApiServerKind) -> Option<Self> {
+        init_tracing();
+        let (cluster, client) = cluster(kind).await?;
+        prepare(&client, &["shop", "image-backup"]).await;
+        let source = Registry::start(RegistryAuth::None).await.unwrap();
+        let src = source.host();
+        drop(source);
+        let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
+        let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
+        Some(Self {
+            kind,
+            _cluster: cluster,
+            w: Workloads { client: client.clone() },
+            client,
+            src,
+            amd64: Containerd::start().await.unwrap(),
+            arm64: Containerd::start().await.unwrap(),
+            backup_registry,
+            proxy,
+        })
+    }
+
+    fn config(&self) -> CoordinatorConfig {
+        coordinator_config(&self.proxy.host())
+    }
+
+    /// The coordinator and an agent on each node.
+    async fn start(&self, config: CoordinatorConfig) {
+        let client = coordinator_client(self.kind, &self.client).await;
+        let (grpc, _) = start_coordinator(&client, config).await;
+        let registry = RegistryConfig { insecure_hosts: vec![self.proxy.host()], ..RegistryConfig::default() };
+        for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
+            start_agent(containerd, node, grpc, registry.clone()).await;
+        }
+    }
+
+    /// Pulls `image` as the kubelets of both nodes would: the index and
+    /// each node's own platform.
+    async fn pull(&self, image: &TestImage, reference: &str) {
+        image.import(&self.amd64, reference, &["amd64"], &[]).await.unwrap();
+        image.import(&self.arm64, reference, &["arm64"], &[]).await.unwrap();
+    }
+
+    /// A DaemonSet on both nodes running `reference`.
+    async fn daemonset(&self, name: &str, reference: &str, image: &TestImage) {
+        let spec = [("app", reference, image.digest(), false)];
+        let placement = Placement { nodes: &["node-amd64", "node-arm64"], ready: true };
+        self.w.deploy("DaemonSet", "shop", name, json!({}), &spec, placement).await;
+    }
+
+    /// The backup repository of `reference` in the backup registry.
+    fn repository(&self, reference: &str) -> String {
+        let (name, _) = reference.rsplit_once(':').unwrap();
+        format!("backup/{}", name.replacen(&self.src, &self.src.replace(':', "_"), 1))
+    }
+
+    async fn status(&self, reference: &str) -> ImageBackupStatus {
+        let backups: Api<ImageBackup> = Api::all(self.client.clone());
+        let all = backups.list(&Default::default()).await.unwrap().items;
+        let backup = all.into_iter().find(|b| b.spec.source == reference);
+        backup.and_then(|b| b.status).unwrap_or_default()
+    }
+
+    /// Waits until the DaemonSet runs `image` (a pinned reference).
+    async fn runs(&self, name: &str, image: &str) {
+        eventually(&format!("{name} runs {image}"), Duration::from_secs(60), || async {
+            let (now, _) = self.w.images("DaemonSet", "shop", name).await;
+            if now == [image] { Ok(()) } else { Err(format!("DaemonSet shop/{name} runs {now:?}")) }
+        })
+        .await;
+    }
+
+    /// Every blob and the manifest of `platform` are in the backup
+    /// repository, byte for byte.
+    async fn holds_platform(&self, repository: &str, platform: &PlatformImage) {
+        for blob in platform.layers.iter().chain([&platform.config]) {
+            let got = self.backup_registry.blob(repository, &blob.digest).await.unwrap();
+            assert_eq!(got.as_deref(), Some(&blob.data[..]), "{repository} holds blob {}", blob.digest);
+        }
+        let manifest = self.backup_registry.manifest(repository, &platform.manifest.digest).await.unwrap();
+        assert_eq!(manifest.expect("platform manifest").bytes, platform.manifest.data);
+    }
+
+    async fn events(&self, reason: &str) -> Vec<String> {
+        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(self.client.clone(), "shop");
+        let list = events.list(&Default::default()).await.unwrap().items;
+        list.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.note).collect()
+    }
+}
+
+async fn mixed_cluster(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind).await else { return };
+    let image = TestImage::multi_platform(MediaTypes::Oci, &[MB, 300 * KB], &["amd64", "arm64"], 41);
+    let reference = format!("{}/library/web:1", s.src);
+    s.pull(&image, &reference).await;
+    s.daemonset("web", &reference, &image).await;
+    s.start(s.config()).await;
+
+    // The backup is the source index itself: same bytes, same digest,
+    // gathered from the two nodes, each giving its own platform.
+    let repository = s.repository(&reference);
+    s.runs("web", &format!("{}/{repository}@{}", s.proxy.host(), image.digest())).await;
+    let index = s.backup_registry.manifest(&repository, image.digest()).await.unwrap().expect("the index");
+    assert_eq!(index.bytes, image.index.as_ref().unwrap().data);
+    let tagged = s.backup_registry.manifest(&repository, "1").await.unwrap().expect("the tag");
+    assert_eq!(tagged.digest, image.digest());
+    for arch in ["amd64", "arm64"] {
+        s.holds_platform(&repository, image.platform(arch)).await;
+    }
+
+    let status = s.status(&reference).await;
+    assert_eq!((status.phase, status.reduced), (Phase::Completed, false));
+    let from: Vec<(&str, Option<&str>)> =
+        status.platforms.iter().map(|p| (p.platform.as_str(), p.copied_from.as_deref())).collect();
+    assert_eq!(from, [("linux/amd64", Some("node/node-amd64")), ("linux/arm64", Some("node/node-arm64"))]);
+    assert!(s.events("ReducedBackup").await.is_empty());
+}
+on_both_api_servers!(mixed_cluster: an_index_is_gathered_from_the_nodes_of_each_platform_on_the_emulator, an_index_is_gathered_from_the_nodes_of_each_platform_on_a_real_api_server);
+
+async fn reduced(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind).await else { return };
+    // buildx's attestation entries are in the index; no containerd pulls
+    // them, and the source is gone.
+    let image = TestImage::buildx(MediaTypes::Oci, MB, &[300 * KB], &["amd64", "arm64"], 42);
+    let reference = format!("{}/team/api:2", s.src);
+    s.pull(&image, &reference).await;
+    s.daemonset("api", &reference, &image).await;
+    s.start(s.config()).await;
+
+    let repository = s.repository(&reference);
+    eventually("the api DaemonSet runs a backup", Duration::from_secs(60), || async {
+        let (now, _) = s.w.images("DaemonSet", "shop", "api").await;
+        match now.first() {
+            Some(image) if image.starts_with(&s.proxy.host()) => Ok(()),
+            _ => Err(format!("api runs {now:?}")),
+        }
+    })
+    .await;
+    let pinned = s.w.images("DaemonSet", "shop", "api").await.0.remove(0);
+
+    // Pinned to a reduced index: the two platforms the nodes hold, byte
+    // for byte, annotated with the source index and what it left out.
+    let (name, digest) = pinned.split_once('@').unwrap();
+    assert_eq!(name, format!("{}/{repository}", s.proxy.host()));
+    assert_ne!(digest, image.digest());
+    let index = s.backup_registry.manifest(&repository, digest).await.unwrap().expect("the reduced index");
+    let index: serde_json::Value = serde_json::from_slice(&index.bytes).unwrap();
+    let children: Vec<&str> =
+        index["manifests"].as_array().unwrap().iter().map(|m| m["digest"].as_str().unwrap()).collect();
+    let platforms: Vec<&str> = image.platforms.iter().map(|p| p.manifest.digest.as_str()).collect();
+    assert_eq!(children, platforms);
+    assert_eq!(index["annotations"][SOURCE_INDEX_ANNOTATION], image.digest());
+    assert_eq!(
+        index["annotations"][LEFT_OUT_ANNOTATION],
+        "unknown/unknown (attestation),unknown/unknown (attestation)"
+    );
+    for platform in &image.platforms {
+        s.holds_platform(&repository, platform).await;
+    }
+    // The base layer both platforms share went up once: base, one own
+    // layer and a config per platform.
+    assert_eq!(s.proxy.uploads(), 5);
+
+    let status = s.status(&reference).await;
+    assert_eq!((status.phase, status.reduced), (Phase::Completed, true));
+    assert_eq!(status.backup_reference.as_deref(), Some(pinned.as_str()));
+    assert_eq!(status.left_out, ["unknown/unknown (attestation)", "unknown/unknown (attestation)"]);
+    let notes = s.events("ReducedBackup").await;
+    assert!(notes.iter().any(|n| n.contains(&reference) && n.contains("unknown/unknown")), "{notes:?}");
+}
+on_both_api_servers!(reduced: platforms_no_node_holds_are_left_out_of_a_reduced_index_on_the_emulator, platforms_no_node_holds_are_left_out_of_a_reduced_index_on_a_real_api_server);
+
+async fn complete_required(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind).await else { return };
+    let image = TestImage::buildx(MediaTypes::Oci, 200 * KB, &[100 * KB], &["amd64", "arm64"], 43);
+    let reference = format!("{}/team/strict:1", s.src);
+    s.pull(&image, &reference).await;
+    s.daemonset("strict", &reference, &image).await;
+    s.start(CoordinatorConfig { require_complete_index: true, ..s.config() }).await;
+
+    eventually("the backup fails", Duration::from_secs(60), || async {
+        let status = s.status(&reference).await;
+        if status.phase == Phase::Failed { Ok(()) } else { Err(format!("{status:?}")) }
+    })
+    .await;
+    let last = s.status(&reference).await;
+    let error = last.last_error.unwrap_or_default();
+    assert!(error.contains("incomplete") && error.contains("unknown/unknown (attestation)"), "{error}");
+    // What the nodes held is in the registry; no index, no tag, and the
+    // workload still runs its source.
+    let repository = s.repository(&reference);
+    assert!(s.backup_registry.manifest(&repository, image.digest()).await.unwrap().is_none());
+    assert!(s.backup_registry.tags(&repository).await.unwrap().is_empty());
+    let (now, annotation) = s.w.images("DaemonSet", "shop", "strict").await;
+    assert_eq!((now, annotation), (vec![reference.clone()], None));
+}
+on_both_api_servers!(complete_required: a_required_complete_index_fails_naming_what_is_missing_on_the_emulator, a_required_complete_index_fails_naming_what_is_missing_on_a_real_api_server);
