@@ -195,6 +195,11 @@ pub fn builtin_types() -> Vec<ResourceType> {
             .with_status()
             .with_generation(Generation::Spec)
             .with_short_names(&["ds"]),
+        ResourceType::builtin("apps", "v1", "replicasets", "ReplicaSet", true)
+            .with_status()
+            .with_generation(Generation::Spec)
+            .with_short_names(&["rs"]),
+        ResourceType::builtin("apps", "v1", "controllerrevisions", "ControllerRevision", true),
         new_events,
         leases,
         token_reviews,

@@ -17,7 +17,7 @@ use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment},
+        apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet},
         core::v1::{Namespace, Pod, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -280,6 +280,11 @@ pub async fn wipe(client: &Client) {
         deployments.delete_collection(&now, &all).await.expect("delete Deployments");
         let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
         daemonsets.delete_collection(&now, &all).await.expect("delete DaemonSets");
+        // No garbage collector runs on a server without controllers.
+        let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+        replica_sets.delete_collection(&now, &all).await.expect("delete ReplicaSets");
+        let revisions: Api<ControllerRevision> = Api::namespaced(client.clone(), ns);
+        revisions.delete_collection(&now, &all).await.expect("delete ControllerRevisions");
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         pods.delete_collection(&now, &all).await.expect("delete Pods");
         let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
@@ -321,6 +326,23 @@ pub struct Workloads {
     pub client: Client,
 }
 
+/// A test workload as the owner of its revisions.
+#[derive(Clone, Copy)]
+struct Owner<'a> {
+    kind: &'a str,
+    ns: &'a str,
+    name: &'a str,
+    uid: &'a str,
+}
+
+fn owner_reference(kind: &str, name: &str, uid: &str) -> Value {
+    json!({ "apiVersion": "apps/v1", "kind": kind, "name": name, "uid": uid, "controller": true })
+}
+
+fn spec_of(list: &[&Spec<'_>]) -> Vec<Value> {
+    list.iter().map(|c| json!({ "name": c.0, "image": c.1 })).collect()
+}
+
 /// A container of a test workload: name, image, the digest its pods run,
 /// and whether it is an init container.
 pub type Spec<'a> = (&'a str, &'a str, &'a str, bool);
@@ -333,8 +355,8 @@ pub struct Placement<'a> {
 
 impl Workloads {
     /// A workload whose pods run `containers` ([name, image, digest]) on
-    /// `nodes`; `ready` writes the rolled-out status a controller would.
-    #[allow(clippy::too_many_arguments)]
+    /// `nodes`, as revision 2 of it; `ready` writes the rolled-out status a
+    /// controller would.
     pub async fn deploy(
         &self,
         kind: &str,
@@ -346,28 +368,140 @@ impl Workloads {
     ) {
         let Placement { nodes, ready } = at;
         let (init, app): (Vec<_>, Vec<_>) = containers.iter().partition(|c| c.3);
-        let spec_of =
-            |list: &[&Spec<'_>]| list.iter().map(|c| json!({ "name": c.0, "image": c.1 })).collect::<Vec<_>>();
         let mut pod_spec = json!({ "containers": spec_of(&app) });
         if !init.is_empty() {
             pod_spec["initContainers"] = json!(spec_of(&init));
         }
         let object = json!({
             "apiVersion": "apps/v1", "kind": kind,
-            "metadata": { "name": name, "namespace": ns, "labels": labels },
+            "metadata": {
+                "name": name, "namespace": ns, "labels": labels,
+                "annotations": { "deployment.kubernetes.io/revision": "2" },
+            },
             "spec": {
                 "replicas": if kind == "Deployment" { json!(nodes.len()) } else { Value::Null },
                 "selector": { "matchLabels": { "app": name } },
                 "template": { "metadata": { "labels": { "app": name } }, "spec": pod_spec },
             },
         });
+        let n = nodes.len();
+        let (generation, uid) = match kind {
+            "Deployment" => {
+                let created = create(&Api::<Deployment>::namespaced(self.client.clone(), ns), object).await;
+                (created.metadata.generation.unwrap_or(1), created.metadata.uid.unwrap_or_default())
+            }
+            _ => {
+                let created = create(&Api::<DaemonSet>::namespaced(self.client.clone(), ns), object).await;
+                (created.metadata.generation.unwrap_or(1), created.metadata.uid.unwrap_or_default())
+            }
+        };
+        let workload = Owner { kind, ns, name, uid: &uid };
+        self.revision(&workload, 2, containers, nodes, false).await;
+        if !ready {
+            return;
+        }
+        let patch = |status: Value| Patch::Merge(json!({ "status": status }));
+        let params = PatchParams::default();
+        if kind == "Deployment" {
+            let status = json!({ "observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n });
+            Api::<Deployment>::namespaced(self.client.clone(), ns)
+                .patch_status(name, &params, &patch(status))
+                .await
+                .unwrap();
+        } else {
+            let status = json!({ "observedGeneration": generation, "desiredNumberScheduled": n, "currentNumberScheduled": n, "numberMisscheduled": 0, "numberReady": n, "numberAvailable": n, "updatedNumberScheduled": n });
+            Api::<DaemonSet>::namespaced(self.client.clone(), ns)
+                .patch_status(name, &params, &patch(status))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Revision 1 of a deployed workload, and a pod of it on each of
+    /// `nodes` still running `containers` (terminating ones, if asked), as
+    /// pods of an old ReplicaSet linger after a rollout.
+    pub async fn old_revision(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        containers: &[Spec<'_>],
+        nodes: &[&str],
+        terminating: bool,
+    ) {
+        let uid = match kind {
+            "Deployment" => {
+                Api::<Deployment>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata.uid
+            }
+            _ => Api::<DaemonSet>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata.uid,
+        };
+        let uid = uid.unwrap_or_default();
+        self.revision(&Owner { kind, ns, name, uid: &uid }, 1, containers, nodes, terminating).await;
+    }
+
+    /// What the workload controller and the kubelets write for revision
+    /// `number`: a ReplicaSet or ControllerRevision labelled with its hash,
+    /// and a running pod per node carrying that label.
+    async fn revision(
+        &self,
+        owner: &Owner<'_>,
+        number: u32,
+        containers: &[Spec<'_>],
+        nodes: &[&str],
+        terminating: bool,
+    ) {
+        let Owner { kind, ns, name, uid } = *owner;
+        let hash = format!("rev{number}");
+        let (key, revision) = if kind == "Deployment" {
+            (
+                "pod-template-hash",
+                json!({
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "metadata": {
+                        "name": format!("{name}-{hash}"), "namespace": ns,
+                        "labels": { "app": name, "pod-template-hash": hash },
+                        "annotations": { "deployment.kubernetes.io/revision": number.to_string() },
+                        "ownerReferences": [owner_reference(kind, name, uid)],
+                    },
+                    "spec": {
+                        "replicas": 0,
+                        "selector": { "matchLabels": { "app": name, "pod-template-hash": hash } },
+                        "template": {
+                            "metadata": { "labels": { "app": name, "pod-template-hash": hash } },
+                            "spec": { "containers": spec_of(&containers.iter().filter(|c| !c.3).collect::<Vec<_>>()) },
+                        },
+                    },
+                }),
+            )
+        } else {
+            (
+                "controller-revision-hash",
+                json!({
+                    "apiVersion": "apps/v1", "kind": "ControllerRevision",
+                    "metadata": {
+                        "name": format!("{name}-{hash}"), "namespace": ns,
+                        "labels": { "app": name, "controller-revision-hash": hash },
+                        "ownerReferences": [owner_reference(kind, name, uid)],
+                    },
+                    "data": {},
+                    "revision": number,
+                }),
+            )
+        };
+        if kind == "Deployment" {
+            create(&Api::<ReplicaSet>::namespaced(self.client.clone(), ns), revision).await;
+        } else {
+            create(&Api::<ControllerRevision>::namespaced(self.client.clone(), ns), revision).await;
+        }
+        let (init, app): (Vec<_>, Vec<_>) = containers.iter().partition(|c| c.3);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         for (i, node) in nodes.iter().enumerate() {
-            let pod = create(
+            let pod_name = format!("{name}-{hash}-{i}");
+            create(
                 &pods,
                 json!({
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": { "name": format!("{name}-{i}"), "namespace": ns, "labels": { "app": name } },
+                    "metadata": { "name": pod_name, "namespace": ns, "labels": { "app": name, key: hash } },
                     "spec": { "nodeName": node, "containers": spec_of(&app) },
                 }),
             )
@@ -381,29 +515,12 @@ impl Workloads {
                     .collect::<Vec<_>>()
             };
             let status = json!({ "status": { "phase": "Running", "containerStatuses": statuses(&app), "initContainerStatuses": statuses(&init) } });
-            pods.patch_status(&pod.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(status))
-                .await
-                .unwrap();
-        }
-        let n = nodes.len();
-        match kind {
-            "Deployment" => {
-                let api: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
-                let created = create(&api, object).await;
-                if ready {
-                    let generation = created.metadata.generation.unwrap_or(1);
-                    let status = json!({ "status": { "observedGeneration": generation, "replicas": n, "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n } });
-                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
-                }
-            }
-            _ => {
-                let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), ns);
-                let created = create(&api, object).await;
-                if ready {
-                    let generation = created.metadata.generation.unwrap_or(1);
-                    let status = json!({ "status": { "observedGeneration": generation, "desiredNumberScheduled": n, "currentNumberScheduled": n, "numberMisscheduled": 0, "numberReady": n, "numberAvailable": n, "updatedNumberScheduled": n } });
-                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
-                }
+            pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+            if terminating {
+                // Bound to a node, a deleted pod stays, terminating, until
+                // its kubelet confirms; none does here.
+                let params = kube::api::DeleteParams { grace_period_seconds: Some(300), ..Default::default() };
+                pods.delete(&pod_name, &params).await.unwrap();
             }
         }
     }

@@ -327,6 +327,38 @@ async fn moved_tag(kind: ApiServerKind) {
 }
 on_both_api_servers!(moved_tag: a_moved_tag_is_copied_again_on_the_emulator, a_moved_tag_is_copied_again_on_a_real_api_server);
 
+async fn old_revision(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
+    // The tag moved and both workloads rolled out: pods of the old
+    // revision linger, some terminating, some not yet, running the old
+    // content. Their selector matches them all.
+    let (before, now) =
+        (TestImage::single(MediaTypes::Oci, &[200 << 10], 55), TestImage::single(MediaTypes::Oci, &[300 << 10], 56));
+    let web_ref = s.source("library/web:1");
+    before.import(&s.node_a, &s.source("library/web:0"), &[], &[]).await.unwrap();
+    now.import(&s.node_a, &web_ref, &[], &[]).await.unwrap();
+    now.import(&s.node_b, &web_ref, &[], &[]).await.unwrap();
+    for (kind, name) in [("Deployment", "web"), ("DaemonSet", "web-agent")] {
+        s.deploy(kind, "shop", name, &[("web", &web_ref, &now, false)], &["node-b"]).await;
+        let old = [("web", web_ref.as_str(), before.digest(), false)];
+        s.w.old_revision(kind, "shop", name, &old, &["node-a"], false).await;
+        s.w.old_revision(kind, "shop", name, &old, &["node-a"], true).await;
+    }
+    s.start().await;
+
+    let pinned = vec![s.pinned(&now, &web_ref)];
+    s.runs(
+        "both run the backup of what their current revision runs",
+        &[("Deployment", "shop", "web", pinned.clone()), ("DaemonSet", "shop", "web-agent", pinned)],
+    )
+    .await;
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
+    let items = backups.list(&Default::default()).await.unwrap().items;
+    let [backup] = items.as_slice() else { panic!("one ImageBackup: {items:?}") };
+    assert_eq!(backup.spec.digest, now.digest(), "never the old revision's digest");
+}
+on_both_api_servers!(old_revision: only_pods_of_the_current_revision_give_the_digest_on_the_emulator, only_pods_of_the_current_revision_give_the_digest_on_a_real_api_server);
+
 async fn busy_agent(kind: ApiServerKind) {
     let Some(s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
     let images: Vec<(TestImage, String)> = (0..3)

@@ -1,10 +1,15 @@
 //! The digests a workload's pods run, from `imageID` in their statuses.
 //!
-//! Pods are listed per namespace, not per workload: after a start every
-//! workload of a namespace is reconciled at once, and one list serves them
-//! all. A listing serves a workload only if it was taken after the watch
-//! first showed the workload rolled out at its generation, so digests never
-//! come from the pods of an earlier rollout.
+//! Only pods of the workload's current revision count (the newest
+//! ReplicaSet's `pod-template-hash`, the newest ControllerRevision's
+//! `controller-revision-hash`): a selector also matches pods of an older
+//! revision, which may run what the workload ran before. When pods of the
+//! current revision disagree on a digest, there is none yet.
+//!
+//! Pods and revisions are listed per namespace, not per workload: after a
+//! start every workload of a namespace is reconciled at once, and one
+//! listing serves them all. A listing serves a workload only if it was taken
+//! after the watch first showed the workload rolled out at its generation.
 
 use parking_lot::Mutex;
 use std::{
@@ -13,12 +18,17 @@ use std::{
     time::Instant,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    apps::v1::{ControllerRevision, ReplicaSet},
+    core::v1::Pod,
+};
 use kube::{
     Api, Client,
     api::ListParams,
     core::{Selector, SelectorExt},
 };
+use serde::de::DeserializeOwned;
+use tracing::debug;
 
 use super::{usage::WorkloadKey, workload::Workload};
 use crate::context::{Error, kube_err};
@@ -38,10 +48,25 @@ struct PodDigests {
     digests: Digests,
 }
 
+/// A revision of a workload, and the label its pods carry.
+struct Revision {
+    owner: String,
+    number: i64,
+    label: (&'static str, String),
+}
+
 struct Listing {
     at: Instant,
     pods: Vec<PodDigests>,
+    revisions: Vec<Revision>,
 }
+
+/// The label of a Deployment's pods naming their ReplicaSet's template.
+const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// The label of a DaemonSet's pods naming their ControllerRevision.
+const CONTROLLER_REVISION_HASH: &str = "controller-revision-hash";
+/// The revision number the deployment controller gives a ReplicaSet.
+const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 
 /// A namespace's last listing, locked while it is being replaced.
 type NamespaceSlot = Arc<tokio::sync::Mutex<Option<Arc<Listing>>>>;
@@ -107,10 +132,30 @@ impl DigestCache {
                 }
             }
         };
-        let mut digests = Digests::new();
-        for pod in listing.pods.iter().filter(|pod| selector.matches(&pod.labels)) {
+        let owner = workload.metadata().uid.as_deref().unwrap_or_default();
+        let current = listing.revisions.iter().filter(|r| r.owner == owner).max_by_key(|r| r.number);
+        let Some(Revision { label: (key, hash), .. }) = current else {
+            debug!("no revision of the workload listed yet");
+            return Ok(Digests::new());
+        };
+        let mut seen: HashMap<&str, Option<&str>> = HashMap::new();
+        let pods =
+            listing.pods.iter().filter(|pod| pod.labels.get(*key) == Some(hash) && selector.matches(&pod.labels));
+        for pod in pods {
             for (container, digest) in &pod.digests {
-                digests.entry(container.clone()).or_insert_with(|| digest.clone());
+                let agreed = seen.entry(container).or_insert(Some(digest));
+                if *agreed != Some(digest.as_str()) {
+                    *agreed = None;
+                }
+            }
+        }
+        let mut digests = Digests::new();
+        for (container, digest) in seen {
+            match digest {
+                Some(digest) => {
+                    digests.insert(container.to_string(), digest.to_string());
+                }
+                None => debug!(container, "pods of the current revision run different digests; waiting"),
             }
         }
         Ok(digests)
@@ -121,24 +166,64 @@ impl DigestCache {
     }
 }
 
-/// Lists a namespace's pods, page by page, keeping only what digests need.
-/// Terminating pods are left out: they may still run what a workload ran
-/// before its rollout.
+/// Lists a namespace's pods and workload revisions, page by page, keeping
+/// only what digests need.
 async fn list(client: &Client, namespace: &str) -> Result<Listing, Error> {
     let at = Instant::now();
-    let api = Api::<Pod>::namespaced(client.clone(), namespace);
-    let mut pods = Vec::new();
+    let (pods, replica_sets, controller_revisions) = tokio::try_join!(
+        list_all(client, namespace, "listing pods in namespace", digests_of),
+        list_all(client, namespace, "listing replicasets in namespace", replica_set_revision),
+        list_all(client, namespace, "listing controllerrevisions in namespace", controller_revision),
+    )?;
+    Ok(Listing { at, pods, revisions: replica_sets.into_iter().chain(controller_revisions).collect() })
+}
+
+async fn list_all<K, T>(
+    client: &Client,
+    namespace: &str,
+    what: &'static str,
+    keep: fn(K) -> Option<T>,
+) -> Result<Vec<T>, Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let mut kept = Vec::new();
     let mut params = ListParams::default().limit(PAGE);
     loop {
-        let page = api.list(&params).await.map_err(kube_err("listing pods in namespace", namespace))?;
+        let page = api.list(&params).await.map_err(kube_err(what, namespace))?;
         let next = page.metadata.continue_.clone().filter(|token| !token.is_empty());
-        pods.extend(page.items.into_iter().filter_map(digests_of));
+        kept.extend(page.items.into_iter().filter_map(keep));
         match next {
             Some(token) => params = params.continue_token(&token),
-            None => break,
+            None => return Ok(kept),
         }
     }
-    Ok(Listing { at, pods })
+}
+
+/// The controlling owner's UID.
+fn controller_uid(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<String> {
+    meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.clone())
+}
+
+fn replica_set_revision(replica_set: ReplicaSet) -> Option<Revision> {
+    let meta = replica_set.metadata;
+    let number = meta.annotations.as_ref()?.get(REVISION_ANNOTATION)?.parse().ok()?;
+    let hash = meta.labels.as_ref()?.get(POD_TEMPLATE_HASH)?.clone();
+    Some(Revision { owner: controller_uid(&meta)?, number, label: (POD_TEMPLATE_HASH, hash) })
+}
+
+fn controller_revision(revision: ControllerRevision) -> Option<Revision> {
+    let meta = revision.metadata;
+    let hash = meta.labels.as_ref()?.get(CONTROLLER_REVISION_HASH)?.clone();
+    Some(Revision {
+        owner: controller_uid(&meta)?,
+        number: revision.revision?,
+        label: (CONTROLLER_REVISION_HASH, hash),
+    })
 }
 
 fn digests_of(pod: Pod) -> Option<PodDigests> {
