@@ -215,7 +215,9 @@ impl TestImage {
         Self::indexed(media, platforms, attestations)
     }
 
-    fn indexed(media: MediaTypes, platforms: Vec<PlatformImage>, attestations: Vec<PlatformImage>) -> Self {
+    /// An index over `platforms`, with an attestation entry for each of
+    /// `attestations` (paired with the platforms in order).
+    pub fn indexed(media: MediaTypes, platforms: Vec<PlatformImage>, attestations: Vec<PlatformImage>) -> Self {
         let entry = |p: &PlatformImage| {
             json!({
                 "mediaType": p.manifest.media_type,

@@ -188,7 +188,7 @@ impl Registry {
     /// its own sources.
     pub async fn push(&self, repository: &str, tag: &str, image: &crate::TestImage) -> anyhow::Result<()> {
         let base = self.base();
-        for platform in &image.platforms {
+        for platform in image.platforms.iter().chain(&image.attestations) {
             for blob in platform.layers.iter().chain([&platform.config]) {
                 let started = self.http.post(format!("{base}/v2/{repository}/blobs/uploads/")).send().await?;
                 let location = started

@@ -2,6 +2,9 @@
 //! runs from an image it pulled from a source registry is backed up from the
 //! node's containerd, patched and rolled out; then the source goes away, the
 //! node forgets the image, and the pod starts again, pulled from the backup.
+//! Once for a single-platform image, once for a buildx-style index of which
+//! the kubelet pulled only the node's platform, backed up with the source
+//! already gone: a reduced index of what the node holds.
 //!
 //! Needs the real one-node cluster that `.ci/run` starts (KUBECONFIG,
 //! K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D); skipped without it.
@@ -25,12 +28,26 @@ use kube::{
 };
 use serde_json::json;
 
+/// One node, one coordinator at a time: a coordinator backs up every
+/// workload of the cluster.
+static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone() {
+    backup_then_pull_again(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_runs_from_a_reduced_index_of_what_the_kubelet_pulled() {
+    backup_then_pull_again(true).await;
+}
+
+async fn backup_then_pull_again(multi: bool) {
     let Some(node) = RealNode::from_env() else {
         eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
         return;
     };
+    let _turn = NODE.lock().await;
     init_tracing();
     let client = node.client().await.expect("a client for the real cluster");
     let ns = format!("e2e-{:x}", rand::random::<u32>());
@@ -48,7 +65,15 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     let run_id = format!("{:x}", rand::random::<u64>());
     let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
     let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
-    let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], attestations: Vec::new(), index: None };
+    let image = if multi {
+        // The arm64 part and the attestations stay in the source: the
+        // kubelet pulls only its own platform.
+        let arm64 = PlatformImage::build(MediaTypes::Oci, &[64 << 10], "linux", "arm64", 61);
+        let attestation = |seed| PlatformImage::build(MediaTypes::Oci, &[1 << 10], "unknown", "unknown", seed);
+        TestImage::indexed(MediaTypes::Oci, vec![platform, arm64], vec![attestation(62), attestation(63)])
+    } else {
+        TestImage { media: MediaTypes::Oci, platforms: vec![platform], attestations: Vec::new(), index: None }
+    };
     source.push("e2e/sleeper", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/sleeper:1", source.host());
 
@@ -71,34 +96,61 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
     deployments.create(&PostParams::default(), &deployment).await.unwrap();
     eventually("the kubelet runs the source image", Duration::from_secs(120), || rolled_out(&deployments)).await;
 
+    let source_host = source.host();
+    let mut source = Some(source);
+    if multi {
+        // Nothing can come from the source: the backup is what the node has.
+        source = None;
+    }
     // The coordinator and an agent on the node's own containerd.
     let (grpc, _) = start_coordinator(&client, coordinator_config(&backup.host())).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
     start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2).await;
 
-    let pinned = format!("{}/backup/{}/e2e/sleeper@{}", backup.host(), source.host().replace(':', "_"), image.digest());
+    let repository = format!("backup/{}/e2e/sleeper", source_host.replace(':', "_"));
+    let pinned_to = format!("{}/{repository}@", backup.host());
     eventually("the Deployment is patched to the backup", Duration::from_secs(120), || async {
         let now = deployments.get("sleeper").await.map_err(|e| e.to_string())?;
         let image = now.spec.template.spec.and_then(|s| s.containers[0].image.clone());
-        if image.as_deref() == Some(pinned.as_str()) { Ok(()) } else { Err(format!("runs {image:?}")) }
+        if image.as_deref().is_some_and(|i| i.starts_with(&pinned_to)) {
+            Ok(())
+        } else {
+            Err(format!("runs {image:?}"))
+        }
     })
     .await;
     eventually("the patched Deployment rolls out", Duration::from_secs(120), || rolled_out(&deployments)).await;
-    let repository = format!("backup/{}/e2e/sleeper", source.host().replace(':', "_"));
-    let stored = backup.manifest(&repository, image.digest()).await.unwrap();
-    assert_eq!(stored.expect("the backup registry serves the digest").digest, image.digest());
     let backups: Api<ImageBackup> = Api::all(client.clone());
     let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&source_ref).unwrap());
     let status = backups.get(&name).await.unwrap().status.unwrap_or_default();
     assert_eq!((status.phase, status.node.as_deref()), (Phase::Completed, Some(node.node_name.as_str())));
+    // The kubelet reported the index digest; the backup is that index, or
+    // a reduced one annotated with it.
+    let patched = deployments.get("sleeper").await.unwrap();
+    let running = patched.spec.template.spec.and_then(|s| s.containers[0].image.clone()).unwrap();
+    let digest = running.rsplit_once('@').unwrap().1.to_string();
+    let stored = backup.manifest(&repository, &digest).await.unwrap().expect("the backup registry serves the digest");
+    if multi {
+        assert!(status.reduced, "{status:?}");
+        assert_eq!(status.left_out, ["linux/arm64", "unknown/unknown (attestation)", "unknown/unknown (attestation)"]);
+        let index: serde_json::Value = serde_json::from_slice(&stored.bytes).unwrap();
+        assert_eq!(index["manifests"][0]["digest"], image.platforms[0].manifest.digest.as_str());
+        assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+        assert_eq!(index["annotations"][image_backup_oci::index::SOURCE_INDEX_ANNOTATION], image.digest());
+    } else {
+        assert_eq!(digest, image.digest());
+    }
 
     // The source disappears and the node forgets the image: the next pod
     // can only come from the backup registry.
-    drop(source);
-    let forgotten = node.forget(image.digest()).await.unwrap();
+    drop(source.take());
+    let mut forgotten = node.forget(image.digest()).await.unwrap();
+    if digest != image.digest() {
+        forgotten.extend(node.forget(&digest).await.unwrap());
+    }
     assert!(forgotten.iter().any(|name| name.starts_with(&backup.host())), "{forgotten:?}");
     let store = ContentStore::connect(&node.containerd_socket, K8S_NAMESPACE).await.unwrap();
-    let manifest = store.info(image.digest()).await.unwrap();
+    let manifest = store.info(&digest).await.unwrap();
     assert!(manifest.is_none(), "the node's content store no longer holds the manifest: {manifest:?}");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = ListParams::default().labels("app=sleeper");
@@ -115,7 +167,7 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
             let ready = status.and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first());
             !old.contains(&name)
                 && pod.metadata.deletion_timestamp.is_none()
-                && ready.is_some_and(|c| c.ready && c.image_id.ends_with(image.digest()))
+                && ready.is_some_and(|c| c.ready && c.image_id.ends_with(&digest))
         });
         running.map(|_| ()).ok_or_else(|| format!("{} pod(s), none new and ready", list.items.len()))
     })
@@ -125,11 +177,11 @@ async fn a_pod_runs_from_the_backup_after_the_source_and_the_node_copy_are_gone(
         .await
         .unwrap()
         .into_iter()
-        .filter(|record| record.target.digest == image.digest())
+        .filter(|record| record.target.digest == digest)
         .map(|record| record.name)
         .collect();
     assert!(held.iter().any(|name| name.starts_with(&backup.host())), "pulled from the backup: {held:?}");
-    assert!(store.info(image.digest()).await.unwrap().is_some(), "the manifest is back, from the backup registry");
+    assert!(store.info(&digest).await.unwrap().is_some(), "the manifest is back, from the backup registry");
 
     deployments.delete("sleeper", &DeleteParams::default()).await.unwrap();
 }
