@@ -174,7 +174,7 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
     let progress = Progress::new();
     let printer = spawn_printer(progress.clone());
     let report = pusher
-        .push(&source, &target, &Scope::Whole, progress)
+        .push(&source, &target, &Scope::Whole, None, progress)
         .await
         .with_context(|| format!("pushing {source} to {target}"))?;
     drop(printer);

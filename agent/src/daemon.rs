@@ -398,7 +398,7 @@ impl Agent {
             Err(e) => return failure(e.to_string(), false),
         };
         info!(%target, digest = %assignment.digest, "copy started");
-        let push = self.pusher.push(&source, &target, scope, progress.clone());
+        let push = self.pusher.push(&source, &target, scope, None, progress.clone());
         let pushed = log_progress(push, &progress).await;
         match pushed {
             Ok(report) => {
@@ -416,6 +416,7 @@ impl Agent {
                     pinned_reference: report.pinned.unwrap_or_default(),
                     digest: report.digest.unwrap_or_default(),
                     pushed_manifests: report.manifests.into_iter().map(to_proto_manifest).collect(),
+                    from_source: report.from_source,
                     bytes_uploaded: report.bytes_uploaded,
                     blobs_uploaded: report.blobs_uploaded,
                     blobs_mounted: report.blobs_mounted,
@@ -432,7 +433,16 @@ impl Agent {
                         retryable,
                         pushed_manifests: pushed.into_iter().map(to_proto_manifest).collect(),
                         absent_manifests: missing.into_iter().map(|m| m.digest).collect(),
+                        source_failed: false,
                     }),
+                    PushError::Source { .. } | PushError::SourceSize { .. } => {
+                        job_result::Outcome::Failure(JobFailure {
+                            message,
+                            retryable,
+                            source_failed: true,
+                            ..JobFailure::default()
+                        })
+                    }
                     _ => failure(message, retryable),
                 }
             }
@@ -553,7 +563,7 @@ fn scope_of(assignment: &Assignment) -> Scope {
         ProtoFinish::Index => Finish::Index,
         ProtoFinish::Reduced => Finish::Reduced { keep: assignment.keep.clone() },
     };
-    Scope::Part { manifests: assignment.manifests.clone(), finish }
+    Scope::Part { manifests: assignment.manifests.clone(), from_source: assignment.from_source.clone(), finish }
 }
 
 #[cfg(test)]

@@ -75,7 +75,8 @@ impl Context {
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RegistryError> {
-        let registry = Registry::new(&config.backup.registry, &config.registry)?;
+        // The coordinator only verifies: pull access is all it asks for.
+        let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
         Ok(Arc::new(Self {
             client,
             config,

@@ -141,6 +141,7 @@ impl Metrics {
             Transition::Assigned { .. } => "assigned",
             Transition::Progress { .. } => "progress",
             Transition::Copied { .. } => "copied",
+            Transition::SourceFailed { .. } => "source_failed",
             Transition::Completed { .. } => "completed",
             Transition::Retry { .. } => "retry",
             Transition::Failed { .. } => "failed",

@@ -93,6 +93,10 @@ pub struct ImageBackupStatus {
     /// node held them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<String>,
+    /// Why what no node holds could not come from the source registry;
+    /// set once the source was tried and failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_error: Option<String>,
     /// What the job waits for, in words (`waiting for a free agent ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -117,7 +121,8 @@ pub struct PlatformCopy {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attestation: bool,
     /// Where the copy came from, once in the backup registry:
-    /// `node/<name>` for a node's containerd.
+    /// `node/<name>` for a node's containerd, `source` for the source
+    /// registry, `registry` when the backup registry held it already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_from: Option<String>,
 }

@@ -35,7 +35,12 @@ use crate::{Containerd, containerd::NAMESPACE};
 pub async fn prepare(client: &Client, namespaces: &[&str]) {
     let crd: CustomResourceDefinition =
         serde_yaml::from_str(&image_backup_crds::crd_yaml().expect("CRD YAML")).expect("CRD parses");
-    create(&Api::<CustomResourceDefinition>::all(client.clone()), serde_json::to_value(crd).expect("CRD JSON")).await;
+    // Applied, not created: a server kept from an earlier run gets this
+    // build's schema (it prunes the status fields its schema lacks).
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let name = crd.metadata.name.clone().expect("CRD name");
+    let params = PatchParams::apply("image-backup-tests").force();
+    crds.patch(&name, &params, &Patch::Apply(&crd)).await.expect("apply the ImageBackup CRD");
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("CRD served", Duration::from_secs(10), || async {
         backups.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())

@@ -1,5 +1,5 @@
 //! A reverse proxy in front of a registry that counts the requests that
-//! matter to a pusher (uploads, mounts, manifest PUTs) and injects faults:
+//! matter to a pusher (uploads, mounts, manifest PUTs, reads) and injects faults:
 //! 503s, 429s with Retry-After, and connections dropped mid-upload.
 
 use std::sync::{
@@ -34,6 +34,9 @@ pub struct Counters {
     pub mounts: AtomicU64,
     pub manifest_puts: AtomicU64,
     pub faults: AtomicU64,
+    /// What was read (GET …/blobs/… and …/manifests/… → 200), by the last
+    /// path segment: a digest or a tag.
+    pub reads: std::sync::Mutex<Vec<String>>,
 }
 
 pub struct Proxy {
@@ -101,6 +104,11 @@ impl Proxy {
 
     pub fn faults(&self) -> u64 {
         self.counters.faults.load(Relaxed)
+    }
+
+    /// Blobs and manifests read through the proxy, by digest or tag.
+    pub fn reads(&self) -> Vec<String> {
+        self.counters.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -178,6 +186,11 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
     });
     let response = forward.body(reqwest::Body::wrap_stream(body_stream)).send().await.map_err(std::io::Error::other)?;
     let status = response.status();
+    let read = method == hyper::Method::GET && (path.contains("/blobs/sha256:") || path.contains("/manifests/"));
+    if status == StatusCode::OK && read {
+        let object = path.rsplit('/').next().unwrap_or_default().to_string();
+        counters.reads.lock().unwrap_or_else(|p| p.into_inner()).push(object);
+    }
     if status == StatusCode::CREATED {
         if is_upload_put {
             counters.uploads.fetch_add(1, Relaxed);

@@ -1,9 +1,10 @@
 //! Multi-platform images as real clusters hold them: each node's containerd
-//! keeps the index and only its own platform (as a kubelet pull leaves it),
-//! and the source registry is gone. On real containerd (one per simulated
-//! node), a real registry and an API server (the emulator, and a real one
-//! when IMAGE_BACKUP_TEST_KUBECONFIG gives it). The tests write the Pods a
-//! kubelet would, with the index digest as `imageID`.
+//! keeps the index and only its own platform (as a kubelet pull leaves it);
+//! the source registry holds the whole index, or is gone. On real
+//! containerd (one per simulated node), real registries and an API server
+//! (the emulator, and a real one when IMAGE_BACKUP_TEST_KUBECONFIG gives
+//! it). The tests write the Pods a kubelet would, with the index digest as
+//! `imageID`.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
 use image_backup_oci::{
     index::{LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION},
-    registry::RegistryConfig,
+    registry::{RegistryConfig, RetryPolicy},
 };
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
@@ -29,13 +30,15 @@ const KB: usize = 1 << 10;
 const MB: usize = 1 << 20;
 
 /// An amd64 node and an arm64 node, an agent on each, a backup registry
-/// behind a counting proxy, and a source registry that is only a name.
+/// behind a counting proxy, and a source registry behind one too, or only
+/// a name.
 struct Setup {
     kind: ApiServerKind,
     _cluster: ClusterGuard,
     client: Client,
     w: Workloads,
     src: String,
+    source: Option<(Registry, Proxy)>,
     amd64: Containerd,
     arm64: Containerd,
     backup_registry: Registry,
@@ -43,13 +46,17 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(kind: ApiServerKind) -> Option<Self> {
+    async fn new(kind: ApiServerKind, source_up: bool) -> Option<Self> {
         init_tracing();
         let (cluster, client) = cluster(kind).await?;
         prepare(&client, &["shop", "image-backup"]).await;
-        let source = Registry::start(RegistryAuth::None).await.unwrap();
-        let src = source.host();
-        drop(source);
+        let registry = Registry::start(RegistryAuth::None).await.unwrap();
+        let (src, source) = if source_up {
+            let proxy = Proxy::start(&registry.host(), Faults::default()).await.unwrap();
+            (proxy.host(), Some((registry, proxy)))
+        } else {
+            (registry.host(), None)
+        };
         let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
         let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
         Some(Self {
@@ -58,6 +65,7 @@ impl Setup {
             w: Workloads { client: client.clone() },
             client,
             src,
+            source,
             amd64: Containerd::start().await.unwrap(),
             arm64: Containerd::start().await.unwrap(),
             backup_registry,
@@ -73,7 +81,16 @@ impl Setup {
     async fn start(&self, config: CoordinatorConfig) {
         let client = coordinator_client(self.kind, &self.client).await;
         let (grpc, _) = start_coordinator(&client, config).await;
-        let registry = RegistryConfig { insecure_hosts: vec![self.proxy.host()], ..RegistryConfig::default() };
+        // Quick retries: a source that is gone is given up on in a second.
+        let registry = RegistryConfig {
+            insecure_hosts: vec![self.proxy.host(), self.src.clone()],
+            retry: RetryPolicy {
+                min_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(200),
+                max_elapsed: Duration::from_secs(1),
+            },
+            ..RegistryConfig::default()
+        };
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
             start_agent(containerd, node, grpc, registry.clone()).await;
         }
@@ -134,7 +151,7 @@ impl Setup {
 }
 
 async fn mixed_cluster(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind).await else { return };
+    let Some(s) = Setup::new(kind, false).await else { return };
     let image = TestImage::multi_platform(MediaTypes::Oci, &[MB, 300 * KB], &["amd64", "arm64"], 41);
     let reference = format!("{}/library/web:1", s.src);
     s.pull(&image, &reference).await;
@@ -163,7 +180,7 @@ async fn mixed_cluster(kind: ApiServerKind) {
 on_both_api_servers!(mixed_cluster: an_index_is_gathered_from_the_nodes_of_each_platform_on_the_emulator, an_index_is_gathered_from_the_nodes_of_each_platform_on_a_real_api_server);
 
 async fn reduced(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind).await else { return };
+    let Some(s) = Setup::new(kind, false).await else { return };
     // buildx's attestation entries are in the index; no containerd pulls
     // them, and the source is gone.
     let image = TestImage::buildx(MediaTypes::Oci, MB, &[300 * KB], &["amd64", "arm64"], 42);
@@ -210,13 +227,14 @@ async fn reduced(kind: ApiServerKind) {
     assert_eq!((status.phase, status.reduced), (Phase::Completed, true));
     assert_eq!(status.backup_reference.as_deref(), Some(pinned.as_str()));
     assert_eq!(status.left_out, ["unknown/unknown (attestation)", "unknown/unknown (attestation)"]);
+    assert!(status.source_error.is_some_and(|e| e.contains(&s.src)), "the source was tried first");
     let notes = s.events("ReducedBackup").await;
     assert!(notes.iter().any(|n| n.contains(&reference) && n.contains("unknown/unknown")), "{notes:?}");
 }
 on_both_api_servers!(reduced: platforms_no_node_holds_are_left_out_of_a_reduced_index_on_the_emulator, platforms_no_node_holds_are_left_out_of_a_reduced_index_on_a_real_api_server);
 
 async fn complete_required(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind).await else { return };
+    let Some(s) = Setup::new(kind, false).await else { return };
     let image = TestImage::buildx(MediaTypes::Oci, 200 * KB, &[100 * KB], &["amd64", "arm64"], 43);
     let reference = format!("{}/team/strict:1", s.src);
     s.pull(&image, &reference).await;
@@ -240,3 +258,40 @@ async fn complete_required(kind: ApiServerKind) {
     assert_eq!((now, annotation), (vec![reference.clone()], None));
 }
 on_both_api_servers!(complete_required: a_required_complete_index_fails_naming_what_is_missing_on_the_emulator, a_required_complete_index_fails_naming_what_is_missing_on_a_real_api_server);
+
+async fn from_source(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, true).await else { return };
+    let image = TestImage::buildx(MediaTypes::Oci, MB, &[300 * KB], &["amd64", "arm64"], 44);
+    let reference = format!("{}/team/api:3", s.src);
+    let (source, source_proxy) = s.source.as_ref().unwrap();
+    source.push("team/api", "3", &image).await.unwrap();
+    s.pull(&image, &reference).await;
+    s.daemonset("api", &reference, &image).await;
+    s.start(s.config()).await;
+
+    // The attestations no node holds come from the source: the backup is
+    // the source index, byte for byte.
+    let repository = s.repository(&reference);
+    s.runs("api", &format!("{}/{repository}@{}", s.proxy.host(), image.digest())).await;
+    let index = s.backup_registry.manifest(&repository, image.digest()).await.unwrap().expect("the index");
+    assert_eq!(index.bytes, image.index.as_ref().unwrap().data);
+    for platform in image.platforms.iter().chain(&image.attestations) {
+        s.holds_platform(&repository, platform).await;
+    }
+    let status = s.status(&reference).await;
+    assert_eq!((status.phase, status.reduced, status.source_error), (Phase::Completed, false, None));
+    let from: Vec<&str> = status.platforms.iter().map(|p| p.copied_from.as_deref().unwrap_or_default()).collect();
+    assert_eq!(from, ["node/node-amd64", "node/node-arm64", "source", "source"]);
+
+    // Nothing a node holds was read from the source again.
+    let held: Vec<&str> = image
+        .platforms
+        .iter()
+        .flat_map(|p| p.layers.iter().chain([&p.config, &p.manifest]))
+        .map(|b| b.digest.as_str())
+        .collect();
+    let reads = source_proxy.reads();
+    assert!(!reads.is_empty(), "the attestations were read from the source");
+    assert!(reads.iter().all(|r| !held.contains(&r.as_str())), "read from the source: {reads:?}");
+}
+on_both_api_servers!(from_source: what_no_node_holds_comes_from_the_source_on_the_emulator, what_no_node_holds_comes_from_the_source_on_a_real_api_server);

@@ -12,7 +12,7 @@ use image_backup_oci::{
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, info};
 
-use super::{Job, PlatformManifest, PushError, Pushed, Pusher, check_digest, manifest_blobs, to_descriptor};
+use super::{Job, Origin, PlatformManifest, PushError, Pushed, Pusher, check_digest, manifest_blobs, to_descriptor};
 use crate::containerd::Descriptor;
 
 /// What part of an image one push copies.
@@ -22,8 +22,10 @@ pub enum Scope {
     /// index, which needs the other children in the target already.
     #[default]
     Whole,
-    /// Part of an index, as the coordinator plans it across nodes.
-    Part { manifests: Vec<String>, finish: Finish },
+    /// Part of an index, as the coordinator plans it across nodes:
+    /// children from this node, children no node holds from the source
+    /// registry, then the finish.
+    Part { manifests: Vec<String>, from_source: Vec<String>, finish: Finish },
 }
 
 /// What an index push ends with.
@@ -109,7 +111,13 @@ impl Job<'_> {
         scope: &Scope,
     ) -> Result<Pushed, PushError> {
         let children = children_of(&root, &bytes)?;
-        let (wanted, finish) = match scope {
+        let child = |digest: &String| {
+            children
+                .iter()
+                .find(|c| c.digest() == digest)
+                .ok_or_else(|| PushError::NotInIndex { index: root.digest.clone(), digest: digest.clone() })
+        };
+        let (wanted, sourced, finish) = match scope {
             Scope::Whole => {
                 let mut held = Vec::new();
                 for child in &children {
@@ -117,35 +125,44 @@ impl Job<'_> {
                         held.push(child);
                     }
                 }
-                (held, &Finish::Index)
+                (held, Vec::new(), &Finish::Index)
             }
-            Scope::Part { manifests, finish } => {
+            Scope::Part { manifests, from_source, finish } => {
                 let mut wanted = Vec::new();
                 for digest in manifests {
-                    let child = children
-                        .iter()
-                        .find(|c| c.digest() == digest)
-                        .ok_or_else(|| PushError::NotInIndex { index: root.digest.clone(), digest: digest.clone() })?;
+                    let child = child(digest)?;
                     if !self.pusher.holds_whole(&to_descriptor(&child.descriptor)).await? {
                         let manifest = platform_manifest(child);
                         return Err(PushError::NotHeld { index: root.digest.clone(), manifest });
                     }
                     wanted.push(child);
                 }
-                (wanted, finish)
+                let sourced = from_source.iter().map(child).collect::<Result<Vec<_>, _>>()?;
+                (wanted, sourced, finish)
             }
         };
         if *finish == Finish::Index && self.already_there(&root, target).await? {
-            return Ok(Pushed { root: Some(root), manifests: wanted.into_iter().map(platform_manifest).collect() });
+            let manifests = wanted.iter().chain(&sourced).map(|c| platform_manifest(c)).collect();
+            let from_source = sourced.iter().map(|c| c.digest().to_string()).collect();
+            return Ok(Pushed { root: Some(root), manifests, from_source });
         }
-        let pushed = self.push_children(&wanted).await?;
+        let mut pushed = self.push_children(&wanted, Origin::Node).await?;
+        let from_source = match &self.source {
+            Some(source) if !sourced.is_empty() => {
+                info!(children = sourced.len(), source = %source.reference, "copying what no node holds from the source");
+                let copied = self.push_children(&sourced, Origin::Source(source)).await?;
+                pushed.extend(copied.iter().cloned());
+                copied.into_iter().map(|m| m.digest).collect()
+            }
+            _ => Vec::new(),
+        };
         match finish {
-            Finish::None => Ok(Pushed { root: None, manifests: pushed }),
+            Finish::None => Ok(Pushed { root: None, manifests: pushed, from_source }),
             Finish::Index => {
                 self.require_in_target(&root, children.iter(), &pushed).await?;
                 self.put_manifest(&root, &bytes).await?;
                 self.tag_and_verify(&root, bytes, target).await?;
-                Ok(Pushed { root: Some(root), manifests: pushed })
+                Ok(Pushed { root: Some(root), manifests: pushed, from_source })
             }
             Finish::Reduced { keep } => {
                 let keep: HashSet<&str> =
@@ -160,18 +177,21 @@ impl Job<'_> {
                 let reduced = Bytes::from(reduced);
                 self.put_manifest(&descriptor, &reduced).await?;
                 self.tag_and_verify(&descriptor, reduced, target).await?;
-                Ok(Pushed { root: Some(descriptor), manifests: pushed })
+                Ok(Pushed { root: Some(descriptor), manifests: pushed, from_source })
             }
         }
     }
 
     /// Pushes the children's blobs (each once, however many children share
     /// it), then the children's manifests.
-    async fn push_children(&self, children: &[&Child]) -> Result<Vec<PlatformManifest>, PushError> {
+    async fn push_children(&self, children: &[&Child], origin: Origin<'_>) -> Result<Vec<PlatformManifest>, PushError> {
         let mut manifests = Vec::new();
         for child in children {
             let descriptor = to_descriptor(&child.descriptor);
-            let bytes = self.read_manifest(&descriptor).await?;
+            let bytes = match origin {
+                Origin::Node => self.read_manifest(&descriptor).await?,
+                Origin::Source(source) => source_manifest(source, &descriptor).await?,
+            };
             manifests.push((child, self.manifest_content(descriptor, bytes)?));
         }
         let mut seen = HashSet::new();
@@ -180,7 +200,7 @@ impl Job<'_> {
             .flat_map(|(_, m)| m.blobs.iter().cloned())
             .filter(|b| seen.insert(b.digest.clone()))
             .collect();
-        self.push_blobs(&blobs).await?;
+        self.push_blobs(&blobs, origin).await?;
         let mut pushed = Vec::new();
         for (child, manifest) in &manifests {
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
@@ -212,6 +232,26 @@ impl Job<'_> {
             Err(PushError::IncompleteIndex { digest: root.digest.clone(), missing, pushed: pushed.to_vec() })
         }
     }
+}
+
+/// A child manifest from the source registry; the registry client checks
+/// its digest, the index its size.
+async fn source_manifest(source: &super::SourceRepo, descriptor: &Descriptor) -> Result<Bytes, PushError> {
+    let failed = |error| PushError::Source { reference: source.reference.clone(), error };
+    let fetched = source.registry.manifest(&source.repository, &descriptor.digest).await.map_err(failed)?;
+    let Some((_, bytes)) = fetched else {
+        let detail = format!("manifest {} is not there", descriptor.digest);
+        return Err(failed(source.registry.body_error(&source.repository, &descriptor.digest, detail, false)));
+    };
+    if bytes.len() as u64 != descriptor.size {
+        return Err(PushError::SourceSize {
+            reference: source.reference.clone(),
+            digest: descriptor.digest.clone(),
+            expected: descriptor.size,
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
 }
 
 fn children_of(index: &Descriptor, bytes: &[u8]) -> Result<Vec<Child>, PushError> {

@@ -4,19 +4,17 @@
 //! checked), then manifests byte for byte, then the tag, then a check that
 //! the registry serves the tag with the expected digest.
 
+mod blob;
 mod index;
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::FutureExt;
 use oci_spec::image::ImageManifest;
 use sha2::{Digest as _, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -25,18 +23,15 @@ use image_backup_oci::{
     ImageRef,
     index::IndexError,
     media::{PlatformName, is_index, media_type_of},
-    registry::{MountOutcome, Registry, RegistryConfig, RegistryError, retry_with_policy},
+    registry::{Credentials, Registry, RegistryConfig, RegistryError},
 };
 
 pub use index::{Finish, IndexContent, Scope};
 
 use crate::{
-    containerd::{ContainerdError, ContentStore, DISTRIBUTION_SOURCE_LABEL, Descriptor, Lease},
-    progress::{BlobOutcome, Progress},
+    containerd::{ContainerdError, ContentStore, Descriptor, Lease},
+    progress::Progress,
 };
-
-/// Bytes handed to the HTTP connection at once when streaming a blob.
-const UPLOAD_WRITE: usize = 1 << 20;
 
 /// A child manifest of an index and its platform.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +63,10 @@ pub enum PushError {
     NotHeld { index: String, manifest: PlatformManifest },
     #[error("reducing index {digest}: {error}")]
     Reduce { digest: String, error: IndexError },
+    #[error("reading the source {reference}: {error}")]
+    Source { reference: String, error: RegistryError },
+    #[error("the source {reference} serves {digest} as {actual} bytes, its index says {expected}")]
+    SourceSize { reference: String, digest: String, expected: u64, actual: u64 },
     #[error("registry {reference} reports digest {got:?} after the push, expected {expected}")]
     Verify { reference: String, expected: String, got: Option<String> },
 }
@@ -82,7 +81,9 @@ impl PushError {
     pub fn retryable(&self) -> bool {
         match self {
             PushError::Registry(RegistryError::GaveUp { .. }) => true,
-            PushError::Registry(e) => e.status().is_some_and(|s| s >= 500 || s == 429),
+            PushError::Registry(e) | PushError::Source { error: e, .. } => {
+                e.status().is_some_and(|s| s >= 500 || s == 429)
+            }
             PushError::Containerd { error: ContainerdError::Call { .. }, .. } => true,
             // The plan was made from an inventory or a registry that changed
             // since: the coordinator plans again.
@@ -101,6 +102,8 @@ pub struct PushReport {
     pub digest: Option<String>,
     /// For an index: the children now in the target.
     pub manifests: Vec<PlatformManifest>,
+    /// Those of `manifests` copied from the source registry.
+    pub from_source: Vec<String>,
     pub bytes_total: u64,
     pub bytes_uploaded: u64,
     pub blobs_uploaded: u32,
@@ -153,15 +156,18 @@ impl Pusher {
         Ok(registry)
     }
 
-    /// Copies `scope` of `source` (as containerd holds it) to `target`.
-    /// Never reports an image pushed before the registry serves the target
-    /// with its digest. Boxed so that the future is checked `Send` here,
-    /// where its lifetimes are concrete, and the daemon can spawn it.
+    /// Copies `scope` of `source` (as containerd holds it, and what the
+    /// scope names from the source registry, read with `credentials` or
+    /// else the configured ones) to `target`. Never reports an image pushed
+    /// before the registry serves the target with its digest. Boxed so that
+    /// the future is checked `Send` here, where its lifetimes are concrete,
+    /// and the daemon can spawn it.
     pub fn push<'a>(
         &'a self,
         source: &'a ImageRef,
         target: &'a ImageRef,
         scope: &'a Scope,
+        credentials: Option<Credentials>,
         progress: Arc<Progress>,
     ) -> futures::future::BoxFuture<'a, Result<PushReport, PushError>> {
         let span = info_span!("push", source = %source, target = %target);
@@ -179,7 +185,16 @@ impl Pusher {
                 .await
                 .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
-            let job = Job { pusher: self, registry, repository: target.repository(), lease: &lease, progress };
+            let source = match scope {
+                Scope::Part { from_source, .. } if !from_source.is_empty() => Some(SourceRepo {
+                    registry: Registry::reader(source.registry(), &self.config, credentials)?,
+                    repository: source.repository().to_string(),
+                    reference: source.to_string(),
+                }),
+                _ => None,
+            };
+            let job =
+                Job { pusher: self, registry, repository: target.repository(), source, lease: &lease, progress };
             let result = job.push_root(&record.target, target, scope).await;
             let snapshot = job.progress.snapshot();
             drop(job);
@@ -191,6 +206,7 @@ impl Pusher {
                 pinned: pushed.root.as_ref().map(|root| target.pinned(&root.digest)),
                 digest: pushed.root.map(|root| root.digest),
                 manifests: pushed.manifests,
+                from_source: pushed.from_source,
                 bytes_total: snapshot.bytes_total,
                 bytes_uploaded: snapshot.bytes_uploaded,
                 blobs_uploaded: snapshot.blobs_uploaded,
@@ -211,8 +227,33 @@ struct Job<'a> {
     pusher: &'a Pusher,
     registry: Registry,
     repository: &'a str,
+    /// Where the children no node holds come from, when the scope names any.
+    source: Option<SourceRepo>,
     lease: &'a Lease,
     progress: Arc<Progress>,
+}
+
+/// The source registry's repository of the image.
+struct SourceRepo {
+    registry: Registry,
+    repository: String,
+    /// The source reference, for errors.
+    reference: String,
+}
+
+/// Where a blob or manifest is read from.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// The node's content store.
+    Node,
+    /// The source registry, for what no node holds.
+    Source(&'a SourceRepo),
+}
+
+impl PartialEq for Origin<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        matches!((self, other), (Origin::Node, Origin::Node) | (Origin::Source(_), Origin::Source(_)))
+    }
 }
 
 /// A manifest and the blobs it references, read from containerd.
@@ -227,6 +268,8 @@ struct Pushed {
     /// The image or index, when pushed and tagged.
     root: Option<Descriptor>,
     manifests: Vec<PlatformManifest>,
+    /// Digests of `manifests` copied from the source.
+    from_source: Vec<String>,
 }
 
 impl Job<'_> {
@@ -238,11 +281,11 @@ impl Job<'_> {
         }
         if !self.already_there(&root, target).await? {
             let manifest = self.manifest_content(root.clone(), bytes.clone())?;
-            self.push_blobs(&manifest.blobs).await?;
+            self.push_blobs(&manifest.blobs, Origin::Node).await?;
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
             self.tag_and_verify(&root, bytes, target).await?;
         }
-        Ok(Pushed { root: Some(root), manifests: Vec::new() })
+        Ok(Pushed { root: Some(root), manifests: Vec::new(), from_source: Vec::new() })
     }
 
     /// Whether the target reference already names this digest. A registry
@@ -301,189 +344,6 @@ impl Job<'_> {
             .protect(digest)
             .await
             .map_err(|e| PushError::Containerd { what: format!("a lease on {digest}"), error: e })
-    }
-
-    async fn push_blobs(&self, blobs: &[Descriptor]) -> Result<(), PushError> {
-        self.progress.add_planned(u32::try_from(blobs.len()).unwrap_or(u32::MAX), blobs.iter().map(|b| b.size).sum());
-        // The futures are built up front: a stream that maps borrowed
-        // descriptors through a closure has a higher-ranked type that rustc
-        // cannot prove `Send`, and the daemon spawns pushes on the runtime.
-        let uploads: Vec<_> = blobs.iter().map(|blob| self.push_blob(blob)).collect();
-        futures::stream::iter(uploads)
-            .buffer_unordered(self.pusher.options.parallel_blobs.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    async fn push_blob(&self, blob: &Descriptor) -> Result<(), PushError> {
-        let span = info_span!("blob", digest = %blob.digest, size = blob.size);
-        async {
-            self.protect(&blob.digest).await?;
-            if self.registry.blob_exists(self.repository, &blob.digest).await? {
-                debug!("already in the target repository");
-                self.progress.finished(BlobOutcome::Existing, blob.size, 0);
-                return Ok(());
-            }
-            let info = self
-                .pusher
-                .store
-                .info(&blob.digest)
-                .await
-                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), error: e })?
-                .ok_or_else(|| PushError::Containerd {
-                    what: format!("blob {}", blob.digest),
-                    error: ContainerdError::BlobNotFound {
-                        digest: blob.digest.clone(),
-                        namespace: self.pusher.store.namespace().to_string(),
-                    },
-                })?;
-            let label_key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", self.registry.host());
-            let sources = info.labels.get(&label_key).cloned();
-            let mut location = None;
-            for from in sources.iter().flat_map(|s| s.split(',')).filter(|r| *r != self.repository).take(3) {
-                match self.registry.mount_blob(self.repository, &blob.digest, from).await {
-                    Ok(MountOutcome::Mounted) => {
-                        debug!(from, "mounted from another repository");
-                        self.progress.finished(BlobOutcome::Mounted, blob.size, 0);
-                        self.remember_source(blob, sources.as_deref()).await;
-                        return Ok(());
-                    }
-                    Ok(MountOutcome::UploadStarted(started)) => {
-                        debug!(from, "registry declined the mount; uploading");
-                        location = Some(started);
-                        break;
-                    }
-                    Err(e) => debug!(from, error = %e, "mount failed; trying the next source"),
-                }
-            }
-            let streamed = self.upload(blob, location).await?;
-            self.progress.finished(BlobOutcome::Uploaded, blob.size, streamed);
-            self.remember_source(blob, sources.as_deref()).await;
-            Ok(())
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Streams the blob from containerd to the registry, starting over from
-    /// the source after a retryable failure. Returns the bytes counted as
-    /// streamed into progress.
-    async fn upload(&self, blob: &Descriptor, mut location: Option<String>) -> Result<u64, PushError> {
-        let failure: Arc<Mutex<Option<PushError>>> = Arc::default();
-        let counted = Arc::new(AtomicU64::new(0));
-        let result = retry_with_policy(self.registry.retry_policy(), "upload blob", &blob.digest, || {
-            let location = location.take();
-            let failure = failure.clone();
-            let counted = counted.clone();
-            async move {
-                let location = match location {
-                    Some(location) => location,
-                    None => self.registry.start_upload(self.repository, &blob.digest).await?,
-                };
-                self.progress.rewind(counted.swap(0, Ordering::Relaxed));
-                let body = self.verified_body(blob, failure.clone(), counted.clone());
-                let sent = self
-                    .registry
-                    .finish_upload(
-                        self.repository,
-                        &location,
-                        &blob.digest,
-                        blob.size,
-                        reqwest::Body::wrap_stream(body),
-                    )
-                    .await;
-                match (sent, failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref()) {
-                    // The body failed: its cause, not the broken request, is
-                    // the error; it is final unless the source was busy.
-                    (Err(_), Some(cause)) => Err(self.registry.body_error(
-                        self.repository,
-                        &blob.digest,
-                        cause.to_string(),
-                        cause.retryable(),
-                    )),
-                    (sent, _) => sent,
-                }
-            }
-        })
-        .await;
-        if result.is_err()
-            && let Some(cause) = failure.lock().unwrap_or_else(|p| p.into_inner()).take()
-        {
-            return Err(cause);
-        }
-        result?;
-        Ok(counted.load(Ordering::Relaxed))
-    }
-
-    /// The blob's bytes from containerd, with size and sha256 checked on the
-    /// way. The last chunk is withheld on a mismatch, so the registry never
-    /// receives a complete body with the wrong content.
-    fn verified_body(
-        &self,
-        blob: &Descriptor,
-        failure: Arc<Mutex<Option<PushError>>>,
-        counted: Arc<AtomicU64>,
-    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        let source = self.pusher.store.read(&blob.digest, blob.size);
-        let expected = blob.clone();
-        let progress = self.progress.clone();
-        async_stream::try_stream! {
-            let mut source = std::pin::pin!(source);
-            let mut hasher = Sha256::new();
-            let mut seen = 0u64;
-            let mut pending = bytes::BytesMut::with_capacity(UPLOAD_WRITE);
-            let fail = |e: PushError| {
-                let message = e.to_string();
-                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                std::io::Error::other(message)
-            };
-            while let Some(chunk) = source.next().await {
-                let chunk = chunk.map_err(|e| fail(PushError::Containerd { what: format!("blob {}", expected.digest), error: e }))?;
-                seen += chunk.len() as u64;
-                if seen > expected.size {
-                    Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
-                }
-                hasher.update(&chunk);
-                if seen == expected.size {
-                    let actual = format!("sha256:{}", hex::encode(hasher.finalize_reset()));
-                    if actual != expected.digest {
-                        Err(fail(PushError::DigestMismatch { expected: expected.digest.clone(), actual }))?;
-                    }
-                }
-                counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                progress.streamed(chunk.len() as u64);
-                // containerd's API sends 32 KiB messages; handing the socket
-                // 1 MiB writes costs a memcpy and saves the registry most of
-                // its read wakeups, and the registry's CPU is what limits a
-                // push. Chunks that are large already (read from the content
-                // directory) pass through without the copy.
-                if pending.is_empty() && chunk.len() >= UPLOAD_WRITE {
-                    yield chunk;
-                } else {
-                    pending.extend_from_slice(&chunk);
-                    if pending.len() >= UPLOAD_WRITE || seen == expected.size {
-                        yield pending.split().freeze();
-                    }
-                }
-            }
-            if seen != expected.size {
-                Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
-            }
-        }
-    }
-
-    /// Labels the blob in containerd with the repository now holding it, so
-    /// the next push to another repository of this registry mounts it.
-    async fn remember_source(&self, blob: &Descriptor, existing: Option<&str>) {
-        if let Err(e) = self
-            .pusher
-            .store
-            .add_distribution_source(&blob.digest, self.registry.host(), self.repository, existing)
-            .await
-        {
-            warn!(digest = %blob.digest, error = %e, "could not record the blob's registry location in containerd");
-        }
     }
 }
 

@@ -105,7 +105,9 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
             let failures = written.status.as_ref().map_or(1, |s| s.failures);
             Action::requeue(machine::backoff(&limits, failures).max(Duration::from_millis(100)))
         }
-        Transition::Restart { .. } | Transition::Copied { .. } => Action::requeue(Duration::ZERO),
+        Transition::Restart { .. } | Transition::Copied { .. } | Transition::SourceFailed { .. } => {
+            Action::requeue(Duration::ZERO)
+        }
         Transition::Waiting { recheck: Some(after), .. } => Action::requeue(after),
         _ => Action::await_change(),
     }))
@@ -177,6 +179,7 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
         manifests: part.manifests.clone(),
         finish: part.finish.into(),
         keep: part.keep.clone(),
+        from_source: part.from_source.clone(),
     }
 }
 
@@ -247,6 +250,7 @@ async fn verify(
                 bytes: success.bytes_uploaded,
                 node: status.node.clone().unwrap_or_default(),
                 manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
+                from_source: success.from_source.clone(),
                 reduced,
             })
         }
@@ -322,6 +326,10 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
             info!(digest = %backup.spec.digest, "new digest to copy");
         }
         Transition::Waiting { message, .. } => debug!(%message, "waiting"),
+        Transition::SourceFailed { error } => {
+            ctx.jobs.recorded(&name, status.attempts);
+            warn!(%error, "the source cannot provide what no node holds");
+        }
         Transition::Copied { .. } => ctx.jobs.recorded(&name, status.attempts),
         Transition::Assigned { .. } | Transition::Progress { .. } => {}
     }

@@ -111,6 +111,8 @@ pub enum Transition {
     Copied {
         node: String,
         manifests: Vec<String>,
+        /// Those of `manifests` read from the source registry.
+        from_source: Vec<String>,
     },
     Completed {
         reference: String,
@@ -118,8 +120,13 @@ pub enum Transition {
         node: String,
         /// Children of an index this last part copied.
         manifests: Vec<String>,
+        from_source: Vec<String>,
         /// The backup is a reduced index.
         reduced: bool,
+    },
+    /// What no node holds could not come from the source registry.
+    SourceFailed {
+        error: String,
     },
     /// The attempt failed; another follows after the backoff. `absent`
     /// are children the backup registry turned out not to hold.
@@ -188,32 +195,54 @@ pub fn pending(observed: &Observed<'_>, limits: &Limits) -> Next {
         attempt: status.attempts + 1,
         part,
     };
-    let (platforms, reducer) = match plan::next(status, &observed.holdings, observed.digest) {
+    let (left, platforms, finisher) = match plan::next(status, &observed.holdings, observed.digest) {
         Plan::Assign { agent_id, node, part } => return assign(agent_id, node, part),
         Plan::Wait(message) => return waiting(status, message, None),
-        Plan::Nowhere { platforms, reducer } => (platforms, reducer),
+        Plan::Nowhere { left, platforms, finisher } => (left, platforms, finisher),
     };
-    // After a coordinator restart, agents get the grace to reconnect.
-    let waited = observed.since_transition.min(observed.uptime);
     let list = platforms.join(", ");
     let digest = observed.digest;
+    let Some(source_error) = &status.source_error else {
+        // What no node holds comes from the source, with the index.
+        return match finisher {
+            Some((agent_id, node)) => {
+                assign(agent_id, node, Part { from_source: left, finish: Finish::Index, ..Part::default() })
+            }
+            None => waiting(
+                status,
+                format!("waiting for a free agent on a node that holds {digest} to copy {list} from the source"),
+                None,
+            ),
+        };
+    };
+    let copied = plan::copied(status);
+    if copied.is_empty() {
+        let message =
+            format!("no node holds a platform of {digest} whole, and the source cannot provide one: {source_error}");
+        return waiting(status, message, None);
+    }
+    // After a coordinator restart, agents get the grace to reconnect.
+    let waited = observed.since_transition.min(observed.uptime);
     if waited < limits.reduce_after {
         let then = if limits.require_complete { "the backup fails" } else { "a reduced index goes without them" };
         let message = format!(
-            "platforms {list} of {digest} are on no connected node; {then} unless a node brings them within {}s",
+            "platforms {list} of {digest} are on no connected node and not in the source ({source_error}); \
+             {then} unless a node brings them within {}s",
             limits.reduce_after.as_secs()
         );
         return waiting(status, message, Some(limits.reduce_after - waited));
     }
     if limits.require_complete {
-        let error = format!("index {digest} is incomplete: platforms {list} are on no connected node");
+        let error = format!(
+            "index {digest} is incomplete: platforms {list} are on no connected node and not in the source ({source_error})"
+        );
         return Next::Record(Transition::Failed { error, absent: Vec::new() });
     }
-    match reducer {
+    match finisher {
         Some((agent_id, node)) => {
-            let mut keep: Vec<String> = plan::copied(status).into_iter().map(str::to_string).collect();
+            let mut keep: Vec<String> = copied.into_iter().map(str::to_string).collect();
             keep.sort();
-            assign(agent_id, node, Part { manifests: Vec::new(), finish: Finish::Reduced, keep })
+            assign(agent_id, node, Part { finish: Finish::Reduced, keep, ..Part::default() })
         }
         None => {
             let message = format!("waiting for a free agent on a node that holds {digest} to push a reduced index");
@@ -246,10 +275,14 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
                     Transition::Copied {
                         node: node.to_string(),
                         manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
+                        from_source: success.from_source.clone(),
                     }
                 });
             }
             Some(Outcome::Success(success)) => return Next::Verify(success.clone()),
+            Some(Outcome::Failure(failure)) if failure.source_failed => {
+                return Next::Record(Transition::SourceFailed { error: failure.message.clone() });
+            }
             Some(Outcome::Failure(failure)) => return Next::Record(failed(status, limits, failure)),
             Some(Outcome::Lost(reason)) => return Next::Record(Transition::Lost { error: reason.clone() }),
             None if live.bytes_total > 0
@@ -292,9 +325,12 @@ pub fn failed(status: &ImageBackupStatus, limits: &Limits, failure: &JobFailure)
     }
 }
 
-fn mark_copied(status: &mut ImageBackupStatus, manifests: &[String], from: &str) {
+/// Records where each child of `manifests` came from: the source for
+/// those in `from_source`, else `node`.
+fn mark_copied(status: &mut ImageBackupStatus, manifests: &[String], from_source: &[String], node: &str) {
     for platform in status.platforms.iter_mut().filter(|p| manifests.contains(&p.digest)) {
-        platform.copied_from = Some(from.to_string());
+        let from = if from_source.contains(&platform.digest) { "source".to_string() } else { format!("node/{node}") };
+        platform.copied_from = Some(from);
     }
 }
 
@@ -315,6 +351,13 @@ fn platforms_of(manifests: &[String], platforms: &[PlatformCopy]) -> String {
 /// What an assignment does, in words.
 fn describe(part: &Part, platforms: &[PlatformCopy]) -> String {
     let children = platforms_of(&part.manifests, platforms);
+    if !part.from_source.is_empty() {
+        let sourced = platforms_of(&part.from_source, platforms);
+        return match part.manifests.is_empty() {
+            true => format!("copying {sourced} from the source, then the index,"),
+            false => format!("copying {children}, {sourced} from the source, then the index,"),
+        };
+    }
     match (part.finish, part.manifests.is_empty()) {
         (Finish::Whole, _) => "copying".into(),
         (Finish::None, _) => format!("copying {children}"),
@@ -380,15 +423,15 @@ impl Transition {
                 next.bytes_total = *bytes_total;
                 next.progress = Some(image_backup_proto::progress_summary(*bytes_done, *bytes_total));
             }
-            Transition::Copied { node, manifests } => {
+            Transition::Copied { node, manifests, from_source } => {
                 moved(&mut next, Phase::Pending);
                 next.last_transition_time = Some(Time(now));
-                mark_copied(&mut next, manifests, &format!("node/{node}"));
+                mark_copied(&mut next, manifests, from_source, node);
                 next.failures = 0;
                 next.last_error = None;
                 next.message = Some(format!("copied {} from node {node}", platforms_of(manifests, &next.platforms)));
             }
-            Transition::Completed { reference, bytes, node, manifests, reduced } => {
+            Transition::Completed { reference, bytes, node, manifests, from_source, reduced } => {
                 moved(&mut next, Phase::Completed);
                 next.backup_reference = Some(reference.clone());
                 next.bytes_done = next.bytes_total.max(*bytes);
@@ -396,7 +439,7 @@ impl Transition {
                 next.progress = Some("100%".into());
                 next.failures = 0;
                 next.last_error = None;
-                mark_copied(&mut next, manifests, &format!("node/{node}"));
+                mark_copied(&mut next, manifests, from_source, node);
                 next.reduced = *reduced;
                 next.left_out.clear();
                 for platform in &mut next.platforms {
@@ -424,6 +467,13 @@ impl Transition {
                     platform.copied_from = None;
                 }
                 next.message = (phase == Phase::Pending).then(|| format!("retrying after attempt {}", next.attempts));
+            }
+            Transition::SourceFailed { error } => {
+                moved(&mut next, Phase::Pending);
+                next.last_transition_time = Some(Time(now));
+                next.source_error = Some(error.clone());
+                next.last_error = Some(error.clone());
+                next.message = Some("the source cannot provide what no node holds".into());
             }
             Transition::Lost { error } => {
                 moved(&mut next, Phase::Pending);
@@ -622,6 +672,7 @@ mod tests {
             bytes: 200,
             node: "node-a".into(),
             manifests: vec![],
+            from_source: vec![],
             reduced: false,
         }
         .apply(&pushing, Timestamp::now());
@@ -665,7 +716,10 @@ mod tests {
         let success = JobSuccess { pushed_manifests: vec![manifest], ..JobSuccess::default() };
         let report = live(Some(Outcome::Success(success)));
         let Next::Record(copied) = next(&observed(&pushing, Some(&report)), &limits()) else { panic!() };
-        assert_eq!(copied, Transition::Copied { node: "node-a".into(), manifests: vec!["a".into()] });
+        assert_eq!(
+            copied,
+            Transition::Copied { node: "node-a".into(), manifests: vec!["a".into()], from_source: vec![] }
+        );
         let after = copied.apply(&pushing, Timestamp::now());
         assert_eq!((after.phase, after.failures), (Phase::Pending, 0), "a copied part clears the failures");
         assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));
@@ -677,8 +731,42 @@ mod tests {
     }
 
     #[test]
-    fn platforms_on_no_node_are_waited_for_then_left_out_of_a_reduced_index() {
+    fn platforms_on_no_node_come_from_the_source_with_the_index() {
         let pending = index_status(&["a", "b"]);
+        let mut o = observed(&pending, None);
+        o.holdings = index_holdings(vec![holding("agent-a", true, &["a"])]);
+        let Next::Assign { agent_id, part, .. } = next(&o, &limits()) else { panic!() };
+        assert_eq!(agent_id, "agent-a");
+        assert_eq!((&part.from_source[..], part.finish), (&["att".to_string()][..], Finish::Index));
+        let assigned = Transition::Assigned { agent_id, node: "node-a".into(), attempt: 2, children: vec![], part };
+        let message = assigned.apply(&pending, Timestamp::now()).message.unwrap_or_default();
+        assert!(message.contains("unknown/unknown (attestation) from the source"), "{message}");
+
+        let copy = JobSuccess { digest: DIGEST.into(), from_source: vec!["att".into()], ..JobSuccess::default() };
+        let done = Transition::Completed {
+            reference: "r@sha256:x".into(),
+            bytes: 1,
+            node: "node-a".into(),
+            manifests: vec!["att".into()],
+            from_source: copy.from_source,
+            reduced: false,
+        }
+        .apply(&pending, Timestamp::now());
+        let from: Vec<_> = done.platforms.iter().map(|p| p.copied_from.as_deref().unwrap_or_default()).collect();
+        assert_eq!(from, ["node/node-a", "node/node-a", "source"]);
+
+        let source_down = JobFailure { message: "GET refused".into(), source_failed: true, ..JobFailure::default() };
+        let pushing = ImageBackupStatus { phase: Phase::Pushing, ..pending };
+        let report = live(Some(Outcome::Failure(source_down)));
+        let Next::Record(failed) = next(&observed(&pushing, Some(&report)), &limits()) else { panic!() };
+        assert_eq!(failed, Transition::SourceFailed { error: "GET refused".into() });
+        let after = failed.apply(&pushing, Timestamp::now());
+        assert_eq!((after.phase, after.source_error.as_deref()), (Phase::Pending, Some("GET refused")));
+    }
+
+    #[test]
+    fn platforms_on_no_node_nor_in_the_source_are_waited_for_then_left_out_of_a_reduced_index() {
+        let pending = ImageBackupStatus { source_error: Some("unreachable".into()), ..index_status(&["a", "b"]) };
         let mut o = observed(&pending, None);
         o.holdings = index_holdings(vec![holding("agent-a", true, &["a"])]);
         o.since_transition = Duration::from_secs(20);
@@ -698,6 +786,7 @@ mod tests {
             bytes: 1,
             node: "node-a".into(),
             manifests: vec![],
+            from_source: vec![],
             reduced: true,
         }
         .apply(&pending, Timestamp::now());

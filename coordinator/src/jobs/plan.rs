@@ -51,6 +51,8 @@ pub struct Part {
     pub finish: Finish,
     /// For a reduced index: the children already in the backup registry.
     pub keep: Vec<String>,
+    /// Children no node holds, copied from the source registry.
+    pub from_source: Vec<String>,
 }
 
 /// The next part, or why there is none now.
@@ -63,11 +65,13 @@ pub enum Plan {
     },
     /// Holders exist but none can take it now, or none is connected.
     Wait(String),
-    /// The children left are on no connected node. `reducer` is a free
-    /// agent that can push a reduced index of what is copied, if any.
+    /// The children left are on no connected node. `finisher` is a free
+    /// agent that holds the index: it can copy them from the source and
+    /// push the index, or push a reduced index of what is copied.
     Nowhere {
+        left: Vec<String>,
         platforms: Vec<String>,
-        reducer: Option<(String, String)>,
+        finisher: Option<(String, String)>,
     },
 }
 
@@ -102,7 +106,7 @@ pub fn next(status: &ImageBackupStatus, holdings: &Holdings, digest: &str) -> Pl
         .min_by_key(|(held, _)| std::cmp::Reverse(held.len()));
     if let Some((manifests, holder)) = best {
         let finish = if manifests.len() == left.len() && holder.root { Finish::Index } else { Finish::None };
-        return assign(holder, Part { manifests, finish, keep: Vec::new() });
+        return assign(holder, Part { manifests, finish, ..Part::default() });
     }
     if holdings.agents.iter().any(|h| !holds_left(h).is_empty()) {
         let busy = holdings.agents.iter().filter(|h| !holds_left(h).is_empty()).count();
@@ -110,12 +114,13 @@ pub fn next(status: &ImageBackupStatus, holdings: &Holdings, digest: &str) -> Pl
             "waiting for a free agent: the {busy} agent(s) on nodes that hold platforms of {digest} are busy"
         ));
     }
-    if copied.is_empty() {
-        return Plan::Wait(format!("no connected agent runs on a node that holds a platform of {digest} whole"));
+    if holdings.agents.iter().all(|h| !h.root) {
+        return busy_or_absent(holdings, digest);
     }
     Plan::Nowhere {
+        left: left.iter().map(|c| c.digest.clone()).collect(),
         platforms: left.iter().map(|c| platform_label(c)).collect(),
-        reducer: holdings.agents.iter().find(|h| h.root && h.free).map(|h| (h.agent_id.clone(), h.node.clone())),
+        finisher: holdings.agents.iter().find(|h| h.root && h.free).map(|h| (h.agent_id.clone(), h.node.clone())),
     }
 }
 
@@ -204,9 +209,11 @@ mod tests {
         // index is what is left to decide.
         let Plan::Assign { agent_id, part, .. } = next(&with_copied(&["a"]), &holdings, "d") else { panic!() };
         assert_eq!((agent_id.as_str(), part.manifests, part.finish), ("y", vec!["b".to_string()], Finish::None));
-        let Plan::Nowhere { platforms, reducer } = next(&with_copied(&["a", "b"]), &holdings, "d") else { panic!() };
-        assert_eq!(platforms, ["unknown/unknown (attestation)"]);
-        assert_eq!(reducer, Some(("x".into(), "node-x".into())));
+        let Plan::Nowhere { left, platforms, finisher } = next(&with_copied(&["a", "b"]), &holdings, "d") else {
+            panic!()
+        };
+        assert_eq!((left, platforms), (vec!["att".to_string()], vec!["unknown/unknown (attestation)".to_string()]));
+        assert_eq!(finisher, Some(("x".into(), "node-x".into())));
     }
 
     #[test]
@@ -222,9 +229,10 @@ mod tests {
     fn busy_holders_are_waited_for_before_anything_counts_as_nowhere() {
         let holdings = index(vec![holding("x", true, true, &["a"]), holding("y", false, true, &["b"])]);
         assert!(matches!(next(&with_copied(&["a"]), &holdings, "d"), Plan::Wait(m) if m.contains("busy")));
+        // A node holds the index but no platform whole (containerd skipped
+        // layers it had as snapshots): everything may come from the source.
         let nothing_whole = index(vec![holding("x", true, true, &[])]);
-        assert!(
-            matches!(next(&ImageBackupStatus::default(), &nothing_whole, "d"), Plan::Wait(m) if m.contains("whole"))
-        );
+        let Plan::Nowhere { left, .. } = next(&ImageBackupStatus::default(), &nothing_whole, "d") else { panic!() };
+        assert_eq!(left.len(), 3);
     }
 }

@@ -112,6 +112,9 @@ struct Inner {
     http: reqwest::Client,
     auth: Auth,
     retry: RetryPolicy,
+    /// Asks tokens for pull access only: a source registry, or a client
+    /// that only verifies.
+    pull_only: bool,
 }
 
 /// A request description that can be built again for every attempt.
@@ -126,13 +129,38 @@ struct Call<'a> {
 impl Registry {
     /// `host` is the registry as written in references (`host:port`).
     pub fn new(host: &str, config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let credentials = config
+            .credentials_for(host)
+            .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
+        Self::build(host, config, credentials, false)
+    }
+
+    /// A client that only reads from `host`, with `credentials` when given
+    /// (a workload's pull secret), else the configured ones, else none.
+    pub fn reader(
+        host: &str,
+        config: &RegistryConfig,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, RegistryError> {
+        let credentials = match credentials {
+            Some(credentials) => Some(credentials),
+            None => config
+                .credentials_for(host)
+                .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?,
+        };
+        Self::build(host, config, credentials, true)
+    }
+
+    fn build(
+        host: &str,
+        config: &RegistryConfig,
+        credentials: Option<Credentials>,
+        pull_only: bool,
+    ) -> Result<Self, RegistryError> {
         let insecure = config.is_insecure(host);
         let scheme = if insecure { "http" } else { "https" };
         let http = config
             .http_client(insecure)
-            .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
-        let credentials = config
-            .credentials_for(host)
             .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -141,6 +169,7 @@ impl Registry {
                 auth: Auth::new(host, http.clone(), credentials),
                 http,
                 retry: config.retry.clone(),
+                pull_only,
             }),
         })
     }
@@ -162,6 +191,37 @@ impl Registry {
             }
         })
         .await
+    }
+
+    /// A blob's bytes as they arrive. The caller checks the digest: a
+    /// registry may redirect to storage elsewhere, and bytes are only as
+    /// good as their hash.
+    pub async fn blob(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, RegistryError>>, RegistryError> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.inner.base);
+        let call = Call { operation: "GET blob", repository, object: digest, extra_pull: None };
+        let response = self
+            .retrying(&call, || async {
+                let response = self.send(&call, || self.inner.http.get(&url)).await?;
+                match response.status() {
+                    StatusCode::OK => Ok(response),
+                    _ => Err(self.unexpected(&call, response).await),
+                }
+            })
+            .await?;
+        let this = self.clone();
+        let (repository, digest) = (repository.to_string(), digest.to_string());
+        Ok(response
+            .bytes_stream()
+            .map_err(move |e| {
+                let call = Call { operation: "GET blob", repository: &repository, object: &digest, extra_pull: None };
+                this.transport_error(&call, e)
+            })
+            .boxed())
     }
 
     /// Asks the registry to mount a blob from another of its repositories.
@@ -317,7 +377,7 @@ impl Registry {
         call: &Call<'_>,
         mut build: impl FnMut() -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
-        let scope = scope(call.repository, call.extra_pull);
+        let scope = scope(call.repository, call.extra_pull, self.inner.pull_only);
         let request = self.inner.auth.authorize(build(), &scope).await;
         let response = request.send().await.map_err(|e| self.transport_error(call, e))?;
         if response.status() != StatusCode::UNAUTHORIZED {
@@ -458,10 +518,11 @@ where
     })
 }
 
-fn scope(repository: &str, extra_pull: Option<&str>) -> String {
+fn scope(repository: &str, extra_pull: Option<&str>, pull_only: bool) -> String {
+    let actions = if pull_only { "pull" } else { "pull,push" };
     match extra_pull {
-        Some(from) => format!("repository:{repository}:pull,push repository:{from}:pull"),
-        None => format!("repository:{repository}:pull,push"),
+        Some(from) => format!("repository:{repository}:{actions} repository:{from}:pull"),
+        None => format!("repository:{repository}:{actions}"),
     }
 }
 
@@ -522,7 +583,8 @@ mod tests {
 
     #[test]
     fn mount_scope_asks_pull_on_the_source_repository() {
-        assert_eq!(scope("a/b", Some("c/d")), "repository:a/b:pull,push repository:c/d:pull");
+        assert_eq!(scope("a/b", Some("c/d"), false), "repository:a/b:pull,push repository:c/d:pull");
+        assert_eq!(scope("a/b", None, true), "repository:a/b:pull");
     }
 
     #[tokio::test]
