@@ -51,7 +51,7 @@ async fn push(pusher: &Pusher, source: &str, target: &str) -> Result<PushReport,
 
 async fn push_part(pusher: &Pusher, source: &str, target: &str, scope: Scope) -> Result<PushReport, PushError> {
     let (source, target) = (ImageRef::parse(source).unwrap(), ImageRef::parse(target).unwrap());
-    pusher.push(&source, &target, &scope, Progress::new()).await
+    pusher.push(&source, &target, &scope, None, Progress::new()).await
 }
 
 /// Every blob and manifest of the platform image, read back from the
@@ -272,6 +272,7 @@ async fn an_index_in_parts_from_two_nodes_then_reduced_to_what_the_nodes_hold() 
     assert_eq!(root(&c).await, as_owned(held("none")), "a child missing a layer is not whole");
 
     let part = |manifests: &[&str], finish| Scope::Part {
+        from_source: Vec::new(),
         manifests: manifests.iter().map(|m| m.to_string()).collect(),
         finish,
     };
@@ -437,6 +438,7 @@ async fn progress_counts_every_byte_once() {
             &ImageRef::parse("counted:1").unwrap(),
             &ImageRef::parse(&format!("{}/counted:1", proxy.host())).unwrap(),
             &Scope::Whole,
+            None,
             progress.clone(),
         )
         .await
