@@ -9,6 +9,7 @@ use crate::{
     containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
     daemon::{Agent, DaemonConfig},
     progress::{Progress, spawn_printer},
+    pull_secret::PullSecrets,
     push::{PushOptions, Pusher, Scope},
 };
 use image_backup_oci::{
@@ -56,6 +57,10 @@ pub struct RunArgs {
     /// Copies run at once.
     #[arg(long, env = "IMAGE_BACKUP_MAX_JOBS", default_value_t = 2)]
     pub max_jobs: u32,
+    /// The agent's own namespace (downward API metadata.namespace), where
+    /// the coordinator leaves jobs' source pull secrets.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "image-backup")]
+    pub pod_namespace: String,
 }
 
 #[derive(Args, Debug)]
@@ -142,7 +147,16 @@ async fn daemon(args: RunArgs) -> anyhow::Result<()> {
         reconnect_max: Duration::from_secs(30),
         progress_interval: Duration::from_secs(2),
     };
-    Agent::new(config, pusher).run(shutdown_signal()).await;
+    // Outside a cluster (a local run) there is no API to read pull secrets
+    // from: sources are then read with the configured credentials.
+    let pull_secrets = match kube::Client::try_default().await {
+        Ok(client) => Some(PullSecrets::new(client, &args.pod_namespace)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes API: sources are read without workloads' pull secrets");
+            None
+        }
+    };
+    Agent::new(config, pusher, pull_secrets).run(shutdown_signal()).await;
     Ok(())
 }
 

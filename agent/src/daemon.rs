@@ -15,7 +15,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName};
+use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName, registry::Credentials};
 use image_backup_proto::v1::{
     AgentMessage, Assignment, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress,
     JobResult, JobSuccess, Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register,
@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
     progress::Progress,
+    pull_secret::{PullSecretError, PullSecrets},
     push::{Finish, PushError, Pusher, Scope},
 };
 
@@ -80,6 +81,8 @@ struct RunningJob {
 pub struct Agent {
     config: DaemonConfig,
     pusher: Pusher,
+    /// Where jobs' pull secrets are read; `None` outside a cluster.
+    pull_secrets: Option<PullSecrets>,
     jobs: Mutex<HashMap<String, RunningJob>>,
     /// Sender of the current session, if one is up.
     session: Mutex<Option<mpsc::Sender<AgentMessage>>>,
@@ -88,10 +91,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: DaemonConfig, pusher: Pusher) -> Arc<Self> {
+    pub fn new(config: DaemonConfig, pusher: Pusher, pull_secrets: Option<PullSecrets>) -> Arc<Self> {
         Arc::new(Self {
             config,
             pusher,
+            pull_secrets,
             jobs: Mutex::default(),
             session: Mutex::default(),
             undelivered: Mutex::default(),
@@ -398,7 +402,15 @@ impl Agent {
             Err(e) => return failure(e.to_string(), false),
         };
         info!(%target, digest = %assignment.digest, "copy started");
-        let push = self.pusher.push(&source, &target, scope, None, progress.clone());
+        let credentials = match self.source_credentials(&assignment.pull_secret, source.registry()).await {
+            Ok(credentials) => credentials,
+            Err(e) => {
+                warn!(error = %e, "the source cannot be read as the workload's pods would");
+                let failure = JobFailure { message: e.to_string(), source_failed: true, ..JobFailure::default() };
+                return job_result::Outcome::Failure(failure);
+            }
+        };
+        let push = self.pusher.push(&source, &target, scope, credentials, progress.clone());
         let pushed = log_progress(push, &progress).await;
         match pushed {
             Ok(report) => {
@@ -447,6 +459,15 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The credentials of the pull secret an assignment names, for `host`.
+    async fn source_credentials(&self, secret: &str, host: &str) -> Result<Option<Credentials>, PullSecretError> {
+        if secret.is_empty() {
+            return Ok(None);
+        }
+        let pull_secrets = self.pull_secrets.as_ref().ok_or_else(|| PullSecretError::NoClient(secret.to_string()))?;
+        pull_secrets.credentials(secret, host).await
     }
 
     /// Sends a result on the current session, or keeps it for the next.

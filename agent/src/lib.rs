@@ -6,4 +6,5 @@ pub mod cli;
 pub mod containerd;
 pub mod daemon;
 pub mod progress;
+pub mod pull_secret;
 pub mod push;

@@ -213,6 +213,7 @@ pub fn validate(rt: &ResourceType, obj: &mut Value, old: Option<&Value>) -> ApiR
             causes.extend(container_causes(&obj["spec"]["template"]["spec"], "spec.template.spec"))
         }
         ("", "pods") => causes.extend(container_causes(&obj["spec"], "spec")),
+        ("", "secrets") => fold_string_data(obj),
         ("apiextensions.k8s.io", "customresourcedefinitions") => causes.extend(crd_causes(obj)),
         _ if rt.custom => {
             let (w, c) = custom_causes(rt, obj);
@@ -228,6 +229,20 @@ pub fn validate(rt: &ResourceType, obj: &mut Value, old: Option<&Value>) -> ApiR
         Err(ApiError::invalid_as("Event", "", "Event", &name, causes))
     } else {
         Err(ApiError::invalid(rt, &name, causes))
+    }
+}
+
+/// A Secret's `stringData` is write-only: the server merges it into `data`
+/// (base64, overriding keys there) on every write and never stores it.
+fn fold_string_data(obj: &mut Value) {
+    use base64::Engine as _;
+    let Some(Value::Object(strings)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) else { return };
+    if !obj["data"].is_object() {
+        obj["data"] = json!({});
+    }
+    for (key, value) in strings {
+        let text = value.as_str().unwrap_or_default();
+        obj["data"][key] = Value::String(base64::engine::general_purpose::STANDARD.encode(text));
     }
 }
 

@@ -731,3 +731,23 @@ async fn a_missing_namespace_comes_before_a_missing_name() -> anyhow::Result<()>
     assert_eq!((status.code, status.message.as_str()), (404, "namespaces \"nowhere\" not found"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_secrets_string_data_is_stored_as_data() -> anyhow::Result<()> {
+    let server = ApiServer::start().await?;
+    let (client, _) = deployments(&server, "secrets").await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, "secrets");
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "pull"},
+        "data": {"kept": "a2VwdA==", "both": "b2xk"},
+        "stringData": {"both": "new", "plain": "text"},
+    }))?;
+    secrets.create(&PostParams::default(), &secret).await?;
+    let stored = secrets.get("pull").await?;
+    let data: BTreeSet<(String, Vec<u8>)> =
+        stored.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    let expected = [("both", "new"), ("kept", "kept"), ("plain", "text")];
+    assert_eq!(data, expected.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect());
+    assert_eq!(stored.string_data, None, "stringData is never stored");
+    Ok(())
+}

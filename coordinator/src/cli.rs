@@ -75,6 +75,7 @@ impl Cli {
                 .registry
                 .config(RetryPolicy { max_elapsed: Duration::from_secs(20), ..RetryPolicy::default() }),
             exclusions: Exclusions::new(self.exclude_namespaces.clone(), &self.namespace),
+            namespace: self.namespace.clone(),
             report_only: self.report_only,
             max_attempts: self.max_attempts.max(1),
             retry_backoff: self.retry_backoff,

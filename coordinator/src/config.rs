@@ -13,6 +13,8 @@ pub struct CoordinatorConfig {
     /// How to reach the backup registry to verify copies.
     pub registry: RegistryConfig,
     pub exclusions: Exclusions,
+    /// The coordinator's own namespace, where jobs' pull secrets live.
+    pub namespace: String,
     /// Do everything but patch workloads.
     pub report_only: bool,
     /// Attempts before a job stays Failed.

@@ -10,6 +10,7 @@ use apiserver_emulator::ApiServer;
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     daemon::{Agent, DaemonConfig},
+    pull_secret::PullSecrets,
     push::{PushOptions, Pusher},
 };
 use image_backup_coordinator::{config::CoordinatorConfig, run::run, workloads::rewrite::ORIGINAL_IMAGES_ANNOTATION};
@@ -69,6 +70,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         backup: image_backup_oci::BackupTarget { registry: backup_host.into(), prefix: "backup".into() },
         registry: RegistryConfig { insecure_hosts: vec![backup_host.into()], ..RegistryConfig::default() },
         exclusions: Exclusions::new(Vec::new(), "image-backup"),
+        namespace: "image-backup".into(),
         report_only: false,
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
@@ -132,6 +134,19 @@ pub async fn start_agent(
     start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2).await
 }
 
+/// An agent that reads jobs' pull secrets from `namespace` with `client`,
+/// as one in the cluster does with its own account.
+pub async fn start_agent_reading_secrets(
+    containerd: &Containerd,
+    node: &str,
+    coordinator: std::net::SocketAddr,
+    registry: RegistryConfig,
+    secrets: (Client, &str),
+) -> tokio::task::JoinHandle<()> {
+    let pull_secrets = Some(PullSecrets::new(secrets.0, secrets.1));
+    spawn_agent(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, pull_secrets).await
+}
+
 /// Starts an agent daemon for `node` on any containerd (a real node's).
 pub async fn start_agent_on(
     socket: &std::path::Path,
@@ -140,6 +155,18 @@ pub async fn start_agent_on(
     coordinator: std::net::SocketAddr,
     registry: RegistryConfig,
     max_jobs: u32,
+) -> tokio::task::JoinHandle<()> {
+    spawn_agent(socket, namespace, node, coordinator, registry, max_jobs, None).await
+}
+
+async fn spawn_agent(
+    socket: &std::path::Path,
+    namespace: &str,
+    node: &str,
+    coordinator: std::net::SocketAddr,
+    registry: RegistryConfig,
+    max_jobs: u32,
+    pull_secrets: Option<PullSecrets>,
 ) -> tokio::task::JoinHandle<()> {
     let store = ContentStore::connect(socket, namespace)
         .await
@@ -156,6 +183,7 @@ pub async fn start_agent_on(
             progress_interval: Duration::from_millis(200),
         },
         Pusher::new(store, registry, PushOptions::default()),
+        pull_secrets,
     );
     tokio::spawn(agent.run(std::future::pending()))
 }
@@ -214,7 +242,7 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
     }
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     use kube::api::PostParams;
     let rbac = include_str!("../../deploy/rbac.yaml");
@@ -229,6 +257,10 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
             // no earlier grant disappears while a coordinator runs.
             Some("ClusterRole") => apply(&Api::<ClusterRole>::all(admin.clone()), &name, object).await,
             Some("ClusterRoleBinding") => apply(&Api::<ClusterRoleBinding>::all(admin.clone()), &name, object).await,
+            Some("Role") => apply(&Api::<Role>::namespaced(admin.clone(), "image-backup"), &name, object).await,
+            Some("RoleBinding") => {
+                apply(&Api::<RoleBinding>::namespaced(admin.clone(), "image-backup"), &name, object).await;
+            }
             _ => {}
         }
     }

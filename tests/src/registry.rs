@@ -103,6 +103,14 @@ impl Registry {
         }
     }
 
+    /// Basic credentials on a request to a registry that wants them.
+    fn authed(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            RegistryAuth::TlsBasic { username, password } => request.basic_auth(username, Some(password)),
+            _ => request,
+        }
+    }
+
     /// Sends a read request, answering the registry's auth challenge the
     /// way a user's client would.
     async fn read(&self, url: String, accept: Option<&str>) -> anyhow::Result<reqwest::Response> {
@@ -182,15 +190,16 @@ impl Registry {
             .unwrap_or_default())
     }
 
-    /// Puts an image into a plain-HTTP registry the way `docker push` leaves
-    /// it: every blob, the child manifests, then the root under `tag`.
+    /// Puts an image into the registry the way `docker push` leaves it:
+    /// every blob, the child manifests, then the root under `tag`.
     /// Written with plain HTTP calls so the code under test never sets up
     /// its own sources.
     pub async fn push(&self, repository: &str, tag: &str, image: &crate::TestImage) -> anyhow::Result<()> {
         let base = self.base();
         for platform in image.platforms.iter().chain(&image.attestations) {
             for blob in platform.layers.iter().chain([&platform.config]) {
-                let started = self.http.post(format!("{base}/v2/{repository}/blobs/uploads/")).send().await?;
+                let started =
+                    self.authed(self.http.post(format!("{base}/v2/{repository}/blobs/uploads/"))).send().await?;
                 let location = started
                     .error_for_status()?
                     .headers()
@@ -200,8 +209,7 @@ impl Registry {
                     .to_string();
                 let url = if location.starts_with('/') { format!("{base}{location}") } else { location };
                 let separator = if url.contains('?') { '&' } else { '?' };
-                self.http
-                    .put(format!("{url}{separator}digest={}", blob.digest))
+                self.authed(self.http.put(format!("{url}{separator}digest={}", blob.digest)))
                     .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                     .body(blob.data.clone())
                     .send()
@@ -222,8 +230,7 @@ impl Registry {
         reference: &str,
         manifest: &crate::image::Blob,
     ) -> anyhow::Result<()> {
-        self.http
-            .put(format!("{}/v2/{repository}/manifests/{reference}", self.base()))
+        self.authed(self.http.put(format!("{}/v2/{repository}/manifests/{reference}", self.base())))
             .header(reqwest::header::CONTENT_TYPE, &manifest.media_type)
             .body(manifest.data.clone())
             .send()

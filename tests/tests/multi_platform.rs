@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
 use image_backup_oci::{
@@ -18,13 +19,29 @@ use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
         ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        prepare, start_agent, start_coordinator,
+        prepare, start_agent_reading_secrets, start_coordinator,
     },
     image::PlatformImage,
     init_tracing, on_both_api_servers,
 };
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
 use serde_json::json;
+
+/// Where the source registry stands.
+enum Source {
+    /// Stopped before the backup.
+    Gone,
+    /// Plain HTTP, anonymous, behind a counting proxy.
+    Open,
+    /// TLS and Basic auth: only the pods' pull secret opens it.
+    Private,
+}
+
+const PULL_PASSWORD: &str = "pull-s3cret";
 
 const KB: usize = 1 << 10;
 const MB: usize = 1 << 20;
@@ -38,7 +55,7 @@ struct Setup {
     client: Client,
     w: Workloads,
     src: String,
-    source: Option<(Registry, Proxy)>,
+    source: Option<(Registry, Option<Proxy>)>,
     amd64: Containerd,
     arm64: Containerd,
     backup_registry: Registry,
@@ -46,16 +63,22 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(kind: ApiServerKind, source_up: bool) -> Option<Self> {
+    async fn new(kind: ApiServerKind, source: Source) -> Option<Self> {
         init_tracing();
         let (cluster, client) = cluster(kind).await?;
         prepare(&client, &["shop", "image-backup"]).await;
-        let registry = Registry::start(RegistryAuth::None).await.unwrap();
-        let (src, source) = if source_up {
-            let proxy = Proxy::start(&registry.host(), Faults::default()).await.unwrap();
-            (proxy.host(), Some((registry, proxy)))
-        } else {
-            (registry.host(), None)
+        let (src, source) = match source {
+            Source::Gone => (Registry::start(RegistryAuth::None).await.unwrap().host(), None),
+            Source::Open => {
+                let registry = Registry::start(RegistryAuth::None).await.unwrap();
+                let proxy = Proxy::start(&registry.host(), Faults::default()).await.unwrap();
+                (proxy.host(), Some((registry, Some(proxy))))
+            }
+            Source::Private => {
+                let auth = RegistryAuth::TlsBasic { username: "puller".into(), password: PULL_PASSWORD.into() };
+                let registry = Registry::start(auth).await.unwrap();
+                (registry.host(), Some((registry, None)))
+            }
         };
         let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
         let proxy = Proxy::start(&backup_registry.host(), Faults::default()).await.unwrap();
@@ -82,8 +105,10 @@ impl Setup {
         let client = coordinator_client(self.kind, &self.client).await;
         let (grpc, _) = start_coordinator(&client, config).await;
         // Quick retries: a source that is gone is given up on in a second.
+        let private = self.source.as_ref().is_some_and(|(_, proxy)| proxy.is_none());
         let registry = RegistryConfig {
-            insecure_hosts: vec![self.proxy.host(), self.src.clone()],
+            insecure_hosts: if private { vec![self.proxy.host()] } else { vec![self.proxy.host(), self.src.clone()] },
+            ca_bundle: self.source.as_ref().filter(|_| private).map(|(registry, _)| registry.ca_path()),
             retry: RetryPolicy {
                 min_delay: Duration::from_millis(20),
                 max_delay: Duration::from_millis(200),
@@ -92,7 +117,8 @@ impl Setup {
             ..RegistryConfig::default()
         };
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
-            start_agent(containerd, node, grpc, registry.clone()).await;
+            let secrets = (self.client.clone(), "image-backup");
+            start_agent_reading_secrets(containerd, node, grpc, registry.clone(), secrets).await;
         }
     }
 
@@ -151,7 +177,7 @@ impl Setup {
 }
 
 async fn mixed_cluster(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, false).await else { return };
+    let Some(s) = Setup::new(kind, Source::Gone).await else { return };
     let image = TestImage::multi_platform(MediaTypes::Oci, &[MB, 300 * KB], &["amd64", "arm64"], 41);
     let reference = format!("{}/library/web:1", s.src);
     s.pull(&image, &reference).await;
@@ -180,7 +206,7 @@ async fn mixed_cluster(kind: ApiServerKind) {
 on_both_api_servers!(mixed_cluster: an_index_is_gathered_from_the_nodes_of_each_platform_on_the_emulator, an_index_is_gathered_from_the_nodes_of_each_platform_on_a_real_api_server);
 
 async fn reduced(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, false).await else { return };
+    let Some(s) = Setup::new(kind, Source::Gone).await else { return };
     // buildx's attestation entries are in the index; no containerd pulls
     // them, and the source is gone.
     let image = TestImage::buildx(MediaTypes::Oci, MB, &[300 * KB], &["amd64", "arm64"], 42);
@@ -234,7 +260,7 @@ async fn reduced(kind: ApiServerKind) {
 on_both_api_servers!(reduced: platforms_no_node_holds_are_left_out_of_a_reduced_index_on_the_emulator, platforms_no_node_holds_are_left_out_of_a_reduced_index_on_a_real_api_server);
 
 async fn complete_required(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, false).await else { return };
+    let Some(s) = Setup::new(kind, Source::Gone).await else { return };
     let image = TestImage::buildx(MediaTypes::Oci, 200 * KB, &[100 * KB], &["amd64", "arm64"], 43);
     let reference = format!("{}/team/strict:1", s.src);
     s.pull(&image, &reference).await;
@@ -260,10 +286,11 @@ async fn complete_required(kind: ApiServerKind) {
 on_both_api_servers!(complete_required: a_required_complete_index_fails_naming_what_is_missing_on_the_emulator, a_required_complete_index_fails_naming_what_is_missing_on_a_real_api_server);
 
 async fn from_source(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, true).await else { return };
+    let Some(s) = Setup::new(kind, Source::Open).await else { return };
     let image = TestImage::buildx(MediaTypes::Oci, MB, &[300 * KB], &["amd64", "arm64"], 44);
     let reference = format!("{}/team/api:3", s.src);
     let (source, source_proxy) = s.source.as_ref().unwrap();
+    let source_proxy = source_proxy.as_ref().unwrap();
     source.push("team/api", "3", &image).await.unwrap();
     s.pull(&image, &reference).await;
     s.daemonset("api", &reference, &image).await;
@@ -295,3 +322,54 @@ async fn from_source(kind: ApiServerKind) {
     assert!(reads.iter().all(|r| !held.contains(&r.as_str())), "read from the source: {reads:?}");
 }
 on_both_api_servers!(from_source: what_no_node_holds_comes_from_the_source_on_the_emulator, what_no_node_holds_comes_from_the_source_on_a_real_api_server);
+
+async fn private_source(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, Source::Private).await else { return };
+    let image = TestImage::buildx(MediaTypes::Oci, 200 * KB, &[100 * KB], &["amd64", "arm64"], 45);
+    let reference = format!("{}/team/private:1", s.src);
+    let (source, _) = s.source.as_ref().unwrap();
+    source.push("team/private", "1", &image).await.unwrap();
+    s.pull(&image, &reference).await;
+    // The pods pull with their ServiceAccount's pull secret.
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("puller:{PULL_PASSWORD}"));
+    let config = json!({ "auths": { s.src.clone(): { "auth": auth } } }).to_string();
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), "shop");
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": { "name": "source-pull", "namespace": "shop" },
+        "stringData": { ".dockerconfigjson": config },
+    });
+    // Applied: a real server kept from an earlier run has one for another port.
+    secrets
+        .patch("source-pull", &PatchParams::apply("image-backup-tests").force(), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(s.client.clone(), "shop");
+    let pull = json!({ "imagePullSecrets": [{ "name": "source-pull" }] });
+    accounts.patch("default", &PatchParams::default(), &Patch::Merge(pull)).await.unwrap();
+    s.daemonset("private", &reference, &image).await;
+    s.start(s.config()).await;
+
+    let repository = s.repository(&reference);
+    s.runs("private", &format!("{}/{repository}@{}", s.proxy.host(), image.digest())).await;
+    let status = s.status(&reference).await;
+    let from: Vec<&str> = status.platforms.iter().map(|p| p.copied_from.as_deref().unwrap_or_default()).collect();
+    assert_eq!(from, ["node/node-amd64", "node/node-arm64", "source", "source"]);
+    for attestation in &image.attestations {
+        s.holds_platform(&repository, attestation).await;
+    }
+    // The job's copy of the credentials is gone once the job is done, and
+    // they are nowhere in the status.
+    let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&reference).unwrap());
+    let own: Api<Secret> = Api::namespaced(s.client.clone(), "image-backup");
+    eventually("the job's pull secret is deleted", Duration::from_secs(10), || async {
+        match own.get_opt(&format!("pull-{name}")).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let written = serde_json::to_string(&status).unwrap();
+    assert!(!written.contains(PULL_PASSWORD) && !written.contains(&auth), "{written}");
+}
+on_both_api_servers!(private_source: a_private_source_is_read_with_the_pods_pull_secret_on_the_emulator, a_private_source_is_read_with_the_pods_pull_secret_on_a_real_api_server);

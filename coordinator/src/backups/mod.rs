@@ -3,6 +3,7 @@
 //! [`LiveJobs`](crate::jobs::LiveJobs), asks the state machine for the next
 //! step, performs it, and records it with optimistic concurrency.
 
+mod pull_secret;
 mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -157,7 +158,12 @@ async fn assign(
         ctx.hub.release(agent_id, &name);
         return Ok(None);
     };
-    let assignment = assignment(&name, backup, target, *attempt, part);
+    let mut assignment = assignment(&name, backup, target, *attempt, part);
+    if !part.from_source.is_empty()
+        && let Ok(source) = ImageRef::parse(&backup.spec.source)
+    {
+        assignment.pull_secret = pull_secret::prepare(ctx, backup, source.registry()).await.unwrap_or_default();
+    }
     if let Err(e) = ctx.hub.send(agent_id, assignment) {
         warn!(agent = %agent_id, error = %e, "assignment not delivered");
         ctx.jobs.lose(&name, *attempt, &format!("assignment not delivered: {e}"));
@@ -180,6 +186,7 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
         finish: part.finish.into(),
         keep: part.keep.clone(),
         from_source: part.from_source.clone(),
+        pull_secret: String::new(),
     }
 }
 
@@ -294,6 +301,7 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
     match transition {
         Transition::Completed { reference, reduced, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
+            pull_secret::forget(ctx, &name).await;
             info!(%reference, reduced, "backup completed");
             let note = if *reduced {
                 format!("{source} backed up as {reference}, a reduced index without {}", status.left_out.join(", "))
@@ -304,6 +312,7 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
         }
         Transition::Failed { error, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
+            pull_secret::forget(ctx, &name).await;
             warn!(%error, attempts = status.attempts, "backup failed");
             let note = format!("{source} after {} attempt(s): {error}", status.attempts);
             ctx.event(&object, EventType::Warning, "BackupFailed", note).await;
@@ -328,6 +337,7 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
         Transition::Waiting { message, .. } => debug!(%message, "waiting"),
         Transition::SourceFailed { error } => {
             ctx.jobs.recorded(&name, status.attempts);
+            pull_secret::forget(ctx, &name).await;
             warn!(%error, "the source cannot provide what no node holds");
         }
         Transition::Copied { .. } => ctx.jobs.recorded(&name, status.attempts),

@@ -74,23 +74,29 @@ impl RegistryConfig {
             return Ok(None);
         };
         let text = std::fs::read(path).map_err(|e| format!("reading docker config {}: {e}", path.display()))?;
-        // Keys in the wild: bare host, with scheme, and Docker Hub's v1 URL.
-        let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
-        if host == "docker.io" || host == "index.docker.io" {
-            keys.push("https://index.docker.io/v1/".into());
-        }
-        for key in keys {
-            match docker_credential::get_credential_from_reader(text.as_slice(), &key) {
-                Ok(docker_credential::DockerCredential::UsernamePassword(username, password)) => {
-                    return Ok(Some(Credentials::Basic { username, password }));
-                }
-                Ok(docker_credential::DockerCredential::IdentityToken(token)) => {
-                    return Ok(Some(Credentials::IdentityToken(token)));
-                }
-                Err(docker_credential::CredentialRetrievalError::NoCredentialConfigured) => continue,
-                Err(e) => return Err(format!("docker config {} entry for {key}: {e}", path.display())),
-            }
-        }
-        Ok(None)
+        docker_config_credentials(&text, host).map_err(|e| format!("docker config {}: {e}", path.display()))
     }
+}
+
+/// Credentials for `host` in a docker `config.json` (or a pull secret's
+/// `.dockerconfigjson`). The error text never holds the secret itself.
+pub fn docker_config_credentials(config: &[u8], host: &str) -> Result<Option<Credentials>, String> {
+    // Keys in the wild: bare host, with scheme, and Docker Hub's v1 URL.
+    let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
+    if host == "docker.io" || host == "index.docker.io" {
+        keys.push("https://index.docker.io/v1/".into());
+    }
+    for key in keys {
+        match docker_credential::get_credential_from_reader(config, &key) {
+            Ok(docker_credential::DockerCredential::UsernamePassword(username, password)) => {
+                return Ok(Some(Credentials::Basic { username, password }));
+            }
+            Ok(docker_credential::DockerCredential::IdentityToken(token)) => {
+                return Ok(Some(Credentials::IdentityToken(token)));
+            }
+            Err(docker_credential::CredentialRetrievalError::NoCredentialConfigured) => continue,
+            Err(e) => return Err(format!("entry for {key}: {e}")),
+        }
+    }
+    Ok(None)
 }

@@ -29,7 +29,7 @@ use reqwest::{
 use tracing::warn;
 
 pub use auth::Credentials;
-pub use config::{RegistryConfig, RetryPolicy};
+pub use config::{RegistryConfig, RetryPolicy, docker_config_credentials};
 
 use auth::Auth;
 
