@@ -10,7 +10,7 @@ use crate::{
     daemon::{Agent, DaemonConfig},
     progress::{Progress, spawn_printer},
     pull_secret::PullSecrets,
-    push::{PushOptions, Pusher, Scope},
+    push::{PushOptions, Pusher, Scope, SourceAccess},
 };
 use image_backup_oci::{
     ImageRef,
@@ -188,7 +188,7 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
     let progress = Progress::new();
     let printer = spawn_printer(progress.clone());
     let report = pusher
-        .push(&source, &target, &Scope::Whole, None, progress)
+        .push(&source, &target, &Scope::Whole, SourceAccess::default(), progress)
         .await
         .with_context(|| format!("pushing {source} to {target}"))?;
     drop(printer);

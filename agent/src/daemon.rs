@@ -29,7 +29,7 @@ use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
     progress::Progress,
     pull_secret::{PullSecretError, PullSecrets},
-    push::{Finish, PushError, Pusher, Scope},
+    push::{Finish, PushError, Pusher, Scope, SourceAccess},
 };
 
 #[derive(Clone, Debug)]
@@ -410,7 +410,8 @@ impl Agent {
                 return job_result::Outcome::Failure(failure);
             }
         };
-        let push = self.pusher.push(&source, &target, scope, credentials, progress.clone());
+        let access = SourceAccess { credentials, referrers: assignment.copy_referrers };
+        let push = self.pusher.push(&source, &target, scope, access, progress.clone());
         let pushed = log_progress(push, &progress).await;
         match pushed {
             Ok(report) => {
@@ -429,6 +430,8 @@ impl Agent {
                     digest: report.digest.unwrap_or_default(),
                     pushed_manifests: report.manifests.into_iter().map(to_proto_manifest).collect(),
                     from_source: report.from_source,
+                    referrers: report.referrers.copied,
+                    referrers_error: report.referrers.error.unwrap_or_default(),
                     bytes_uploaded: report.bytes_uploaded,
                     blobs_uploaded: report.blobs_uploaded,
                     blobs_mounted: report.blobs_mounted,

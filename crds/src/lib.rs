@@ -93,6 +93,13 @@ pub struct ImageBackupStatus {
     /// node held them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<String>,
+    /// Signatures and other referrers copied from the source with the
+    /// image: manifest digests, and the tags they are filed under.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referrers: Vec<String>,
+    /// Why the image's referrers could not be copied from the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrers_error: Option<String>,
     /// Why what no node holds could not come from the source registry;
     /// set once the source was tried and failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     progress::Progress,
-    push::{PushOptions, Pusher, Scope},
+    push::{PushOptions, Pusher, Scope, SourceAccess},
 };
 use image_backup_oci::{ImageRef, registry::RegistryConfig};
 use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage, containerd::NAMESPACE};
@@ -160,11 +160,11 @@ async fn main() -> anyhow::Result<()> {
         let config = RegistryConfig { insecure_hosts: vec![target.host()], ..RegistryConfig::default() };
         let pusher = Pusher::new(store, config, PushOptions::default());
         let (src, dst) = (ImageRef::parse(&name)?, ImageRef::parse(&format!("{}/bench:1", target.host()))?);
-        pusher.push(&src, &dst, &Scope::Whole, None, Progress::new()).await?;
+        pusher.push(&src, &dst, &Scope::Whole, SourceAccess::default(), Progress::new()).await?;
         let mut warm = Vec::new();
         for _ in 0..runs.max(5) {
             let started = Instant::now();
-            pusher.push(&src, &dst, &Scope::Whole, None, Progress::new()).await?;
+            pusher.push(&src, &dst, &Scope::Whole, SourceAccess::default(), Progress::new()).await?;
             warm.push(Run { elapsed: started.elapsed(), max_rss_kb: 0 });
         }
         row("  second push, running agent", label, bytes, &median(warm));

@@ -110,6 +110,43 @@ impl PlatformImage {
         Self { os: os.into(), architecture: architecture.into(), manifest, config, layers }
     }
 
+    /// An OCI 1.1 artifact referring to `subject` (a signature, an SBOM):
+    /// a manifest with `subject` and `artifactType`, one random layer.
+    pub fn artifact(subject: &Blob, artifact_type: &str, seed: u64) -> Self {
+        let media = MediaTypes::Oci;
+        let layers = random_layers(media, &[1 << 10], seed);
+        let config = Blob::new("application/vnd.oci.empty.v1+json", Bytes::from_static(b"{}"));
+        let descriptor = |b: &Blob| json!({ "mediaType": b.media_type, "digest": b.digest, "size": b.size() });
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": media.manifest(),
+            "artifactType": artifact_type,
+            "config": descriptor(&config),
+            "layers": layers.iter().map(descriptor).collect::<Vec<_>>(),
+            "subject": descriptor(subject),
+        }))
+        .expect("json");
+        let manifest = Blob::new(media.manifest(), manifest.into());
+        Self { os: String::new(), architecture: String::new(), manifest, config, layers }
+    }
+
+    /// The referrers index listing `artifacts`, as the OCI 1.1 tag
+    /// fallback (`sha256-<hex>`) holds it.
+    pub fn referrers_index(artifacts: &[(&PlatformImage, &str)]) -> Blob {
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MediaTypes::Oci.index(),
+            "manifests": artifacts.iter().map(|(a, artifact_type)| json!({
+                "mediaType": a.manifest.media_type,
+                "digest": a.manifest.digest,
+                "size": a.manifest.size(),
+                "artifactType": artifact_type,
+            })).collect::<Vec<_>>(),
+        }))
+        .expect("json");
+        Blob::new(MediaTypes::Oci.index(), index.into())
+    }
+
     /// An image a real node can run: one uncompressed layer holding
     /// `files` (path in the image, content, mode), linux/amd64, with `cmd`.
     pub fn runnable(files: &[(&str, &[u8], u32)], cmd: &[&str]) -> anyhow::Result<Self> {

@@ -224,7 +224,8 @@ impl Registry {
         self.put_manifest(repository, tag, image.root()).await
     }
 
-    async fn put_manifest(
+    /// Stores a manifest as is under `reference`.
+    pub async fn put_manifest(
         &self,
         repository: &str,
         reference: &str,

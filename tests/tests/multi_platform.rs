@@ -292,6 +292,22 @@ async fn from_source(kind: ApiServerKind) {
     let (source, source_proxy) = s.source.as_ref().unwrap();
     let source_proxy = source_proxy.as_ref().unwrap();
     source.push("team/api", "3", &image).await.unwrap();
+    // A cosign signature, and an OCI 1.1 artifact through the referrers
+    // tag fallback (the distribution registry has no referrers API).
+    let index = image.index.as_ref().unwrap();
+    let fallback = format!("sha256-{}", image.digest().trim_start_matches("sha256:"));
+    let signature = PlatformImage::artifact(index, "application/vnd.dev.cosign.simplesigning.v1+json", 71);
+    let sbom = PlatformImage::artifact(index, "application/spdx+json", 72);
+    let artifact = |p: &PlatformImage| TestImage {
+        media: MediaTypes::Oci,
+        platforms: vec![p.clone()],
+        attestations: Vec::new(),
+        index: None,
+    };
+    source.push("team/api", &format!("{fallback}.sig"), &artifact(&signature)).await.unwrap();
+    source.push("team/api", &sbom.manifest.digest, &artifact(&sbom)).await.unwrap();
+    let referrers = PlatformImage::referrers_index(&[(&sbom, "application/spdx+json")]);
+    source.put_manifest("team/api", &fallback, &referrers).await.unwrap();
     s.pull(&image, &reference).await;
     s.daemonset("api", &reference, &image).await;
     s.start(s.config()).await;
@@ -309,6 +325,25 @@ async fn from_source(kind: ApiServerKind) {
     assert_eq!((status.phase, status.reduced, status.source_error), (Phase::Completed, false, None));
     let from: Vec<&str> = status.platforms.iter().map(|p| p.copied_from.as_deref().unwrap_or_default()).collect();
     assert_eq!(from, ["node/node-amd64", "node/node-arm64", "source", "source"]);
+
+    // Signatures and referrers came along, byte for byte, under the tags
+    // cosign and OCI clients look up.
+    for (reference, bytes) in [
+        (format!("{fallback}.sig"), &signature.manifest.data),
+        (fallback.clone(), &referrers.data),
+        (sbom.manifest.digest.clone(), &sbom.manifest.data),
+    ] {
+        let served = s.backup_registry.manifest(&repository, &reference).await.unwrap();
+        assert_eq!(served.map(|m| m.bytes).as_ref(), Some(bytes), "{reference} in the backup");
+    }
+    for blob in signature.layers.iter().chain(&sbom.layers) {
+        assert!(s.backup_registry.blob(&repository, &blob.digest).await.unwrap().is_some());
+    }
+    let mut copied = status.referrers.clone();
+    copied.sort();
+    let mut expected = vec![fallback.clone(), format!("{fallback}.sig"), sbom.manifest.digest.clone()];
+    expected.sort();
+    assert_eq!((copied, status.referrers_error.clone()), (expected, None));
 
     // Nothing a node holds was read from the source again.
     let held: Vec<&str> = image

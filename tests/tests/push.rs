@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     progress::Progress,
-    push::{Finish, PushError, PushOptions, PushReport, Pusher, Scope},
+    push::{Finish, PushError, PushOptions, PushReport, Pusher, Scope, SourceAccess},
 };
 use image_backup_oci::{
     ImageRef,
@@ -51,7 +51,7 @@ async fn push(pusher: &Pusher, source: &str, target: &str) -> Result<PushReport,
 
 async fn push_part(pusher: &Pusher, source: &str, target: &str, scope: Scope) -> Result<PushReport, PushError> {
     let (source, target) = (ImageRef::parse(source).unwrap(), ImageRef::parse(target).unwrap());
-    pusher.push(&source, &target, &scope, None, Progress::new()).await
+    pusher.push(&source, &target, &scope, SourceAccess::default(), Progress::new()).await
 }
 
 /// Every blob and manifest of the platform image, read back from the
@@ -438,7 +438,7 @@ async fn progress_counts_every_byte_once() {
             &ImageRef::parse("counted:1").unwrap(),
             &ImageRef::parse(&format!("{}/counted:1", proxy.host())).unwrap(),
             &Scope::Whole,
-            None,
+            SourceAccess::default(),
             progress.clone(),
         )
         .await

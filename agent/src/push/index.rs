@@ -144,7 +144,7 @@ impl Job<'_> {
         if *finish == Finish::Index && self.already_there(&root, target).await? {
             let manifests = wanted.iter().chain(&sourced).map(|c| platform_manifest(c)).collect();
             let from_source = sourced.iter().map(|c| c.digest().to_string()).collect();
-            return Ok(Pushed { root: Some(root), manifests, from_source });
+            return Ok(Pushed { root: Some(root), manifests, from_source, ..Pushed::default() });
         }
         let mut pushed = self.push_children(&wanted, Origin::Node).await?;
         let from_source = match &self.source {
@@ -157,12 +157,12 @@ impl Job<'_> {
             _ => Vec::new(),
         };
         match finish {
-            Finish::None => Ok(Pushed { root: None, manifests: pushed, from_source }),
+            Finish::None => Ok(Pushed { root: None, manifests: pushed, from_source, ..Pushed::default() }),
             Finish::Index => {
                 self.require_in_target(&root, children.iter(), &pushed).await?;
                 self.put_manifest(&root, &bytes).await?;
                 self.tag_and_verify(&root, bytes, target).await?;
-                Ok(Pushed { root: Some(root), manifests: pushed, from_source })
+                Ok(Pushed { root: Some(root), manifests: pushed, from_source, ..Pushed::default() })
             }
             Finish::Reduced { keep } => {
                 let keep: HashSet<&str> =
@@ -177,7 +177,7 @@ impl Job<'_> {
                 let reduced = Bytes::from(reduced);
                 self.put_manifest(&descriptor, &reduced).await?;
                 self.tag_and_verify(&descriptor, reduced, target).await?;
-                Ok(Pushed { root: Some(descriptor), manifests: pushed, from_source })
+                Ok(Pushed { root: Some(descriptor), manifests: pushed, from_source, ..Pushed::default() })
             }
         }
     }
@@ -236,7 +236,7 @@ impl Job<'_> {
 
 /// A child manifest from the source registry; the registry client checks
 /// its digest, the index its size.
-async fn source_manifest(source: &super::SourceRepo, descriptor: &Descriptor) -> Result<Bytes, PushError> {
+pub(super) async fn source_manifest(source: &super::SourceRepo, descriptor: &Descriptor) -> Result<Bytes, PushError> {
     let failed = |error| PushError::Source { reference: source.reference.clone(), error };
     let fetched = source.registry.manifest(&source.repository, &descriptor.digest).await.map_err(failed)?;
     let Some((_, bytes)) = fetched else {

@@ -6,6 +6,7 @@
 
 mod blob;
 mod index;
+mod referrers;
 
 use std::{
     collections::HashMap,
@@ -23,10 +24,11 @@ use image_backup_oci::{
     ImageRef,
     index::IndexError,
     media::{PlatformName, is_index, media_type_of},
-    registry::{Credentials, Registry, RegistryConfig, RegistryError},
+    registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy},
 };
 
 pub use index::{Finish, IndexContent, Scope};
+pub use referrers::Referrers;
 
 use crate::{
     containerd::{ContainerdError, ContentStore, Descriptor, Lease},
@@ -104,6 +106,8 @@ pub struct PushReport {
     pub manifests: Vec<PlatformManifest>,
     /// Those of `manifests` copied from the source registry.
     pub from_source: Vec<String>,
+    /// The image's signatures and other referrers copied from the source.
+    pub referrers: Referrers,
     pub bytes_total: u64,
     pub bytes_uploaded: u64,
     pub blobs_uploaded: u32,
@@ -157,17 +161,17 @@ impl Pusher {
     }
 
     /// Copies `scope` of `source` (as containerd holds it, and what the
-    /// scope names from the source registry, read with `credentials` or
-    /// else the configured ones) to `target`. Never reports an image pushed
-    /// before the registry serves the target with its digest. Boxed so that
-    /// the future is checked `Send` here, where its lifetimes are concrete,
-    /// and the daemon can spawn it.
+    /// scope names from the source registry) to `target`, then, as `access`
+    /// asks, the image's referrers from the source. Never reports an image
+    /// pushed before the registry serves the target with its digest. Boxed
+    /// so that the future is checked `Send` here, where its lifetimes are
+    /// concrete, and the daemon can spawn it.
     pub fn push<'a>(
         &'a self,
         source: &'a ImageRef,
         target: &'a ImageRef,
         scope: &'a Scope,
-        credentials: Option<Credentials>,
+        access: SourceAccess,
         progress: Arc<Progress>,
     ) -> futures::future::BoxFuture<'a, Result<PushReport, PushError>> {
         let span = info_span!("push", source = %source, target = %target);
@@ -185,17 +189,24 @@ impl Pusher {
                 .await
                 .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
-            let source = match scope {
-                Scope::Part { from_source, .. } if !from_source.is_empty() => Some(SourceRepo {
-                    registry: Registry::reader(source.registry(), &self.config, credentials)?,
-                    repository: source.repository().to_string(),
-                    reference: source.to_string(),
-                }),
-                _ => None,
+            let reads_source = access.referrers || matches!(scope, Scope::Part { from_source, .. } if !from_source.is_empty());
+            let source_repo = if reads_source { Some(SourceRepo::new(source, &self.config, access.credentials)?) } else { None };
+            let job = Job {
+                pusher: self,
+                registry,
+                repository: target.repository(),
+                source: source_repo,
+                lease: &lease,
+                progress,
             };
-            let job =
-                Job { pusher: self, registry, repository: target.repository(), source, lease: &lease, progress };
-            let result = job.push_root(&record.target, target, scope).await;
+            let mut result = job.push_root(&record.target, target, scope).await;
+            // Referrers name the source digest: a reduced index has another.
+            if let Ok(pushed) = &mut result
+                && access.referrers
+                && pushed.root.as_ref().is_some_and(|root| root.digest == record.target.digest)
+            {
+                pushed.referrers = job.copy_referrers(&record.target.digest).await;
+            }
             let snapshot = job.progress.snapshot();
             drop(job);
             if let Err(e) = lease.release().await {
@@ -207,6 +218,7 @@ impl Pusher {
                 digest: pushed.root.map(|root| root.digest),
                 manifests: pushed.manifests,
                 from_source: pushed.from_source,
+                referrers: pushed.referrers,
                 bytes_total: snapshot.bytes_total,
                 bytes_uploaded: snapshot.bytes_uploaded,
                 blobs_uploaded: snapshot.blobs_uploaded,
@@ -233,12 +245,43 @@ struct Job<'a> {
     progress: Arc<Progress>,
 }
 
+/// How a push may use the source registry.
+#[derive(Clone, Debug, Default)]
+pub struct SourceAccess {
+    /// Credentials the workload's pods pull with; else the configured ones.
+    pub credentials: Option<Credentials>,
+    /// Copy the image's signatures and other referrers after it.
+    pub referrers: bool,
+}
+
 /// The source registry's repository of the image.
 struct SourceRepo {
     registry: Registry,
+    /// The same registry without retries, for a first look that must not
+    /// hold a push when the source is gone.
+    probe: Registry,
     repository: String,
     /// The source reference, for errors.
     reference: String,
+}
+
+impl SourceRepo {
+    fn new(
+        source: &ImageRef,
+        config: &RegistryConfig,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, RegistryError> {
+        let once = RegistryConfig {
+            retry: RetryPolicy { max_elapsed: Duration::ZERO, ..config.retry.clone() },
+            ..config.clone()
+        };
+        Ok(Self {
+            registry: Registry::reader(source.registry(), config, credentials.clone())?,
+            probe: Registry::reader(source.registry(), &once, credentials)?,
+            repository: source.repository().to_string(),
+            reference: source.to_string(),
+        })
+    }
 }
 
 /// Where a blob or manifest is read from.
@@ -264,12 +307,14 @@ struct ManifestContent {
 }
 
 /// What one push put in the target.
+#[derive(Default)]
 struct Pushed {
     /// The image or index, when pushed and tagged.
     root: Option<Descriptor>,
     manifests: Vec<PlatformManifest>,
     /// Digests of `manifests` copied from the source.
     from_source: Vec<String>,
+    referrers: Referrers,
 }
 
 impl Job<'_> {
@@ -285,7 +330,7 @@ impl Job<'_> {
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
             self.tag_and_verify(&root, bytes, target).await?;
         }
-        Ok(Pushed { root: Some(root), manifests: Vec::new(), from_source: Vec::new() })
+        Ok(Pushed { root: Some(root), ..Pushed::default() })
     }
 
     /// Whether the target reference already names this digest. A registry

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
 use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
-use image_backup_proto::v1::{Assignment, JobFailure, JobSuccess};
+use image_backup_proto::v1::{Assignment, Finish, JobFailure, JobSuccess};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
 use tracing::{debug, info, instrument, warn};
@@ -159,7 +159,7 @@ async fn assign(
         return Ok(None);
     };
     let mut assignment = assignment(&name, backup, target, *attempt, part);
-    if !part.from_source.is_empty()
+    if (!assignment.from_source.is_empty() || assignment.copy_referrers)
         && let Ok(source) = ImageRef::parse(&backup.spec.source)
     {
         assignment.pull_secret = pull_secret::prepare(ctx, backup, source.registry()).await.unwrap_or_default();
@@ -187,6 +187,8 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
         keep: part.keep.clone(),
         from_source: part.from_source.clone(),
         pull_secret: String::new(),
+        // The part that pushes the image copies what refers to it.
+        copy_referrers: matches!(part.finish, Finish::Whole | Finish::Index),
     }
 }
 
@@ -259,6 +261,8 @@ async fn verify(
                 manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
                 from_source: success.from_source.clone(),
                 reduced,
+                referrers: success.referrers.clone(),
+                referrers_error: Some(success.referrers_error.clone()).filter(|e| !e.is_empty()),
             })
         }
         Ok(None) => Some(failure(format!(

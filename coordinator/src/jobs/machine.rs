@@ -123,6 +123,9 @@ pub enum Transition {
         from_source: Vec<String>,
         /// The backup is a reduced index.
         reduced: bool,
+        /// Referrers copied from the source, and why not all, if so.
+        referrers: Vec<String>,
+        referrers_error: Option<String>,
     },
     /// What no node holds could not come from the source registry.
     SourceFailed {
@@ -431,7 +434,16 @@ impl Transition {
                 next.last_error = None;
                 next.message = Some(format!("copied {} from node {node}", platforms_of(manifests, &next.platforms)));
             }
-            Transition::Completed { reference, bytes, node, manifests, from_source, reduced } => {
+            Transition::Completed {
+                reference,
+                bytes,
+                node,
+                manifests,
+                from_source,
+                reduced,
+                referrers,
+                referrers_error,
+            } => {
                 moved(&mut next, Phase::Completed);
                 next.backup_reference = Some(reference.clone());
                 next.bytes_done = next.bytes_total.max(*bytes);
@@ -441,6 +453,8 @@ impl Transition {
                 next.last_error = None;
                 mark_copied(&mut next, manifests, from_source, node);
                 next.reduced = *reduced;
+                next.referrers = referrers.clone();
+                next.referrers_error = referrers_error.clone();
                 next.left_out.clear();
                 for platform in &mut next.platforms {
                     if platform.copied_from.is_some() {
@@ -674,9 +688,12 @@ mod tests {
             manifests: vec![],
             from_source: vec![],
             reduced: false,
+            referrers: vec!["sha256-x.sig".into()],
+            referrers_error: None,
         }
         .apply(&pushing, Timestamp::now());
         assert_eq!(done.phase, Phase::Completed);
+        assert_eq!(done.referrers, ["sha256-x.sig"]);
         assert_eq!((done.last_error, done.backup_reference.as_deref()), (None, Some("r@sha256:x")));
         assert_eq!((done.bytes_done, done.bytes_total), (300, 300));
     }
@@ -750,6 +767,8 @@ mod tests {
             manifests: vec!["att".into()],
             from_source: copy.from_source,
             reduced: false,
+            referrers: vec![],
+            referrers_error: None,
         }
         .apply(&pending, Timestamp::now());
         let from: Vec<_> = done.platforms.iter().map(|p| p.copied_from.as_deref().unwrap_or_default()).collect();
@@ -788,6 +807,8 @@ mod tests {
             manifests: vec![],
             from_source: vec![],
             reduced: true,
+            referrers: vec![],
+            referrers_error: None,
         }
         .apply(&pending, Timestamp::now());
         assert!(done.reduced);

@@ -193,6 +193,23 @@ impl Registry {
         .await
     }
 
+    /// The OCI 1.1 referrers of `digest` (an image index listing them), or
+    /// `None` when the registry does not serve the referrers API.
+    pub async fn referrers(&self, repository: &str, digest: &str) -> Result<Option<Bytes>, RegistryError> {
+        let url = format!("{}/v2/{repository}/referrers/{digest}", self.inner.base);
+        let call = Call { operation: "GET referrers", repository, object: digest, extra_pull: None };
+        self.retrying(&call, || async {
+            let accept = "application/vnd.oci.image.index.v1+json";
+            let response = self.send(&call, || self.inner.http.get(&url).header(ACCEPT, accept)).await?;
+            match response.status() {
+                StatusCode::OK => Ok(Some(response.bytes().await.map_err(|e| self.transport_error(&call, e))?)),
+                StatusCode::NOT_FOUND => Ok(None),
+                _ => Err(self.unexpected(&call, response).await),
+            }
+        })
+        .await
+    }
+
     /// A blob's bytes as they arrive. The caller checks the digest: a
     /// registry may redirect to storage elsewhere, and bytes are only as
     /// good as their hash.
