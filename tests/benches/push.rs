@@ -6,11 +6,14 @@
 //! cargo build --release -p image-backup-agent && cargo bench -p image-backup-tests --bench push
 //! ```
 //!
-//! For each image: `image-backup-agent push` (containerd -> registry), `ctr
-//! images push` (same image, same registry), and `skopeo copy` (registry ->
-//! registry); the target registry is emptied between runs. Then the agent's
-//! second push of an image already there. Peak RSS is the process's own
-//! (wait4 rusage), so it covers the whole agent.
+//! For each image: `image-backup-agent push` (containerd -> registry), the
+//! registry's own ingest floor (4 parallel monolithic `curl` uploads of the
+//! same blobs, straight from containerd's content directory), `ctr images
+//! push` (same image, same registry), and `skopeo copy` (registry ->
+//! registry); the target registry is emptied between runs. Then the
+//! agent's second push of an image already there. Peak RSS is the
+//! process's own, so it covers the whole agent. `BENCH_IMAGES=256MB` runs
+//! the first image only.
 
 use std::{
     path::{Path, PathBuf},
@@ -87,6 +90,41 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// One monolithic blob upload: `upload.sh BASE HOST FILE DIGEST`.
+const CURL_UPLOAD: &str = r#"set -e
+loc=$(curl -sf -o /dev/null -D - -X POST "$1/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+case "$loc" in /*) loc="http://$2$loc";; esac
+case "$loc" in *\?*) sep='&';; *) sep='?';; esac
+curl -sf -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' -T "$3" "$loc${sep}digest=$4"
+"#;
+
+/// The registry's ingest floor: each blob of `image` uploaded
+/// monolithically by its own `curl`, four at once (as the agent does), read
+/// straight from containerd's content directory: no digest checks and no
+/// containerd API, just the bytes into the same registry; the manifest last.
+fn curl_uploads(script: &Path, containerd: &Containerd, registry: &Registry, image: &TestImage) -> Command {
+    let host = registry.host();
+    let base = format!("http://{host}/v2/curl");
+    let platform = &image.platforms[0];
+    let jobs: String = platform
+        .layers
+        .iter()
+        .chain([&platform.config])
+        .map(|b| format!("{} {}\n", containerd.blob_path(&b.digest).display(), b.digest))
+        .collect();
+    let manifest = containerd.blob_path(&platform.manifest.digest);
+    let pipeline = format!(
+        "printf '{jobs}' | xargs -P 4 -n 2 sh {script} {base} {host} && \
+         curl -sf -o /dev/null -X PUT -H 'Content-Type: {media_type}' -T {manifest} {base}/manifests/1",
+        script = script.display(),
+        media_type = platform.manifest.media_type,
+        manifest = manifest.display(),
+    );
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(pipeline);
+    command
+}
+
 fn has(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }
@@ -108,10 +146,15 @@ async fn main() -> anyhow::Result<()> {
     let containerd = Containerd::start().await?;
     let target = Registry::start(RegistryAuth::None).await?;
     let source = Registry::start(RegistryAuth::None).await?;
-    let images = [
+    let mut images = vec![
         ("256MB/4", TestImage::single(MediaTypes::Oci, &[64 * MB; 4], 256)),
         ("1GB/8", TestImage::single(MediaTypes::Oci, &[128 * MB; 8], 1024)),
     ];
+    if std::env::var("BENCH_IMAGES").is_ok_and(|v| v == "256MB") {
+        images.truncate(1);
+    }
+    let script = std::env::temp_dir().join(format!("image-backup-bench-upload-{}.sh", std::process::id()));
+    std::fs::write(&script, CURL_UPLOAD)?;
     println!("image-backup push benchmark: {runs} run(s) each, median time, max peak RSS");
     println!("{:<28} {:<14} {:>12} {:>14} {:>18}", "tool", "image", "time", "throughput", "memory");
     for (label, image) in &images {
@@ -138,7 +181,24 @@ async fn main() -> anyhow::Result<()> {
             fresh(&target)?;
             ours.push(measured(&mut agent_push("bench", &target))?);
         }
-        row("image-backup-agent push", label, bytes, &median(ours));
+        let ours = median(ours);
+        row("image-backup-agent push", label, bytes, &ours);
+
+        if has("curl") {
+            let mut floor = Vec::new();
+            for _ in 0..runs {
+                fresh(&target)?;
+                floor.push(measured(&mut curl_uploads(&script, &containerd, &target, image))?);
+            }
+            let floor = median(floor);
+            row("4 parallel curl uploads", label, bytes, &floor);
+            println!(
+                "  agent / curl floor: {:.3} of the registry's ingest",
+                floor.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64()
+            );
+        } else {
+            println!("curl uploads: curl not installed (WITH_BENCH_TOOLS=1 tests/setup)");
+        }
 
         let mut grpc = Vec::new();
         for _ in 0..runs {
@@ -205,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
             println!("skopeo copy: skopeo not installed (WITH_BENCH_TOOLS=1 tests/setup)");
         }
     }
+    let _ = std::fs::remove_file(&script);
     target.clear()?;
     source.clear()?;
     Ok(())

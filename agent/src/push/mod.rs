@@ -275,9 +275,11 @@ impl SourceRepo {
             retry: RetryPolicy { max_elapsed: Duration::ZERO, ..config.retry.clone() },
             ..config.clone()
         };
+        // Docker Hub's API is not at the name references use.
+        let host = source.api_host();
         Ok(Self {
-            registry: Registry::reader(source.registry(), config, credentials.clone())?,
-            probe: Registry::reader(source.registry(), &once, credentials)?,
+            registry: Registry::reader(host, config, credentials.clone())?,
+            probe: Registry::reader(host, &once, credentials)?,
             repository: source.repository().to_string(),
             reference: source.to_string(),
         })

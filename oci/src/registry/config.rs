@@ -84,7 +84,7 @@ pub fn docker_config_credentials(config: &[u8], host: &str) -> Result<Option<Cre
     // Keys in the wild: bare host, with scheme, and Docker Hub's v1 URL.
     let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
     if host == "docker.io" || host == "index.docker.io" {
-        keys.push("https://index.docker.io/v1/".into());
+        keys.extend(["docker.io", "index.docker.io", "https://index.docker.io/v1/"].map(String::from));
     }
     for key in keys {
         match docker_credential::get_credential_from_reader(config, &key) {
