@@ -450,7 +450,10 @@ impl Agent {
                         absent_manifests: missing.into_iter().map(|m| m.digest).collect(),
                         source_failed: false,
                     }),
-                    PushError::Source { .. } | PushError::SourceSize { .. } => {
+                    // Only a part that was to copy children from the source
+                    // tells the coordinator to go on without it; elsewhere
+                    // (a layer the node lacks) it is an ordinary failure.
+                    PushError::Source { .. } | PushError::SourceSize { .. } if !assignment.from_source.is_empty() => {
                         job_result::Outcome::Failure(JobFailure {
                             message,
                             retryable,

@@ -408,3 +408,27 @@ async fn private_source(kind: ApiServerKind) {
     assert!(!written.contains(PULL_PASSWORD) && !written.contains(&auth), "{written}");
 }
 on_both_api_servers!(private_source: a_private_source_is_read_with_the_pods_pull_secret_on_the_emulator, a_private_source_is_read_with_the_pods_pull_secret_on_a_real_api_server);
+
+async fn missing_layer(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, Source::Open).await else { return };
+    // containerd skipped a layer whose snapshot it had (or discarded it
+    // once unpacked): the nodes hold the image but not that layer.
+    let image = TestImage::single(MediaTypes::Oci, &[300 * KB, 200 * KB], 46);
+    let reference = format!("{}/team/thin:1", s.src);
+    let (source, source_proxy) = s.source.as_ref().unwrap();
+    source.push("team/thin", "1", &image).await.unwrap();
+    let lacking = image.platforms[0].layers[0].digest.clone();
+    for node in [&s.amd64, &s.arm64] {
+        image.import(node, &reference, &[], &[&lacking]).await.unwrap();
+    }
+    s.daemonset("thin", &reference, &image).await;
+    s.start(s.config()).await;
+
+    let repository = s.repository(&reference);
+    s.runs("thin", &format!("{}/{repository}@{}", s.proxy.host(), image.digest())).await;
+    s.holds_platform(&repository, &image.platforms[0]).await;
+    // Only what the nodes lack was read from the source.
+    let reads = source_proxy.as_ref().unwrap().reads();
+    assert_eq!(reads, [lacking], "read from the source");
+}
+on_both_api_servers!(missing_layer: a_layer_no_node_holds_comes_from_the_source_on_the_emulator, a_layer_no_node_holds_comes_from_the_source_on_a_real_api_server);

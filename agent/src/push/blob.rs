@@ -11,7 +11,7 @@ use std::sync::{
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use sha2::{Digest as _, Sha256};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use image_backup_oci::registry::{MountOutcome, retry_with_policy};
 
@@ -59,14 +59,25 @@ impl Job<'_> {
                 .store
                 .info(&blob.digest)
                 .await
-                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), error: e })?
-                .ok_or_else(|| PushError::Containerd {
-                    what: format!("blob {}", blob.digest),
-                    error: ContainerdError::BlobNotFound {
-                        digest: blob.digest.clone(),
-                        namespace: self.pusher.store.namespace().to_string(),
-                    },
-                })?;
+                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), error: e })?;
+            let Some(info) = info else {
+                // containerd skips fetching a layer whose snapshot exists,
+                // and may discard layers once unpacked: what the node lacks
+                // comes from the source, when the job may read it.
+                let Some(source) = &self.source else {
+                    return Err(PushError::Containerd {
+                        what: format!("blob {}", blob.digest),
+                        error: ContainerdError::BlobNotFound {
+                            digest: blob.digest.clone(),
+                            namespace: self.pusher.store.namespace().to_string(),
+                        },
+                    });
+                };
+                info!(source = %source.reference, "not in containerd; copying it from the source");
+                let streamed = self.upload(blob, None, Origin::Source(source)).await?;
+                self.progress.finished(BlobOutcome::Uploaded, blob.size, streamed);
+                return Ok(());
+            };
             let label_key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", self.registry.host());
             let sources = info.labels.get(&label_key).cloned();
             let mut location = None;
