@@ -404,10 +404,16 @@ impl Agent {
         info!(%target, digest = %assignment.digest, "copy started");
         let credentials = match self.source_credentials(&assignment.pull_secret, source.registry()).await {
             Ok(credentials) => credentials,
-            Err(e) => {
+            // Children to copy from the source need it read as the pods
+            // would; referrers alone are worth a try without.
+            Err(e) if !assignment.from_source.is_empty() => {
                 warn!(error = %e, "the source cannot be read as the workload's pods would");
                 let failure = JobFailure { message: e.to_string(), source_failed: true, ..JobFailure::default() };
                 return job_result::Outcome::Failure(failure);
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the source for referrers without the workload's pull secret");
+                None
             }
         };
         let access = SourceAccess { credentials, referrers: assignment.copy_referrers };

@@ -79,6 +79,11 @@ pub fn reduced(bytes: &[u8], source_digest: &str, keep: &HashSet<&str>) -> Resul
         return Err(IndexError::Empty);
     }
     let annotations = index.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
+    // `null` or anything else where a map belongs: the annotations that say
+    // what this index is must be there.
+    if !annotations.is_object() {
+        *annotations = Value::Object(Map::new());
+    }
     if let Value::Object(annotations) = annotations {
         annotations.insert(SOURCE_INDEX_ANNOTATION.into(), Value::String(source_digest.into()));
         annotations.insert(LEFT_OUT_ANNOTATION.into(), Value::String(left_out.join(",")));
@@ -121,5 +126,9 @@ mod tests {
         assert_eq!(annotations[SOURCE_INDEX_ANNOTATION], "sha256:source");
         assert_eq!(annotations[LEFT_OUT_ANNOTATION], "linux/arm64/v8,unknown/unknown (attestation)");
         assert!(matches!(reduced(INDEX, "sha256:source", &HashSet::new()), Err(IndexError::Empty)));
+        let null = String::from_utf8_lossy(INDEX).replace(r#""annotations":{"org"#, r#""annotations":null,"x":{"org"#);
+        let bytes = reduced(null.as_bytes(), "sha256:source", &keep).unwrap();
+        let index: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(index["annotations"][SOURCE_INDEX_ANNOTATION], "sha256:source", "null annotations replaced");
     }
 }

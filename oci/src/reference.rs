@@ -33,7 +33,7 @@ pub struct ParseRefError {
 impl ImageRef {
     pub fn parse(input: &str) -> Result<Self, ParseRefError> {
         let fail = |reason| ParseRefError { input: input.to_string(), reason };
-        let text = input.trim();
+        let text = input;
         if text.is_empty() {
             return Err(fail("empty"));
         }
@@ -53,9 +53,6 @@ impl ImageRef {
         {
             return Err(fail("tag must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'"));
         }
-        if name.len() > NAME_MAX {
-            return Err(fail("name longer than 255 characters"));
-        }
         let (registry, path) = split_registry(name);
         if let Some(registry) = registry
             && !is_registry(registry)
@@ -69,8 +66,15 @@ impl ImageRef {
             None | Some(DOCKER_HUB_LEGACY) => DOCKER_HUB,
             Some(registry) => registry,
         };
+        if registry == DOCKER_HUB && path.len() == 64 && path.bytes().all(|b| b.is_ascii_hexdigit()) {
+            // docker refuses it: it reads as an image ID.
+            return Err(fail("repository cannot be 64 hexadecimal characters"));
+        }
         let repository =
             if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path.to_string() };
+        if registry.len() + 1 + repository.len() > NAME_MAX {
+            return Err(fail("name longer than 255 characters"));
+        }
         let tag = match (tag, &digest) {
             (None, None) => Some("latest".to_string()),
             (tag, _) => tag.map(str::to_string),
@@ -147,7 +151,7 @@ fn split_registry(name: &str) -> (Option<&str>, &str) {
 fn is_registry(registry: &str) -> bool {
     let (host, port) = if let Some(v6) = registry.strip_prefix('[') {
         let Some((address, after)) = v6.split_once(']') else { return false };
-        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') {
+        if address.is_empty() || !address.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
             return false;
         }
         match after.strip_prefix(':') {
@@ -210,17 +214,12 @@ fn is_tag(tag: &str) -> bool {
         && bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-')
 }
 
-/// `sha256:<64 hex>` (or sha384, sha512 with their lengths).
+/// `sha256:<64 lowercase hex>`: what containerd and the kubelet write,
+/// and the one algorithm the push engine checks blobs with.
 fn check_digest(digest: &str) -> Result<String, &'static str> {
-    let (algorithm, hex) = digest.split_once(':').ok_or("digest must be algorithm:hex")?;
-    let length = match algorithm {
-        "sha256" => 64,
-        "sha384" => 96,
-        "sha512" => 128,
-        _ => return Err("digest algorithm must be sha256, sha384 or sha512"),
-    };
-    if hex.len() != length || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("digest hex has the wrong length or characters");
+    let hex = digest.strip_prefix("sha256:").ok_or("only sha256 digests are supported")?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err("a sha256 digest is 64 lowercase hexadecimal characters");
     }
     Ok(digest.to_string())
 }
@@ -263,6 +262,10 @@ mod tests {
             "host:port/x",
             "nginx@sha256:abc",
             "nginx@md5:0123456789abcdef0123456789abcdef",
+            "nginx@sha256:0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef",
+            " nginx",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "[1.2.3.4]:5000/x",
             "reg-.io/x",
             "a_b.io/x",
         ] {

@@ -131,7 +131,7 @@ pub async fn start_agent(
     coordinator: std::net::SocketAddr,
     registry: RegistryConfig,
 ) -> tokio::task::JoinHandle<()> {
-    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2).await
+    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, None).await
 }
 
 /// An agent that reads jobs' pull secrets from `namespace` with `client`,
@@ -144,22 +144,12 @@ pub async fn start_agent_reading_secrets(
     secrets: (Client, &str),
 ) -> tokio::task::JoinHandle<()> {
     let pull_secrets = Some(PullSecrets::new(secrets.0, secrets.1));
-    spawn_agent(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, pull_secrets).await
+    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, pull_secrets).await
 }
 
-/// Starts an agent daemon for `node` on any containerd (a real node's).
+/// Starts an agent daemon for `node` on any containerd (a real node's),
+/// reading jobs' pull secrets with `pull_secrets` when given.
 pub async fn start_agent_on(
-    socket: &std::path::Path,
-    namespace: &str,
-    node: &str,
-    coordinator: std::net::SocketAddr,
-    registry: RegistryConfig,
-    max_jobs: u32,
-) -> tokio::task::JoinHandle<()> {
-    spawn_agent(socket, namespace, node, coordinator, registry, max_jobs, None).await
-}
-
-async fn spawn_agent(
     socket: &std::path::Path,
     namespace: &str,
     node: &str,

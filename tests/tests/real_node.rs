@@ -105,7 +105,7 @@ async fn backup_then_pull_again(multi: bool) {
     // The coordinator and an agent on the node's own containerd.
     let (grpc, _) = start_coordinator(&client, coordinator_config(&backup.host())).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
-    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2).await;
+    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2, None).await;
 
     let repository = format!("backup/{}/e2e/sleeper", source_host.replace(':', "_"));
     let pinned_to = format!("{}/{repository}@", backup.host());

@@ -127,7 +127,13 @@ impl Job<'_> {
                     None => self.registry.start_upload(self.repository, &blob.digest).await?,
                 };
                 self.progress.rewind(counted.swap(0, Ordering::Relaxed));
-                let body = self.verified_body(blob, self.read(blob, origin), failure.clone(), counted.clone());
+                let body = self.verified_body(
+                    blob,
+                    self.read(blob, origin),
+                    origin.to_string(),
+                    failure.clone(),
+                    counted.clone(),
+                );
                 let sent = self
                     .registry
                     .finish_upload(
@@ -168,6 +174,7 @@ impl Job<'_> {
         &self,
         blob: &Descriptor,
         source: BoxStream<'static, Result<Bytes, PushError>>,
+        origin: String,
         failure: Arc<Mutex<Option<PushError>>>,
         counted: Arc<AtomicU64>,
     ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
@@ -187,13 +194,13 @@ impl Job<'_> {
                 let chunk = chunk.map_err(fail)?;
                 seen += chunk.len() as u64;
                 if seen > expected.size {
-                    Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
+                    Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen, origin: origin.clone() }))?;
                 }
                 hasher.update(&chunk);
                 if seen == expected.size {
                     let actual = format!("sha256:{}", hex::encode(hasher.finalize_reset()));
                     if actual != expected.digest {
-                        Err(fail(PushError::DigestMismatch { expected: expected.digest.clone(), actual }))?;
+                        Err(fail(PushError::DigestMismatch { expected: expected.digest.clone(), actual, origin: origin.clone() }))?;
                     }
                 }
                 counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -213,7 +220,7 @@ impl Job<'_> {
                 }
             }
             if seen != expected.size {
-                Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen }))?;
+                Err(fail(PushError::SizeMismatch { digest: expected.digest.clone(), expected: expected.size, actual: seen, origin }))?;
             }
         }
     }

@@ -141,10 +141,14 @@ impl Job<'_> {
                 (wanted, sourced, finish)
             }
         };
-        if *finish == Finish::Index && self.already_there(&root, target).await? {
+        // A registry may accept an index whose children it lacks: the tag
+        // naming the index proves nothing until each child is seen there.
+        if *finish == Finish::Index
+            && self.already_there(&root, target).await?
+            && self.require_in_target(&root, children.iter(), &[]).await.is_ok()
+        {
             let manifests = wanted.iter().chain(&sourced).map(|c| platform_manifest(c)).collect();
-            let from_source = sourced.iter().map(|c| c.digest().to_string()).collect();
-            return Ok(Pushed { root: Some(root), manifests, from_source, ..Pushed::default() });
+            return Ok(Pushed { root: Some(root), manifests, ..Pushed::default() });
         }
         let mut pushed = self.push_children(&wanted, Origin::Node).await?;
         let from_source = match &self.source {

@@ -48,10 +48,10 @@ pub enum PushError {
     Containerd { what: String, error: ContainerdError },
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("blob {expected} read from containerd has digest {actual}: the content store is corrupt")]
-    DigestMismatch { expected: String, actual: String },
-    #[error("blob {digest} from containerd is {actual} bytes, its descriptor says {expected}")]
-    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("blob {expected} read from {origin} has digest {actual}")]
+    DigestMismatch { expected: String, actual: String, origin: String },
+    #[error("blob {digest} from {origin} is {actual} bytes, its descriptor says {expected}")]
+    SizeMismatch { digest: String, expected: u64, actual: u64, origin: String },
     #[error("manifest {digest} ({media_type}) cannot be read: {detail}")]
     Manifest { digest: String, media_type: String, detail: String },
     #[error(
@@ -82,10 +82,9 @@ impl PushError {
     /// anything (a registry outage, not a corrupt blob or refused login).
     pub fn retryable(&self) -> bool {
         match self {
-            PushError::Registry(RegistryError::GaveUp { .. }) => true,
-            PushError::Registry(e) | PushError::Source { error: e, .. } => {
-                e.status().is_some_and(|s| s >= 500 || s == 429)
-            }
+            PushError::Registry(RegistryError::GaveUp { .. })
+            | PushError::Source { error: RegistryError::GaveUp { .. }, .. } => true,
+            PushError::Registry(e) | PushError::Source { error: e, .. } => e.retryable(),
             PushError::Containerd { error: ContainerdError::Call { .. }, .. } => true,
             // The plan was made from an inventory or a registry that changed
             // since: the coordinator plans again.
@@ -189,8 +188,23 @@ impl Pusher {
                 .await
                 .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
-            let reads_source = access.referrers || matches!(scope, Scope::Part { from_source, .. } if !from_source.is_empty());
-            let source_repo = if reads_source { Some(SourceRepo::new(source, &self.config, access.credentials)?) } else { None };
+            let children_from_source = matches!(scope, Scope::Part { from_source, .. } if !from_source.is_empty());
+            let mut unreadable = None;
+            let source_repo = if children_from_source || access.referrers {
+                match SourceRepo::new(source, &self.config, access.credentials) {
+                    Ok(repo) => Some(repo),
+                    Err(error) if children_from_source => {
+                        return Err(PushError::Source { reference: source.to_string(), error });
+                    }
+                    // Referrers are a bonus: the image is pushed without.
+                    Err(error) => {
+                        unreadable = Some(format!("reading the source {source}: {error}"));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let job = Job {
                 pusher: self,
                 registry,
@@ -205,7 +219,10 @@ impl Pusher {
                 && access.referrers
                 && pushed.root.as_ref().is_some_and(|root| root.digest == record.target.digest)
             {
-                pushed.referrers = job.copy_referrers(&record.target.digest).await;
+                pushed.referrers = match unreadable {
+                    Some(error) => Referrers { copied: Vec::new(), error: Some(error) },
+                    None => job.copy_referrers(&record.target.digest).await,
+                };
             }
             let snapshot = job.progress.snapshot();
             drop(job);
@@ -293,6 +310,15 @@ enum Origin<'a> {
     Node,
     /// The source registry, for what no node holds.
     Source(&'a SourceRepo),
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Node => f.write_str("containerd (the content store is corrupt)"),
+            Origin::Source(source) => write!(f, "the source {}", source.reference),
+        }
+    }
 }
 
 impl PartialEq for Origin<'_> {
@@ -420,11 +446,16 @@ fn effective_media_type(descriptor: &Descriptor, bytes: &[u8]) -> String {
 
 fn check_digest(expected: &str, size: u64, bytes: &[u8]) -> Result<(), PushError> {
     if bytes.len() as u64 != size {
-        return Err(PushError::SizeMismatch { digest: expected.into(), expected: size, actual: bytes.len() as u64 });
+        return Err(PushError::SizeMismatch {
+            digest: expected.into(),
+            expected: size,
+            actual: bytes.len() as u64,
+            origin: Origin::Node.to_string(),
+        });
     }
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
     if actual != expected {
-        return Err(PushError::DigestMismatch { expected: expected.into(), actual });
+        return Err(PushError::DigestMismatch { expected: expected.into(), actual, origin: Origin::Node.to_string() });
     }
     Ok(())
 }

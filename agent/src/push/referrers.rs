@@ -5,6 +5,7 @@
 //! against the backup checks the same signatures.
 
 use bytes::Bytes;
+use image_backup_oci::media::{is_index, media_type_of};
 use oci_spec::image::ImageIndex;
 use tracing::{debug, info, warn};
 
@@ -56,6 +57,11 @@ impl Job<'_> {
             })?;
             for referrer in index.manifests() {
                 let descriptor = to_descriptor(referrer);
+                if is_index(&descriptor.media_type) {
+                    // Not something cosign or oras writes; the rest still go.
+                    warn!(digest = %descriptor.digest, "a referrer that is an index is not copied");
+                    continue;
+                }
                 self.copy_manifest(source, &descriptor).await?;
                 copied.push(descriptor.digest);
             }
@@ -68,11 +74,18 @@ impl Job<'_> {
         }
         for suffix in COSIGN_SUFFIXES {
             let tag = format!("{fallback}.{suffix}");
-            let Some((media_type, bytes)) = source.registry.manifest(&source.repository, &tag).await.map_err(failed)?
+            // HEAD first: a GET counts against Docker Hub's pull limit.
+            if source.registry.manifest_digest(&source.repository, &tag).await.map_err(failed)?.is_none() {
+                continue;
+            }
+            let Some((declared, bytes)) = source.registry.manifest(&source.repository, &tag).await.map_err(failed)?
             else {
                 continue;
             };
-            let descriptor = Descriptor { media_type: media_type.clone(), digest: String::new(), size: 0 };
+            // The served Content-Type may carry parameters, or be missing.
+            let declared = declared.split(';').next().unwrap_or_default().trim();
+            let media_type = media_type_of(declared, &bytes);
+            let descriptor = Descriptor { media_type: media_type.clone(), digest: tag.clone(), size: 0 };
             let manifest = self.manifest_content(descriptor, bytes.clone())?;
             self.push_blobs(&manifest.blobs, Origin::Source(source)).await?;
             self.registry.put_manifest(self.repository, &tag, &media_type, bytes).await?;

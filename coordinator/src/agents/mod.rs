@@ -163,7 +163,8 @@ impl AgentHub {
         let agents = self.lock();
         let children: Vec<Child> = agents
             .values()
-            .find_map(|a| a.index(digest))
+            // An agent that could not read the index lists no children.
+            .find_map(|a| a.index(digest).filter(|index| !index.manifests.is_empty()))
             .map(|index| {
                 index
                     .manifests
@@ -192,6 +193,9 @@ impl AgentHub {
                         free: agent.free(),
                         root,
                         children: held,
+                        platform: agent.register.platform.as_ref().map_or_else(String::new, |p| {
+                            PlatformName::from((&*p.os, &*p.architecture, &*p.variant)).to_string()
+                        }),
                     };
                     (id, agent, holding)
                 })

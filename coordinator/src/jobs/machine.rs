@@ -166,7 +166,10 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
         }
         Phase::Completed | Phase::Failed => Next::Idle,
         Phase::Pending => {
-            if status.failures > 0 {
+            // Right after a failure (a copied part clears the error, not
+            // the count: a job that keeps failing where it last got to
+            // still runs out of attempts).
+            if status.failures > 0 && status.last_error.is_some() {
                 let wait = backoff(limits, status.failures);
                 if observed.since_transition < wait {
                     return Next::After(wait - observed.since_transition);
@@ -198,14 +201,24 @@ pub fn pending(observed: &Observed<'_>, limits: &Limits) -> Next {
         attempt: status.attempts + 1,
         part,
     };
-    let (left, platforms, finisher) = match plan::next(status, &observed.holdings, observed.digest) {
+    let (left, platforms, finisher, in_use) = match plan::next(status, &observed.holdings, observed.digest) {
         Plan::Assign { agent_id, node, part } => return assign(agent_id, node, part),
         Plan::Wait(message) => return waiting(status, message, None),
-        Plan::Nowhere { left, platforms, finisher } => (left, platforms, finisher),
+        Plan::Nowhere { left, platforms, finisher, in_use } => (left, platforms, finisher, in_use),
     };
     let list = platforms.join(", ");
     let digest = observed.digest;
-    let Some(source_error) = &status.source_error else {
+    let copied = plan::copied(status);
+    // After a coordinator restart, agents get the grace to reconnect.
+    let waited = observed.since_transition.min(observed.uptime);
+    // Nothing to keep, or a platform a node runs would be left out: no
+    // reduced index will do, so the source is tried again after each wait.
+    let stuck = copied.is_empty() || !in_use.is_empty();
+    let try_source = match &status.source_error {
+        None => true,
+        Some(_) => stuck && !limits.require_complete && waited >= limits.reduce_after,
+    };
+    if try_source {
         // What no node holds comes from the source, with the index.
         return match finisher {
             Some((agent_id, node)) => {
@@ -217,21 +230,24 @@ pub fn pending(observed: &Observed<'_>, limits: &Limits) -> Next {
                 None,
             ),
         };
-    };
-    let copied = plan::copied(status);
-    if copied.is_empty() {
-        let message =
-            format!("no node holds a platform of {digest} whole, and the source cannot provide one: {source_error}");
-        return waiting(status, message, None);
     }
-    // After a coordinator restart, agents get the grace to reconnect.
-    let waited = observed.since_transition.min(observed.uptime);
+    let source_error = status.source_error.as_deref().unwrap_or_default();
     if waited < limits.reduce_after {
-        let then = if limits.require_complete { "the backup fails" } else { "a reduced index goes without them" };
+        let after = limits.reduce_after.as_secs();
+        let then = if limits.require_complete {
+            format!("the backup fails unless a node brings them within {after}s")
+        } else if !in_use.is_empty() {
+            format!(
+                "{} run it on nodes that lack parts of it, so it is never backed up without them: the source is tried again in {after}s",
+                in_use.join(", ")
+            )
+        } else if copied.is_empty() {
+            format!("no platform is whole on any node: the source is tried again in {after}s")
+        } else {
+            format!("a reduced index goes without them unless a node brings them within {after}s")
+        };
         let message = format!(
-            "platforms {list} of {digest} are on no connected node and not in the source ({source_error}); \
-             {then} unless a node brings them within {}s",
-            limits.reduce_after.as_secs()
+            "platforms {list} of {digest} are on no connected node and not in the source ({source_error}); {then}"
         );
         return waiting(status, message, Some(limits.reduce_after - waited));
     }
@@ -430,7 +446,6 @@ impl Transition {
                 moved(&mut next, Phase::Pending);
                 next.last_transition_time = Some(Time(now));
                 mark_copied(&mut next, manifests, from_source, node);
-                next.failures = 0;
                 next.last_error = None;
                 next.message = Some(format!("copied {} from node {node}", platforms_of(manifests, &next.platforms)));
             }
@@ -553,6 +568,7 @@ mod tests {
             free,
             root: true,
             children: children.iter().map(|c| c.to_string()).collect(),
+            platform: "linux/amd64".into(),
         }
     }
 
@@ -599,7 +615,8 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_backs_off_doubling_then_stays_failed() {
-        let retried = ImageBackupStatus { failures: 2, ..status(Phase::Pending, 2) };
+        let retried =
+            ImageBackupStatus { failures: 2, last_error: Some("500".into()), ..status(Phase::Pending, 2) };
         let o = Observed { since_transition: Duration::from_secs(5), ..observed(&retried, None) };
         assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(15)), "20 s backoff after attempt 2");
         let failure = JobFailure { message: "registry said 500".into(), retryable: true, ..JobFailure::default() };
@@ -738,7 +755,11 @@ mod tests {
             Transition::Copied { node: "node-a".into(), manifests: vec!["a".into()], from_source: vec![] }
         );
         let after = copied.apply(&pushing, Timestamp::now());
-        assert_eq!((after.phase, after.failures), (Phase::Pending, 0), "a copied part clears the failures");
+        assert_eq!(
+            (after.phase, after.failures, after.last_error.as_deref()),
+            (Phase::Pending, 1, None),
+            "no backoff after a copied part"
+        );
         assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));
         assert_eq!(after.message.as_deref(), Some("copied linux/amd64 from node node-a"));
         let mut o = observed(&after, None);
@@ -824,5 +845,23 @@ mod tests {
         let after = retry.apply(&pushing, Timestamp::now());
         assert_eq!(after.platforms[1].copied_from, None);
         assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));
+    }
+
+    #[test]
+    fn a_platform_a_node_runs_is_never_left_out_and_the_source_is_tried_again() {
+        // node-a runs linux/arm64 here but holds only its index: its layers
+        // were discarded once unpacked, and the source failed once.
+        let pending = ImageBackupStatus { source_error: Some("refused".into()), ..index_status(&["a"]) };
+        let mut arm64 = holding("agent-a", true, &["a"]);
+        arm64.platform = "linux/arm64".into();
+        let mut o = observed(&pending, None);
+        o.holdings = index_holdings(vec![arm64]);
+        o.since_transition = Duration::from_secs(20);
+        let Next::Record(Transition::Waiting { message, recheck }) = next(&o, &limits()) else { panic!() };
+        assert!(message.contains("never backed up without them"), "{message}");
+        assert_eq!(recheck, Some(Duration::from_secs(40)));
+        o.since_transition = Duration::from_secs(61);
+        let Next::Assign { part, .. } = next(&o, &limits()) else { panic!("the source again, not a reduced index") };
+        assert_eq!((part.finish, part.from_source.len()), (Finish::Index, 2));
     }
 }

@@ -31,6 +31,8 @@ pub struct Holding {
     pub root: bool,
     /// For an index: the children its node holds whole.
     pub children: Vec<String>,
+    /// The platform of its node (`linux/amd64`), as the agent registered.
+    pub platform: String,
 }
 
 /// What the connected agents hold of one image.
@@ -72,6 +74,10 @@ pub enum Plan {
         left: Vec<String>,
         platforms: Vec<String>,
         finisher: Option<(String, String)>,
+        /// Those of `platforms` that a node holding the index runs on: it
+        /// runs the image but lacks parts of its own platform (containerd
+        /// discards or skips layers). Never left out of a backup.
+        in_use: Vec<String>,
     },
 }
 
@@ -117,10 +123,16 @@ pub fn next(status: &ImageBackupStatus, holdings: &Holdings, digest: &str) -> Pl
     if holdings.agents.iter().all(|h| !h.root) {
         return busy_or_absent(holdings, digest);
     }
+    let in_use = left
+        .iter()
+        .filter(|c| !c.attestation && holdings.agents.iter().any(|h| h.root && h.platform == c.platform))
+        .map(|c| c.platform.clone())
+        .collect();
     Plan::Nowhere {
         left: left.iter().map(|c| c.digest.clone()).collect(),
         platforms: left.iter().map(|c| platform_label(c)).collect(),
         finisher: holdings.agents.iter().find(|h| h.root && h.free).map(|h| (h.agent_id.clone(), h.node.clone())),
+        in_use,
     }
 }
 
@@ -165,6 +177,7 @@ mod tests {
             free,
             root,
             children: children.iter().map(|c| c.to_string()).collect(),
+            platform: "linux/amd64".into(),
         }
     }
 
@@ -209,9 +222,11 @@ mod tests {
         // index is what is left to decide.
         let Plan::Assign { agent_id, part, .. } = next(&with_copied(&["a"]), &holdings, "d") else { panic!() };
         assert_eq!((agent_id.as_str(), part.manifests, part.finish), ("y", vec!["b".to_string()], Finish::None));
-        let Plan::Nowhere { left, platforms, finisher } = next(&with_copied(&["a", "b"]), &holdings, "d") else {
+        let Plan::Nowhere { left, platforms, finisher, in_use } = next(&with_copied(&["a", "b"]), &holdings, "d")
+        else {
             panic!()
         };
+        assert!(in_use.is_empty(), "attestations are never in use");
         assert_eq!((left, platforms), (vec!["att".to_string()], vec!["unknown/unknown (attestation)".to_string()]));
         assert_eq!(finisher, Some(("x".into(), "node-x".into())));
     }
@@ -232,7 +247,10 @@ mod tests {
         // A node holds the index but no platform whole (containerd skipped
         // layers it had as snapshots): everything may come from the source.
         let nothing_whole = index(vec![holding("x", true, true, &[])]);
-        let Plan::Nowhere { left, .. } = next(&ImageBackupStatus::default(), &nothing_whole, "d") else { panic!() };
+        let Plan::Nowhere { left, in_use, .. } = next(&ImageBackupStatus::default(), &nothing_whole, "d") else {
+            panic!()
+        };
         assert_eq!(left.len(), 3);
+        assert_eq!(in_use, ["linux/amd64"], "the node runs its own platform, incomplete");
     }
 }

@@ -175,17 +175,21 @@ async fn backup_for(
     if !(current && status.phase == Phase::Completed) {
         return Ok(None);
     }
-    // The target comes from the spec and the configured location, never
-    // from status: what a workload runs is not for a status writer to say.
-    // Status only confirms the copy was verified there (not at a location
-    // the settings named before).
-    // A reduced index has a digest of its own, which the coordinator
-    // checked in the registry (annotated with the source index) before
-    // recording it: only its repository is compared.
+    // The repository comes from the spec and the configured location, and
+    // for a whole copy the digest too: status only confirms the copy was
+    // verified there (not at a location the settings named before). A
+    // reduced index has a digest of its own, known only from status, where
+    // the coordinator recorded it after seeing it in the registry annotated
+    // with the source index; a status writer could name another digest of
+    // the same repository (restricting who writes status is the trust
+    // issue's admission policy).
     let Ok(target) = ctx.config.backup.reference_for(source) else { return Ok(None) };
     let repository = target.name();
-    let reduced_here =
-        |r: &str| r.strip_prefix(repository.as_str()).is_some_and(|digest| digest.starts_with("@sha256:"));
+    let reduced_here = |r: &str| {
+        r.strip_prefix(repository.as_str())
+            .and_then(|d| d.strip_prefix("@sha256:"))
+            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    };
     let reference = match status.backup_reference {
         Some(reference) if status.reduced && reduced_here(&reference) => reference,
         Some(reference) if reference == target.pinned(digest) => reference,

@@ -69,7 +69,9 @@ pub struct RequestFailure {
 }
 
 impl RegistryError {
-    fn retryable(&self) -> bool {
+    /// Whether the call may succeed if made again: a 5xx, a 429 or a
+    /// dropped connection, not a refusal.
+    pub fn retryable(&self) -> bool {
         matches!(self, RegistryError::Request(f) if f.retryable)
     }
 
@@ -336,11 +338,14 @@ impl Registry {
         self.retrying(&call, || async {
             let response = self.send(&call, || self.inner.http.head(&url).header(ACCEPT, MANIFEST_ACCEPT)).await?;
             match response.status() {
+                // Registries need not send the header; a manifest asked
+                // for by digest and found is that digest.
                 StatusCode::OK => Ok(response
                     .headers()
                     .get("docker-content-digest")
                     .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)),
+                    .map(str::to_string)
+                    .or_else(|| reference.starts_with("sha256:").then(|| reference.to_string()))),
                 StatusCode::NOT_FOUND => Ok(None),
                 _ => Err(self.unexpected(&call, response).await),
             }
@@ -349,8 +354,9 @@ impl Registry {
     }
 
     /// A manifest's media type and bytes, or `None` when absent. The
-    /// bytes are checked against `reference` when it is a digest, so a
-    /// registry cannot hand over other content under it.
+    /// bytes are checked against `reference` when it is a sha256 digest (the
+    /// only kind references here carry), so a registry cannot hand over
+    /// other content under it.
     pub async fn manifest(&self, repository: &str, reference: &str) -> Result<Option<(String, Bytes)>, RegistryError> {
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.inner.base);
         let call = Call { operation: "GET manifest", repository, object: reference, extra_pull: None };
