@@ -615,8 +615,7 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_backs_off_doubling_then_stays_failed() {
-        let retried =
-            ImageBackupStatus { failures: 2, last_error: Some("500".into()), ..status(Phase::Pending, 2) };
+        let retried = ImageBackupStatus { failures: 2, last_error: Some("500".into()), ..status(Phase::Pending, 2) };
         let o = Observed { since_transition: Duration::from_secs(5), ..observed(&retried, None) };
         assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(15)), "20 s backoff after attempt 2");
         let failure = JobFailure { message: "registry said 500".into(), retryable: true, ..JobFailure::default() };
