@@ -6,6 +6,12 @@ use std::fmt;
 
 use oci_spec::image::{MediaType, Platform, ToDockerV2S2};
 
+/// `sha256:<hex>` of `bytes`: the digest content is addressed by.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// Whether a media type names a multi-platform index (OCI or Docker list).
 pub fn is_index(media_type: &str) -> bool {
     MediaType::from(media_type) == MediaType::ImageIndex

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use image_backup_oci::{
     ImageRef,
     index::{self, Child},
+    media::sha256_digest,
 };
-use sha2::{Digest as _, Sha256};
 use tracing::{debug, info};
 
 use super::{Job, Origin, PlatformManifest, PushError, Pushed, Pusher, check_digest, manifest_blobs, to_descriptor};
@@ -58,7 +58,7 @@ impl Pusher {
         if !root.media_type.is_empty() && !image_backup_oci::media::is_index(&root.media_type) {
             return Ok(None);
         }
-        let bytes = self.read(root).await?;
+        let bytes = self.read_manifest(root).await?;
         if !image_backup_oci::media::is_index(&super::effective_media_type(root, &bytes)) {
             return Ok(None);
         }
@@ -76,7 +76,7 @@ impl Pusher {
         if store.info(&manifest.digest).await.map_err(containerd)?.is_none() {
             return Ok(false);
         }
-        let bytes = self.read(manifest).await?;
+        let bytes = self.read_manifest(manifest).await?;
         let Ok(blobs) = manifest_blobs(manifest, &bytes) else {
             // A nested index or something else no kubelet runs.
             return Ok(false);
@@ -89,7 +89,8 @@ impl Pusher {
         Ok(true)
     }
 
-    async fn read(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
+    /// A manifest's bytes from containerd, size and digest checked.
+    pub(super) async fn read_manifest(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
         let bytes = self
             .store()
             .read_all(&descriptor.digest, descriptor.size)
@@ -175,7 +176,7 @@ impl Job<'_> {
                     .map_err(|error| PushError::Reduce { digest: root.digest.clone(), error })?;
                 let kept = children.iter().filter(|c| keep.contains(c.digest()));
                 self.require_in_target(&root, kept, &pushed).await?;
-                let digest = format!("sha256:{}", hex::encode(Sha256::digest(&reduced)));
+                let digest = sha256_digest(&reduced);
                 let descriptor = Descriptor { media_type: root.media_type.clone(), digest, size: reduced.len() as u64 };
                 info!(source_index = %root.digest, reduced = %descriptor.digest, kept = keep.len(), "pushing a reduced index");
                 let reduced = Bytes::from(reduced);

@@ -17,13 +17,12 @@ use std::{
 use bytes::Bytes;
 use futures::FutureExt;
 use oci_spec::image::ImageManifest;
-use sha2::{Digest as _, Sha256};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use image_backup_oci::{
     ImageRef,
     index::IndexError,
-    media::{PlatformName, is_index, media_type_of},
+    media::{PlatformName, is_index, media_type_of, sha256_digest},
     registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy},
 };
 
@@ -388,16 +387,10 @@ impl Job<'_> {
         Ok(())
     }
 
+    /// A manifest's bytes, held by the job's lease first.
     async fn read_manifest(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
         self.protect(&descriptor.digest).await?;
-        let bytes = self
-            .pusher
-            .store
-            .read_all(&descriptor.digest, descriptor.size)
-            .await
-            .map_err(|e| PushError::Containerd { what: format!("manifest {}", descriptor.digest), error: e })?;
-        check_digest(&descriptor.digest, descriptor.size, &bytes)?;
-        Ok(bytes)
+        self.pusher.read_manifest(descriptor).await
     }
 
     fn manifest_content(&self, descriptor: Descriptor, bytes: Bytes) -> Result<ManifestContent, PushError> {
@@ -453,7 +446,7 @@ fn check_digest(expected: &str, size: u64, bytes: &[u8]) -> Result<(), PushError
             origin: Origin::Node.to_string(),
         });
     }
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    let actual = sha256_digest(bytes);
     if actual != expected {
         return Err(PushError::DigestMismatch { expected: expected.into(), actual, origin: Origin::Node.to_string() });
     }

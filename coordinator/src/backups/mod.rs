@@ -3,7 +3,7 @@
 //! [`LiveJobs`](crate::jobs::LiveJobs), asks the state machine for the next
 //! step, performs it, and records it with optimistic concurrency.
 
-mod pull_secret;
+pub mod pull_secret;
 mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -159,7 +159,10 @@ async fn assign(
         return Ok(None);
     };
     let mut assignment = assignment(&name, backup, target, *attempt, part);
-    if (!assignment.from_source.is_empty() || assignment.copy_referrers)
+    // Only children to copy from the source are worth reading the users'
+    // pull secrets for (API calls per workload); referrers and a layer a
+    // node lacks are read with the agent's own credentials, or none.
+    if !assignment.from_source.is_empty()
         && let Ok(source) = ImageRef::parse(&backup.spec.source)
     {
         assignment.pull_secret = pull_secret::prepare(ctx, backup, source.registry()).await.unwrap_or_default();

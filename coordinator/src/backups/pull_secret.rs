@@ -5,7 +5,9 @@
 //! credential travels in a gRPC message, and an agent can read only
 //! Secrets of its own namespace, not every namespace's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+
+use parking_lot::Mutex;
 
 use image_backup_crds::ImageBackup;
 use k8s_openapi::{
@@ -33,6 +35,12 @@ const DOCKER_CFG: &str = ".dockercfg";
 /// `credsStore` would make a reader run a helper program) is dropped.
 const ENTRY_FIELDS: [&str; 4] = ["auth", "username", "password", "identitytoken"];
 
+/// The job pull secrets this coordinator wrote and has not deleted yet, so
+/// that a job that never had one costs no delete. One left by a coordinator
+/// that stopped meanwhile goes with its ImageBackup, which owns it.
+#[derive(Default)]
+pub struct Written(Mutex<HashSet<String>>);
+
 /// The name of a job's pull secret.
 pub fn name_for(backup: &str) -> String {
     // ImageBackup names are at most 253 characters; so are Secret names.
@@ -51,6 +59,7 @@ pub async fn prepare(ctx: &Context, backup: &ImageBackup, host: &str) -> Option<
             Ok(Some((secret, entry))) => {
                 return match write(ctx, backup, host, entry).await {
                     Ok(written) => {
+                        ctx.pull_secrets.0.lock().insert(written.clone());
                         info!(workload = %user, %secret, %host, "source credentials from the workload's pull secret");
                         Some(written)
                     }
@@ -67,10 +76,14 @@ pub async fn prepare(ctx: &Context, backup: &ImageBackup, host: &str) -> Option<
     None
 }
 
-/// Deletes the job's pull secret, if there is one.
+/// Deletes the job's pull secret, if this coordinator wrote one.
 pub async fn forget(ctx: &Context, backup: &str) {
+    let name = name_for(backup);
+    if !ctx.pull_secrets.0.lock().remove(&name) {
+        return;
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    match secrets.delete(&name_for(backup), &DeleteParams::default()).await {
+    match secrets.delete(&name, &DeleteParams::default()).await {
         Ok(_) => debug!("job pull secret deleted"),
         Err(kube::Error::Api(status)) if status.code == 404 => {}
         Err(e) => warn!(error = %e, "could not delete the job's pull secret; the ImageBackup's deletion will"),

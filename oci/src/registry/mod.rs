@@ -370,10 +370,10 @@ impl Registry {
             let media_type =
                 response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
             let bytes = response.bytes().await.map_err(|e| self.transport_error(&call, e))?;
-            if let Some(hex) = reference.strip_prefix("sha256:") {
-                let actual = sha256_hex(&bytes);
-                if actual != hex {
-                    let detail = format!("served content with digest sha256:{actual}");
+            if reference.starts_with("sha256:") {
+                let actual = crate::media::sha256_digest(&bytes);
+                if actual != reference {
+                    let detail = format!("served content with digest {actual}");
                     return Err(self.request_error(&call, None, detail, None));
                 }
             }
@@ -586,11 +586,6 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     parts.join(": ")
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 #[cfg(test)]
