@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
     daemon::{Agent, DaemonConfig},
+    link::{CoordinatorLink, LinkTls},
     progress::{Progress, spawn_printer},
     pull_secret::PullSecrets,
     push::{PushOptions, Pusher, Scope, SourceAccess},
@@ -44,9 +45,24 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "IMAGE_BACKUP_COORDINATOR",
-        default_value = "http://image-backup-coordinator.image-backup:50051"
+        default_value = "https://image-backup-coordinator.image-backup.svc:50051"
     )]
     pub coordinator: String,
+    /// The CA the coordinator's certificate is checked against (the
+    /// ConfigMap the coordinator publishes, mounted).
+    #[arg(long, env = "IMAGE_BACKUP_COORDINATOR_CA", default_value = "/etc/image-backup/ca/ca.crt")]
+    pub coordinator_ca: PathBuf,
+    /// The name the coordinator's certificate must carry, when it is not
+    /// the host of --coordinator.
+    #[arg(long, env = "IMAGE_BACKUP_COORDINATOR_NAME")]
+    pub coordinator_name: Option<String>,
+    /// Talk to the coordinator in plain text (an http:// URL): its token and
+    /// jobs then cross the network readable.
+    #[arg(long, env = "IMAGE_BACKUP_PLAINTEXT")]
+    pub plaintext: bool,
+    /// The agent's projected ServiceAccount token, read for every session.
+    #[arg(long, env = "IMAGE_BACKUP_TOKEN_FILE", default_value = "/var/run/secrets/image-backup/token")]
+    pub token_file: PathBuf,
     /// Name of the node this agent runs on (downward API spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -139,8 +155,10 @@ async fn daemon(args: RunArgs) -> anyhow::Result<()> {
         .with_read_path(args.containerd.content_read)
         .await;
     let pusher = Pusher::new(store, args.registry.config(), args.registry.options());
+    let tls = (!args.plaintext)
+        .then(|| LinkTls { ca_file: args.coordinator_ca.clone(), server_name: args.coordinator_name.clone() });
     let config = DaemonConfig {
-        coordinator: args.coordinator,
+        coordinator: CoordinatorLink::new(args.coordinator, tls, Some(args.token_file))?,
         agent_id: args.agent_id.unwrap_or_else(|| args.node_name.clone()),
         node_name: args.node_name,
         max_jobs: args.max_jobs.max(1),

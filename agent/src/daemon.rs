@@ -17,9 +17,10 @@ use std::{
 use futures::StreamExt;
 use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName, registry::Credentials};
 use image_backup_proto::v1::{
-    AgentMessage, Assignment, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress,
-    JobResult, JobSuccess, Platform as ProtoPlatform, PlatformManifest as ProtoPlatformManifest, Register,
-    agent_message, agent_service_client::AgentServiceClient, coordinator_message, job_result,
+    AgentMessage, Assignment, CoordinatorMessage, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage,
+    JobFailure, JobProgress, JobResult, JobSuccess, Platform as ProtoPlatform,
+    PlatformManifest as ProtoPlatformManifest, Register, agent_message, agent_service_client::AgentServiceClient,
+    coordinator_message, job_result,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
+    link::{CoordinatorLink, LinkError},
     progress::Progress,
     pull_secret::{PullSecretError, PullSecrets},
     push::{Finish, PushError, Pusher, Scope, SourceAccess},
@@ -34,8 +36,8 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// Coordinator gRPC endpoint, e.g. `http://image-backup-coordinator:50051`.
-    pub coordinator: String,
+    /// How to reach the coordinator.
+    pub coordinator: CoordinatorLink,
     /// Kubernetes node this agent runs on.
     pub node_name: String,
     /// Stable identity of this agent (its pod name).
@@ -50,8 +52,8 @@ pub struct DaemonConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("connecting to coordinator {endpoint}: {error}")]
-    Connect { endpoint: String, error: tonic::transport::Error },
+    #[error(transparent)]
+    Link(#[from] LinkError),
     #[error("coordinator {endpoint} refused the session: {status}")]
     Refused { endpoint: String, status: Box<tonic::Status> },
     #[error("session with coordinator {endpoint} broke: {status}")]
@@ -103,7 +105,8 @@ impl Agent {
     }
 
     /// Runs sessions until `shutdown` resolves, reconnecting with jittered
-    /// exponential backoff after each failure.
+    /// exponential backoff after each failure. A session is renewed before
+    /// its token expires by opening the next one first, so no job is lost.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         // Jobs outlive sessions, not the agent: however `run` ends, even
         // dropped mid-way, no copy goes on pushing behind its back.
@@ -111,21 +114,51 @@ impl Agent {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
         loop {
-            let session = self.clone().session();
-            tokio::select! {
+            let opened = tokio::select! {
                 () = &mut shutdown => {
                     info!("shutting down");
                     return;
                 }
-                result = session => {
-                    match result {
-                        Ok(()) => {
-                            info!("coordinator closed the session; reconnecting");
-                            backoff = Duration::from_millis(200);
+                opened = self.clone().open() => opened,
+            };
+            match opened {
+                Ok(mut session) => {
+                    backoff = Duration::from_millis(200);
+                    loop {
+                        let renew = session.renew_in;
+                        let step = tokio::select! {
+                            () = &mut shutdown => {
+                                info!("shutting down");
+                                return;
+                            }
+                            ended = self.serve(&mut session) => Step::Ended(ended),
+                            () = sleep_or_never(renew) => Step::Renew,
+                        };
+                        match step {
+                            Step::Ended(Ok(())) => {
+                                info!("coordinator closed the session; reconnecting");
+                                break;
+                            }
+                            Step::Ended(Err(e)) => {
+                                warn!(error = %e, retry_in = ?backoff, "coordinator session failed");
+                                break;
+                            }
+                            // The next session registers before this one
+                            // goes: the coordinator swaps them.
+                            Step::Renew => match self.clone().open().await {
+                                Ok(next) => {
+                                    session = next;
+                                    info!("session renewed with the current token");
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "renewing the session failed; trying again in 30s");
+                                    session.renew_in = Some(Duration::from_secs(30));
+                                }
+                            },
                         }
-                        Err(e) => warn!(error = %e, retry_in = ?backoff, "coordinator session failed"),
                     }
                 }
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "coordinator session failed"),
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
             tokio::select! {
@@ -136,53 +169,58 @@ impl Agent {
         }
     }
 
-    /// One session: register, report inventory, then serve assignments
-    /// until either side goes away.
-    async fn session(self: Arc<Self>) -> Result<(), SessionError> {
-        let endpoint = self.config.coordinator.clone();
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .map_err(|error| SessionError::Connect { endpoint: endpoint.clone(), error })?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .connect()
-            .await
-            .map_err(|error| SessionError::Connect { endpoint: endpoint.clone(), error })?;
+    /// Opens a session: registers, reports the inventory, and makes it the
+    /// one results go to.
+    async fn open(self: Arc<Self>) -> Result<Session, SessionError> {
+        let link = &self.config.coordinator;
+        let token = link.token().await?;
+        let channel = link.connect().await?;
         let (tx, rx) = mpsc::channel(256);
         // Registration and the full inventory are queued before the call, so
         // the coordinator never sees an anonymous session; the channel holds
-        // them until the call starts reading it.
-        let running: Vec<String> = lock(&self.jobs).keys().cloned().collect();
+        // them until the call starts reading it. Jobs with a result not yet
+        // delivered count as running: their results are still to come.
+        let mut running: Vec<String> = lock(&self.jobs).keys().cloned().collect();
+        running.extend(lock(&self.undelivered).iter().filter_map(result_job).map(str::to_string));
         let _ = tx.send(message(agent_message::Message::Register(self.register(running)))).await;
         let _ = tx.send(message(agent_message::Message::Inventory(self.full_inventory().await?))).await;
-        let mut replies = AgentServiceClient::new(channel)
-            .session(ReceiverStream::new(rx))
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let renew_in = token.and_then(|token| {
+            request.metadata_mut().insert("authorization", token.authorization);
+            token.renew_in
+        });
+        let endpoint = link.endpoint().to_string();
+        let replies = AgentServiceClient::new(channel)
+            .session(request)
             .await
             .map_err(|status| SessionError::Refused { endpoint: endpoint.clone(), status: Box::new(status) })?
             .into_inner();
         *lock(&self.session) = Some(tx.clone());
-        // However the session ends (even dropped mid-way), results go to the
-        // next one instead of a stream nobody reads.
-        let _current = CurrentSession(&self.session);
         info!(coordinator = %endpoint, "session established");
         let undelivered = std::mem::take(&mut *lock(&self.undelivered));
         for result in undelivered {
             let _ = tx.send(result).await;
         }
-
         let heartbeat = Arc::new(Mutex::new(DEFAULT_HEARTBEAT));
         // Aborted with the session, however it ends (even dropped by a
         // shutdown): they hold the outbound stream open.
-        let _background = AbortOnDrop(vec![
+        let background = AbortOnDrop(vec![
             tokio::spawn(self.clone().heartbeats(tx.clone(), heartbeat.clone())),
             tokio::spawn(self.clone().report_progress(tx.clone())),
             tokio::spawn(self.clone().follow_images(tx.clone())),
         ]);
-        loop {
-            match replies.message().await {
+        Ok(Session { replies, heartbeat, renew_in, endpoint, _background: background, tx })
+    }
+
+    /// Serves a session's assignments until either side goes away.
+    async fn serve(self: &Arc<Self>, session: &mut Session) -> Result<(), SessionError> {
+        let result = loop {
+            match session.replies.message().await {
                 Ok(Some(reply)) => match reply.message {
                     Some(coordinator_message::Message::Registered(registered)) => {
                         if registered.heartbeat_interval_seconds > 0 {
-                            *lock(&heartbeat) = Duration::from_secs(registered.heartbeat_interval_seconds.into());
+                            *lock(&session.heartbeat) =
+                                Duration::from_secs(registered.heartbeat_interval_seconds.into());
                         }
                         info!(coordinator_id = %registered.coordinator_id, "registered");
                     }
@@ -197,10 +235,16 @@ impl Agent {
                 },
                 Ok(None) => break Ok(()),
                 Err(status) => {
-                    break Err(SessionError::Broken { endpoint: endpoint.clone(), status: Box::new(status) });
+                    break Err(SessionError::Broken { endpoint: session.endpoint.clone(), status: Box::new(status) });
                 }
             }
+        };
+        // Results go to the next session instead of a stream nobody reads.
+        let mut current = lock(&self.session);
+        if current.as_ref().is_some_and(|tx| tx.same_channel(&session.tx)) {
+            *current = None;
         }
+        result
     }
 
     fn register(&self, running_job_ids: Vec<String>) -> Register {
@@ -499,12 +543,35 @@ impl Agent {
     }
 }
 
-/// Forgets the session's sender when dropped.
-struct CurrentSession<'a>(&'a Mutex<Option<mpsc::Sender<AgentMessage>>>);
+/// An open session with the coordinator.
+struct Session {
+    replies: tonic::Streaming<CoordinatorMessage>,
+    heartbeat: Arc<Mutex<Duration>>,
+    /// When to open the next one (the token's renewal time).
+    renew_in: Option<Duration>,
+    endpoint: String,
+    tx: mpsc::Sender<AgentMessage>,
+    _background: AbortOnDrop,
+}
 
-impl Drop for CurrentSession<'_> {
-    fn drop(&mut self) {
-        *lock(self.0) = None;
+/// What ended a wait on a session.
+enum Step {
+    Ended(Result<(), SessionError>),
+    Renew,
+}
+
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The job a queued result message is about.
+fn result_job(message: &AgentMessage) -> Option<&str> {
+    match &message.message {
+        Some(agent_message::Message::Result(result)) => Some(&result.job_id),
+        _ => None,
     }
 }
 

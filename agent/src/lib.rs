@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod containerd;
 pub mod daemon;
+pub mod link;
 pub mod progress;
 pub mod pull_secret;
 pub mod push;

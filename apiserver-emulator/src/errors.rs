@@ -90,7 +90,12 @@ fn details(name: &str, group: &str, kind: &str) -> Value {
 }
 
 impl ApiError {
-    fn status(code: u16, reason: Option<&'static str>, message: impl Into<String>, details: Option<Value>) -> Self {
+    pub(crate) fn status(
+        code: u16,
+        reason: Option<&'static str>,
+        message: impl Into<String>,
+        details: Option<Value>,
+    ) -> Self {
         ApiError::Status { code, reason, message: message.into(), details, metadata: None }
     }
 

@@ -293,6 +293,7 @@ async fn dispatch(state: &Arc<State>, target: Target, req: &ApiRequest) -> ApiRe
         }
         (Method::GET, None) => list(store, &rt, namespace.as_deref(), query).map(|l| json_response(200, &l, &[])),
         (Method::POST, None) if rt.plural == "tokenreviews" => token_review(state, &rt, body),
+        (Method::POST, None) if rt.plural == "subjectaccessreviews" => access_review(state, &rt, body),
         (Method::POST, None) if rt.namespaced && namespace.is_none() => Err(ApiError::method_not_allowed()),
         (Method::POST, None) => {
             let obj = parse_json(body, &rt)?;
@@ -578,6 +579,32 @@ fn token_review(state: &State, rt: &ResourceType, body: &Bytes) -> ApiResult<Res
     Ok(json_response(201, &answer, &[]))
 }
 
+fn access_review(state: &State, rt: &ResourceType, body: &Bytes) -> ApiResult<Response<Body>> {
+    let review = parse_json(body, rt)?;
+    let spec = &review["spec"];
+    if spec["user"].as_str().unwrap_or_default().is_empty() && spec["groups"].as_array().is_none_or(Vec::is_empty) {
+        return Err(ApiError::invalid_as(
+            "SubjectAccessReview.authorization.k8s.io",
+            "authorization.k8s.io",
+            "SubjectAccessReview",
+            "",
+            vec![Cause::invalid(
+                "spec.user,spec.groups",
+                &json!(null),
+                "at least one of user or group must be specified",
+            )],
+        ));
+    }
+    let answer = json!({
+        "kind": "SubjectAccessReview",
+        "apiVersion": "authorization.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "spec": spec,
+        "status": super::rbac::review(&state.store, spec),
+    });
+    Ok(json_response(201, &answer, &[]))
+}
+
 fn token_request(state: &State, sa_type: &ResourceType, ns: &str, sa: &str, body: &Bytes) -> ApiResult<Response<Body>> {
     let request: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("decoding TokenRequest: {e}")))?;
@@ -606,6 +633,9 @@ fn token_request(state: &State, sa_type: &ResourceType, ns: &str, sa: &str, body
     let pod = (bound["kind"] == "Pod").then(|| {
         (bound["name"].as_str().unwrap_or_default().to_string(), bound["uid"].as_str().unwrap_or_default().to_string())
     });
+    if let Some((name, uid)) = &pod {
+        bound_pod(state, ns, sa, name, uid)?;
+    }
     let expires = jiff::Timestamp::now().as_second() + seconds;
     let token = state.tokens.issue(TokenInfo {
         namespace: ns.to_string(),
@@ -629,6 +659,28 @@ fn token_request(state: &State, sa_type: &ResourceType, ns: &str, sa: &str, body
 
 /// Whether the Pod a token is bound to still exists (in any namespace
 /// bound tokens name their own namespace's Pod; the uid makes it unique).
+/// What the real server checks of the pod a token is bound to.
+fn bound_pod(state: &State, namespace: &str, sa: &str, name: &str, uid: &str) -> ApiResult<()> {
+    let pods = state.store.resolve("", "v1", "pods").ok_or(ApiError::PageNotFound)?;
+    let pod = state.store.get(&pods, namespace, name)?;
+    if !uid.is_empty() && str_field(&pod, "uid") != uid {
+        return Err(ApiError::status(
+            409,
+            Some("Conflict"),
+            format!(
+                "the UID in the bound object reference ({uid}) does not match the UID in record. The object might have been deleted and then recreated"
+            ),
+            None,
+        ));
+    }
+    if pod["spec"]["serviceAccountName"].as_str().unwrap_or("default") != sa {
+        return Err(ApiError::bad_request(format!(
+            "cannot bind token for serviceaccount {sa:?} to pod running with different serviceaccount name."
+        )));
+    }
+    Ok(())
+}
+
 fn pod_alive(state: &State, namespace: &str, pod: &str, uid: &str) -> bool {
     let Some(pods) = state.store.resolve("", "v1", "pods") else { return false };
     state.store.get(&pods, namespace, pod).is_ok_and(|p| str_field(&p, "uid") == uid)

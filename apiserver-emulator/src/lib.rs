@@ -76,6 +76,7 @@ mod errors;
 mod fields;
 mod http;
 mod patch;
+mod rbac;
 mod resources;
 mod selectors;
 mod store;

@@ -179,6 +179,9 @@ pub fn builtin_types() -> Vec<ResourceType> {
     leases.update_requires_rv = true;
     let mut token_reviews = ResourceType::builtin("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", false);
     token_reviews.create_only = true;
+    let mut access_reviews =
+        ResourceType::builtin("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", false);
+    access_reviews.create_only = true;
     vec![
         ResourceType::builtin("", "v1", "namespaces", "Namespace", false).with_status().with_short_names(&["ns"]),
         pods,
@@ -203,6 +206,11 @@ pub fn builtin_types() -> Vec<ResourceType> {
         new_events,
         leases,
         token_reviews,
+        access_reviews,
+        ResourceType::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true),
+        ResourceType::builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true),
+        ResourceType::builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
+        ResourceType::builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false),
         ResourceType::builtin(
             "apiextensions.k8s.io",
             "v1",

@@ -3,10 +3,17 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::Parser;
+use clap::{Args, Parser};
 use image_backup_oci::{access::RegistryAccess, registry::RetryPolicy};
 
-use crate::{config::CoordinatorConfig, workloads::workload::Exclusions};
+use crate::{
+    config::CoordinatorConfig,
+    trust::{
+        agents::{AgentAccount, DEFAULT_AUDIENCE},
+        tls::{TlsSettings, TlsSource},
+    },
+    workloads::workload::Exclusions,
+};
 use image_backup_oci::BackupTarget;
 
 #[derive(Parser, Debug)]
@@ -65,6 +72,66 @@ pub struct Cli {
     pub concurrency: u16,
     #[command(flatten)]
     pub registry: RegistryAccess,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// Who may use the gRPC port, and over what.
+#[derive(Args, Debug)]
+pub struct TrustArgs {
+    /// The ServiceAccount (in this namespace) whose pod-bound tokens open
+    /// agent sessions.
+    #[arg(long, env = "IMAGE_BACKUP_AGENT_SERVICE_ACCOUNT", default_value = "image-backup-agent")]
+    pub agent_service_account: String,
+    /// Audience of agent tokens (the projected token's `audience`).
+    #[arg(long, env = "IMAGE_BACKUP_AGENT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub agent_audience: String,
+    /// Serve gRPC without TLS (a port only reachable over a trusted link).
+    #[arg(long, env = "IMAGE_BACKUP_GRPC_PLAINTEXT")]
+    pub grpc_plaintext: bool,
+    /// Serve the certificate of this `kubernetes.io/tls` Secret (one
+    /// cert-manager writes, say); without it the coordinator issues its own
+    /// from a CA it keeps in --tls-ca-secret.
+    #[arg(long, env = "IMAGE_BACKUP_TLS_SECRET")]
+    pub tls_secret: Option<String>,
+    /// Where the coordinator keeps its own CA.
+    #[arg(long, env = "IMAGE_BACKUP_TLS_CA_SECRET", default_value = "image-backup-ca")]
+    pub tls_ca_secret: String,
+    /// The ConfigMap (key `ca.crt`) the coordinator publishes the CA to, for
+    /// agents to trust.
+    #[arg(long, env = "IMAGE_BACKUP_TLS_CA_CONFIGMAP", default_value = "image-backup-ca")]
+    pub tls_ca_config_map: String,
+    /// Names (DNS or IP) the coordinator's own certificate covers,
+    /// comma-separated; the Service's names in this namespace when unset.
+    #[arg(long, env = "IMAGE_BACKUP_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+    /// Let JobService calls without a token read jobs.
+    #[arg(long, env = "IMAGE_BACKUP_ANONYMOUS_READS")]
+    pub anonymous_reads: bool,
+}
+
+/// The Service agents and people reach the coordinator through.
+const SERVICE: &str = "image-backup-coordinator";
+
+impl TrustArgs {
+    fn tls(&self, namespace: &str) -> Option<TlsSettings> {
+        if self.grpc_plaintext {
+            return None;
+        }
+        let source = match &self.tls_secret {
+            Some(secret) => TlsSource::Secret(secret.clone()),
+            None => {
+                let names = if self.tls_names.is_empty() {
+                    let svc = format!("{SERVICE}.{namespace}.svc");
+                    vec![SERVICE.to_string(), format!("{SERVICE}.{namespace}"), format!("{svc}.cluster.local"), svc]
+                } else {
+                    self.tls_names.clone()
+                };
+                TlsSource::OwnCa { ca_secret: self.tls_ca_secret.clone(), names }
+            }
+        };
+        Some(TlsSettings { source, ca_config_map: self.tls_ca_config_map.clone(), namespace: namespace.to_string() })
+    }
 }
 
 impl Cli {
@@ -83,6 +150,13 @@ impl Cli {
             reduce_after: self.reduce_after,
             require_complete_index: self.require_complete_index,
             concurrency: self.concurrency.max(1),
+            agents: AgentAccount {
+                namespace: self.namespace.clone(),
+                service_account: self.trust.agent_service_account.clone(),
+                audience: self.trust.agent_audience.clone(),
+            },
+            tls: self.trust.tls(&self.namespace),
+            anonymous_reads: self.trust.anonymous_reads,
         }
     }
 }

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use image_backup_oci::{BackupTarget, registry::RegistryConfig};
 
-use crate::workloads::workload::Exclusions;
+use crate::{
+    trust::{agents::AgentAccount, tls::TlsSettings},
+    workloads::workload::Exclusions,
+};
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -30,4 +33,10 @@ pub struct CoordinatorConfig {
     pub require_complete_index: bool,
     /// Reconciles run at once, per kind.
     pub concurrency: u16,
+    /// Whose tokens open agent sessions.
+    pub agents: AgentAccount,
+    /// TLS of the gRPC port; `None` serves plain text.
+    pub tls: Option<TlsSettings>,
+    /// JobService reads without a token.
+    pub anonymous_reads: bool,
 }

@@ -17,7 +17,18 @@ use kube::{ResourceExt, runtime::reflector::Store};
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use crate::{agents::AgentHub, relist::Change, workloads::usage::Usage};
+use crate::{
+    agents::{AgentHub, AgentSessions},
+    relist::Change,
+    trust::readers::Readers,
+    workloads::usage::Usage,
+};
+
+/// Largest agent message: a full inventory of a node with thousands of
+/// images fits; anything larger is refused before it is read.
+pub const MAX_AGENT_MESSAGE: usize = 16 << 20;
+/// Largest JobService request (a few filters).
+const MAX_READ_REQUEST: usize = 64 << 10;
 
 /// Changes of ImageBackups for WatchJobs, fed from the ImageBackup watch
 /// (deletions included, which a reconciler never sees).
@@ -138,6 +149,8 @@ pub struct Jobs {
     pub backups: Store<ImageBackup>,
     pub feed: Arc<JobFeed>,
     pub agents: Arc<AgentHub>,
+    /// Who may call: every method checks first.
+    pub readers: Arc<Readers>,
 }
 
 impl Jobs {
@@ -153,6 +166,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send + 
 #[tonic::async_trait]
 impl JobService for Jobs {
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        self.readers.check(request.metadata()).await?;
         let filter = request.into_inner();
         let jobs = self
             .jobs()
@@ -163,6 +177,7 @@ impl JobService for Jobs {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        self.readers.check(request.metadata()).await?;
         let wanted = request.into_inner().name;
         if wanted.is_empty() {
             return Err(Status::invalid_argument("name is required: an ImageBackup name or a source reference"));
@@ -177,7 +192,8 @@ impl JobService for Jobs {
             .ok_or_else(|| Status::not_found(format!("no backup job named or for {wanted:?}")))
     }
 
-    async fn list_agents(&self, _: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+    async fn list_agents(&self, request: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+        self.readers.check(request.metadata()).await?;
         let agents = self
             .agents
             .agents()
@@ -201,6 +217,7 @@ impl JobService for Jobs {
 
     /// The current jobs as ADDED, then every change, until the client goes.
     async fn watch_jobs(&self, request: Request<WatchJobsRequest>) -> Result<Response<WatchStream>, Status> {
+        self.readers.check(request.metadata()).await?;
         let phases = request.into_inner().phases;
         // Subscribe before the snapshot so no change falls between them.
         let mut changes = self.feed.changes.subscribe();
@@ -234,11 +251,14 @@ impl JobService for Jobs {
 /// Every gRPC service of the coordinator on one router: AgentService,
 /// JobService, grpc.health.v1 and server reflection (v1 and v1alpha, as
 /// grpcurl versions differ in which they ask).
-pub async fn grpc_routes(jobs: Jobs) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+pub async fn grpc_routes(
+    jobs: Jobs,
+    sessions: AgentSessions,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     use image_backup_proto::v1::{agent_service_server::AgentServiceServer, job_service_server::JobServiceServer};
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<Jobs>>().await;
-    health.set_serving::<AgentServiceServer<crate::agents::AgentSessions>>().await;
+    health.set_serving::<AgentServiceServer<AgentSessions>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(image_backup_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -251,7 +271,7 @@ pub async fn grpc_routes(jobs: Jobs) -> Result<tonic::service::Routes, tonic_ref
     routes = routes
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(AgentServiceServer::new(crate::agents::AgentSessions(jobs.agents.clone())))
-        .add_service(JobServiceServer::new(jobs));
+        .add_service(AgentServiceServer::new(sessions).max_decoding_message_size(MAX_AGENT_MESSAGE))
+        .add_service(JobServiceServer::new(jobs).max_decoding_message_size(MAX_READ_REQUEST));
     Ok(routes)
 }

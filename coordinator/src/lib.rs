@@ -7,6 +7,7 @@
 //! - [`jobs`]: jobs apart from Kubernetes (agent reports, the state machine)
 //! - [`agents`]: agent sessions, what their nodes hold, their free slots
 //! - [`grpc`]: JobService, health and reflection
+//! - [`trust`]: agent and reader authentication, TLS of the gRPC port
 
 pub mod agents;
 pub mod backups;
@@ -19,4 +20,5 @@ pub mod metrics;
 pub mod probes;
 pub mod relist;
 pub mod run;
+pub mod trust;
 pub mod workloads;

@@ -29,7 +29,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, info, warn};
 
 use crate::{
-    agents::AgentHub,
+    agents::{AgentHub, AgentSessions},
     backups,
     config::CoordinatorConfig,
     context::{Context, Error},
@@ -38,6 +38,7 @@ use crate::{
     metrics::Metrics,
     probes::{self, Probes},
     relist::{Change, Seen},
+    trust::{agents::AgentAuthenticator, listener::tls_incoming, readers::Readers, tls},
     workloads::{
         self,
         usage::{Usage, WorkloadKey},
@@ -66,6 +67,8 @@ pub enum RunError {
     Probes(std::io::Error),
     #[error("gRPC listener: {0}")]
     Listener(std::io::Error),
+    #[error("TLS of the gRPC port")]
+    Tls(#[from] crate::trust::tls::TlsError),
     #[error("gRPC server on {addr}: {error}")]
     Grpc { addr: SocketAddr, error: tonic::transport::Error },
 }
@@ -128,20 +131,35 @@ pub async fn run(
     );
 
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
-    let routes = grpc_routes(Jobs { backups: backup_store.clone(), feed: feed.clone(), agents: hub.clone() }).await?;
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), {
-            let shutdown = shutdown.clone();
-            let hub = hub.clone();
-            async move {
-                shutdown.await;
-                // Long-lived agent sessions would hold a graceful shutdown
-                // open forever; ending them sends the agents to reconnect.
-                hub.close_sessions();
-            }
-        });
+    let sessions =
+        AgentSessions::new(hub.clone(), Arc::new(AgentAuthenticator::new(client.clone(), ctx.config.agents.clone())));
+    let readers = Arc::new(Readers::new(client.clone(), ctx.config.anonymous_reads));
+    let jobs_service = Jobs { backups: backup_store.clone(), feed: feed.clone(), agents: hub.clone(), readers };
+    let routes = grpc_routes(jobs_service, sessions).await?;
+    let server =
+        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(20))).add_routes(routes);
+    let stopped = {
+        let shutdown = shutdown.clone();
+        let hub = hub.clone();
+        async move {
+            shutdown.await;
+            // Long-lived agent sessions would hold a graceful shutdown
+            // open forever; ending them sends the agents to reconnect.
+            hub.close_sessions();
+        }
+    };
+    let (grpc, certificates) = match ctx.config.tls.clone() {
+        Some(settings) => {
+            let (config, keeper) = tls::serving(client.clone(), settings).await?;
+            let incoming = tls_incoming(grpc_listener, config);
+            (server.serve_with_incoming_shutdown(incoming, stopped).boxed(), keeper.boxed())
+        }
+        None => {
+            warn!("gRPC is served in plain text: agents' tokens and jobs cross the network readable");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            (server.serve_with_incoming_shutdown(incoming, stopped).boxed(), std::future::pending().boxed())
+        }
+    };
     info!(%addr, "gRPC listening");
 
     let expiry = {
@@ -207,6 +225,7 @@ pub async fn run(
         () = async { tokio::join!(backup_controller, deployments, daemonsets, synced); } => {},
         () = backup_watch => {},
         () = expiry => {},
+        () = certificates => {},
     }
     info!("coordinator stopped");
     Ok(())

@@ -7,13 +7,14 @@
 use std::time::Duration;
 
 use apiserver_emulator::ApiServer;
-use image_backup_agent::{
-    containerd::{ContentStore, ReadPath},
-    daemon::{Agent, DaemonConfig},
-    pull_secret::PullSecrets,
-    push::{PushOptions, Pusher},
+use image_backup_coordinator::{
+    config::CoordinatorConfig,
+    trust::{
+        agents::{AgentAccount, DEFAULT_AUDIENCE},
+        tls::{TlsSettings, TlsSource},
+    },
+    workloads::rewrite::ORIGINAL_IMAGES_ANNOTATION,
 };
-use image_backup_coordinator::{config::CoordinatorConfig, run::run, workloads::rewrite::ORIGINAL_IMAGES_ANNOTATION};
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{
@@ -28,8 +29,6 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
-
-use crate::{Containerd, containerd::NAMESPACE};
 
 /// Registers the ImageBackup CRD and the namespaces, and waits until the
 /// custom resource is served.
@@ -47,7 +46,10 @@ pub async fn prepare(client: &Client, namespaces: &[&str]) {
         backups.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
     })
     .await;
-    for ns in namespaces {
+    // The product's own namespace always: the coordinator keeps its CA
+    // there, and agents' pods run there.
+    let own = ["image-backup"];
+    for ns in namespaces.iter().chain(own.iter().filter(|own| !namespaces.contains(own))) {
         create(
             &Api::<Namespace>::all(client.clone()),
             json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } }),
@@ -78,6 +80,19 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         reduce_after: Duration::from_secs(3),
         require_complete_index: false,
         concurrency: 8,
+        agents: AgentAccount {
+            namespace: "image-backup".into(),
+            service_account: crate::identity::AGENT_ACCOUNT.into(),
+            audience: DEFAULT_AUDIENCE.into(),
+        },
+        // Over TLS, as installed: a CA of its own, a certificate for the
+        // address the tests dial.
+        tls: Some(TlsSettings {
+            source: TlsSource::OwnCa { ca_secret: "image-backup-ca".into(), names: vec!["127.0.0.1".into()] },
+            ca_config_map: "image-backup-ca".into(),
+            namespace: "image-backup".into(),
+        }),
+        anonymous_reads: false,
     }
 }
 
@@ -102,80 +117,6 @@ pub fn quick_retries(host: &str, give_up_after: Duration) -> RegistryConfig {
         },
         ..RegistryConfig::default()
     }
-}
-
-/// Starts the coordinator on loopback ports; returns its gRPC address and
-/// its metrics URL. It runs until the test ends.
-pub async fn start_coordinator(client: &Client, config: CoordinatorConfig) -> (std::net::SocketAddr, String) {
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gRPC port");
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
-    let addr = grpc.local_addr().expect("gRPC address");
-    let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
-    let counters = image_backup_coordinator::metrics::Metrics::new();
-    let coordinator =
-        run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
-    tokio::spawn(async move {
-        // A test that waits on a coordinator that has stopped says why.
-        if let Err(e) = coordinator.await {
-            eprintln!("the coordinator stopped: {e}");
-        }
-    });
-    (addr, metrics_url)
-}
-
-/// Starts an agent daemon for `node` on a harness containerd; it runs until
-/// the returned task is aborted.
-pub async fn start_agent(
-    containerd: &Containerd,
-    node: &str,
-    coordinator: std::net::SocketAddr,
-    registry: RegistryConfig,
-) -> tokio::task::JoinHandle<()> {
-    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, None).await
-}
-
-/// An agent that reads jobs' pull secrets from `namespace` with `client`,
-/// as one in the cluster does with its own account.
-pub async fn start_agent_reading_secrets(
-    containerd: &Containerd,
-    node: &str,
-    coordinator: std::net::SocketAddr,
-    registry: RegistryConfig,
-    secrets: (Client, &str),
-) -> tokio::task::JoinHandle<()> {
-    let pull_secrets = Some(PullSecrets::new(secrets.0, secrets.1));
-    start_agent_on(&containerd.socket(), NAMESPACE, node, coordinator, registry, 2, pull_secrets).await
-}
-
-/// Starts an agent daemon for `node` on any containerd (a real node's),
-/// reading jobs' pull secrets with `pull_secrets` when given.
-pub async fn start_agent_on(
-    socket: &std::path::Path,
-    namespace: &str,
-    node: &str,
-    coordinator: std::net::SocketAddr,
-    registry: RegistryConfig,
-    max_jobs: u32,
-    pull_secrets: Option<PullSecrets>,
-) -> tokio::task::JoinHandle<()> {
-    let store = ContentStore::connect(socket, namespace)
-        .await
-        .expect("connect to containerd")
-        .with_read_path(ReadPath::Auto)
-        .await;
-    let agent = Agent::new(
-        DaemonConfig {
-            coordinator: format!("http://{coordinator}"),
-            node_name: node.into(),
-            agent_id: format!("agent-{node}"),
-            max_jobs,
-            reconnect_max: Duration::from_secs(1),
-            progress_interval: Duration::from_millis(200),
-        },
-        Pusher::new(store, registry, PushOptions::default()),
-        pull_secrets,
-    );
-    tokio::spawn(agent.run(std::future::pending()))
 }
 
 /// Which API server a system test runs against.

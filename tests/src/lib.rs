@@ -8,11 +8,13 @@
 
 pub mod cluster;
 pub mod containerd;
+pub mod identity;
 pub mod image;
 pub mod node;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod run;
 pub mod token;
 
 pub use containerd::Containerd;

@@ -19,6 +19,9 @@ pub struct RealNode {
     pub node_name: String,
     pub containerd_socket: PathBuf,
     certs_d: PathBuf,
+    /// The cluster's state directory: the kubelet's pod volumes are under it.
+    cluster_dir: PathBuf,
+    pause_image: String,
 }
 
 impl RealNode {
@@ -32,7 +35,41 @@ impl RealNode {
             node_name: var("K8S_NODE_NAME")?,
             containerd_socket: var("K8S_CONTAINERD_SOCKET")?.into(),
             certs_d: var("K8S_CERTS_D")?.into(),
+            cluster_dir: var("K8S_CLUSTER_DIR")?.into(),
+            pause_image: var("K8S_PAUSE_IMAGE")?,
         })
+    }
+
+    /// Runs an agent pod (the pause image, as the agent's ServiceAccount)
+    /// with the projected token an agent DaemonSet mounts, and returns that
+    /// token as the kubelet wrote it into the pod's volume.
+    pub async fn agent_token(&self, client: &kube::Client) -> anyhow::Result<String> {
+        use crate::identity::{AGENT_ACCOUNT, pod};
+        let name = format!("agent-{}", self.node_name);
+        let created = pod(client, &name, AGENT_ACCOUNT, &self.node_name, &self.pause_image, true).await;
+        let uid = created.metadata.uid.context("a pod uid")?;
+        // The kubelet writes it to a tmpfs in the node's own mount
+        // namespace, as on a node: out of the host's sight.
+        let path =
+            self.cluster_dir.join("kubelet/pods").join(uid).join("volumes/kubernetes.io~projected/agent-token/token");
+        let namespace = format!("--mount={}", self.cluster_dir.join("run/ns/mnt").display());
+        let read = || {
+            let out = std::process::Command::new("nsenter").arg(&namespace).arg("cat").arg(&path).output();
+            match out {
+                Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+                Ok(out) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+                Err(e) => Err(format!("nsenter: {e}")),
+            }
+        };
+        let projected =
+            || std::future::ready(read().and_then(|t| if t.is_empty() { Err("empty".into()) } else { Ok(()) }));
+        crate::cluster::eventually(
+            "the kubelet projects the agent's token",
+            std::time::Duration::from_secs(60),
+            projected,
+        )
+        .await;
+        read().map_err(anyhow::Error::msg)
     }
 
     pub async fn client(&self) -> anyhow::Result<kube::Client> {

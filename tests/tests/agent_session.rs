@@ -4,26 +4,36 @@
 
 use std::{sync::Arc, time::Duration};
 
+use apiserver_emulator::ApiServer;
+use image_backup_agent::link::CoordinatorLink;
 use image_backup_coordinator::{
     agents::{AgentHub, AgentSessions},
     jobs::{LiveJobs, Outcome},
+    trust::agents::AgentAuthenticator,
 };
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer};
 use image_backup_tests::{
     Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{eventually, start_agent},
+    cluster::{coordinator_config, eventually, prepare},
+    containerd::NAMESPACE,
+    identity::{agent_token, write_token},
     init_tracing,
+    run::{AgentLink, start_agent_on},
 };
+use kube::Client;
 use tokio::sync::oneshot;
 
 const MB: usize = 1 << 20;
 
-/// Serves the coordinator's AgentService on `addr` until `stop` fires.
-async fn serve(hub: Arc<AgentHub>, listener: tokio::net::TcpListener, stop: oneshot::Receiver<()>) {
+/// Serves the coordinator's AgentService on `addr` until `stop` fires,
+/// checking agents' tokens with `client`'s API server.
+async fn serve(hub: Arc<AgentHub>, client: Client, listener: tokio::net::TcpListener, stop: oneshot::Receiver<()>) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let config = coordinator_config("unused:5000");
+    let auth = Arc::new(AgentAuthenticator::new(client, config.agents));
     tonic::transport::Server::builder()
-        .add_service(AgentServiceServer::new(AgentSessions(hub)))
+        .add_service(AgentServiceServer::new(AgentSessions::new(hub, auth)))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })
@@ -59,14 +69,21 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let image = TestImage::single(MediaTypes::Oci, &[2 * MB, MB], 21);
     image.import(&containerd, "docker.io/library/web:2", &[], &[]).await.unwrap();
 
+    let api = ApiServer::start().await.unwrap();
+    let client = api.client().await.unwrap();
+    prepare(&client, &[]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let jobs = Arc::new(LiveJobs::new().0);
     let hub = AgentHub::new("coordinator-a", Duration::from_secs(1), jobs.clone());
     let (stop, stopped) = oneshot::channel();
-    let server = tokio::spawn(serve(hub.clone(), listener, stopped));
+    let server = tokio::spawn(serve(hub.clone(), client.clone(), listener, stopped));
     let registry_config = RegistryConfig { insecure_hosts: vec![registry.host()], ..RegistryConfig::default() };
-    let _agent = start_agent(&containerd, "node-a", addr, registry_config).await;
+    // In plain text: this test serves the bare AgentService.
+    let files = Arc::new(tempfile::tempdir().unwrap());
+    let token = write_token(files.path(), "node-a", &agent_token(&client, "node-a").await);
+    let link = AgentLink { link: CoordinatorLink::new(format!("http://{addr}"), None, Some(token)).unwrap(), files };
+    let _agent = start_agent_on(&containerd.socket(), NAMESPACE, "node-a", link, registry_config, 2, None).await;
 
     held(&hub, image.digest()).await;
     let agents = hub.agents();
@@ -162,6 +179,6 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let hub = AgentHub::new("coordinator-b", Duration::from_secs(1), Arc::new(LiveJobs::new().0));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (_stop, stopped) = oneshot::channel();
-    tokio::spawn(serve(hub.clone(), listener, stopped));
+    tokio::spawn(serve(hub.clone(), client, listener, stopped));
     held(&hub, image.digest()).await;
 }

@@ -158,6 +158,8 @@ fn rbac_grants_only_what_the_coordinator_uses() {
             "apps/deployments:patch",
             "apps/deployments:watch",
             "apps/replicasets:list",
+            "authentication.k8s.io/tokenreviews:create",
+            "authorization.k8s.io/subjectaccessreviews:create",
             "backup.k8slab.io/imagebackups/status:update",
             "backup.k8slab.io/imagebackups:create",
             "backup.k8slab.io/imagebackups:get",

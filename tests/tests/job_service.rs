@@ -7,17 +7,24 @@ use std::time::Duration;
 use futures::StreamExt;
 use std::sync::Arc;
 
+use apiserver_emulator::ApiServer;
 use image_backup_coordinator::{
-    agents::AgentHub,
+    agents::{AgentHub, AgentSessions},
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
     relist::Seen,
+    trust::{agents::AgentAuthenticator, readers::Readers},
     workloads::usage::{Usage, Use, WorkloadKey},
 };
 use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
 use image_backup_proto::v1::{
     GetJobRequest, JobPhase, ListAgentsRequest, ListJobsRequest, WatchJobsRequest, job_event,
     job_service_client::JobServiceClient,
+};
+use image_backup_tests::{
+    cluster::{coordinator_config, prepare},
+    identity::{self, agent_token},
+    run::{reader_token, with_token},
 };
 use kube::{
     ResourceExt,
@@ -63,7 +70,15 @@ async fn reflection_health_and_job_service() {
     };
     apply(watcher::Event::Apply(backup(NGINX, Phase::Completed)));
     apply(watcher::Event::Apply(backup(REDIS, Phase::Pushing)));
-    let routes = grpc_routes(Jobs { backups: store, feed: feed.clone(), agents: hub }).await.unwrap();
+    // Callers are judged by the API server's RBAC.
+    let api = ApiServer::start().await.unwrap();
+    let client = api.client().await.unwrap();
+    prepare(&client, &[]).await;
+    let readers = Arc::new(Readers::new(client.clone(), false));
+    let config = coordinator_config("unused:5000");
+    let sessions = AgentSessions::new(hub.clone(), Arc::new(AgentAuthenticator::new(client.clone(), config.agents)));
+    let routes =
+        grpc_routes(Jobs { backups: store, feed: feed.clone(), agents: hub, readers }, sessions).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -110,7 +125,27 @@ async fn reflection_health_and_job_service() {
         assert_eq!(status.status, ServingStatus::Serving as i32, "{service:?}");
     }
 
-    let mut jobs = JobServiceClient::new(channel);
+    // Nobody reads jobs anonymously, nor with a token RBAC does not allow.
+    let mut anonymous = JobServiceClient::new(channel.clone());
+    let refused = anonymous.list_jobs(ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(refused.message().contains("kubectl create token"), "{refused}");
+    let stranger = agent_token(&client, "node-a").await;
+    let refused = anonymous.list_jobs(with_token(ListJobsRequest::default(), &stranger)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "an agent's token is not for the API: {refused}");
+    let pod = identity::pod(&client, "somebody", "somebody", "node-a", "pause", false).await;
+    let other = identity::bound_token(&client, &pod, "https://kubernetes.default.svc.cluster.local").await;
+    let refused = anonymous.list_jobs(with_token(ListJobsRequest::default(), &other)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("system:serviceaccount:image-backup:somebody may not inspect"), "{refused}");
+
+    // A person bound to the job reader role reads everything.
+    let token = reader_token(&client).await;
+    let bearer: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}").parse().unwrap();
+    let mut jobs = JobServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", bearer.clone());
+        Ok(request)
+    });
     let all = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(all.iter().map(|j| j.source.as_str()).collect::<Vec<_>>(), [NGINX, REDIS]);
     let completed = jobs

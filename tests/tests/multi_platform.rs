@@ -19,10 +19,11 @@ use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
         ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        prepare, start_agent_reading_secrets, start_coordinator,
+        prepare,
     },
     image::PlatformImage,
     init_tracing, on_both_api_servers,
+    run::{start_agent_reading_secrets, start_coordinator},
 };
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
@@ -103,7 +104,7 @@ impl Setup {
     /// The coordinator and an agent on each node.
     async fn start(&self, config: CoordinatorConfig) {
         let client = coordinator_client(self.kind, &self.client).await;
-        let (grpc, _) = start_coordinator(&client, config).await;
+        let coordinator = start_coordinator(&self.client, &client, config).await;
         // Quick retries: a source that is gone is given up on in a second.
         let private = self.source.as_ref().is_some_and(|(_, proxy)| proxy.is_none());
         let registry = RegistryConfig {
@@ -117,8 +118,7 @@ impl Setup {
             ..RegistryConfig::default()
         };
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
-            let secrets = (self.client.clone(), "image-backup");
-            start_agent_reading_secrets(containerd, node, grpc, registry.clone(), secrets).await;
+            start_agent_reading_secrets(containerd, node, &coordinator, registry.clone(), self.client.clone()).await;
         }
     }
 

@@ -16,10 +16,11 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{coordinator_config, eventually, prepare, start_agent_on, start_coordinator},
+    cluster::{coordinator_config, eventually, prepare},
     image::PlatformImage,
     init_tracing,
     node::{K8S_NAMESPACE, RealNode},
+    run::{start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
@@ -103,9 +104,13 @@ async fn backup_then_pull_again(multi: bool) {
         source = None;
     }
     // The coordinator and an agent on the node's own containerd.
-    let (grpc, _) = start_coordinator(&client, coordinator_config(&backup.host())).await;
+    let coordinator = start_coordinator(&client, &client, coordinator_config(&backup.host())).await;
     let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
-    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, grpc, registry, 2, None).await;
+    // The agent proves who it is with the token the kubelet projects into
+    // a real agent pod on this node.
+    let token = node.agent_token(&client).await.expect("a projected agent token");
+    let link = coordinator.link_with(&node.node_name, &token);
+    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, link, registry, 2, None).await;
 
     let repository = format!("backup/{}/e2e/sleeper", source_host.replace(':', "_"));
     let pinned_to = format!("{}/{repository}@", backup.host());

@@ -17,10 +17,11 @@ use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
         ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        metric, prepare, quick_retries, start_agent, start_agent_on, start_coordinator,
+        metric, prepare, quick_retries,
     },
     containerd::NAMESPACE,
     init_tracing, on_both_api_servers,
+    run::{Coordinator, reader_token, start_agent, start_agent_on, start_coordinator, with_token},
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
@@ -77,18 +78,18 @@ impl Setup {
         RegistryConfig { insecure_hosts: vec![self.backup_host()], ..RegistryConfig::default() }
     }
 
-    async fn start_coordinator(&self) -> (std::net::SocketAddr, String) {
+    async fn start_coordinator(&self) -> Coordinator {
         let client = coordinator_client(self.kind, &self.client).await;
-        start_coordinator(&client, coordinator_config(&self.backup_host())).await
+        start_coordinator(&self.client, &client, coordinator_config(&self.backup_host())).await
     }
 
     /// The coordinator and an agent on each node.
-    async fn start(&self) -> (std::net::SocketAddr, String) {
-        let (grpc, metrics_url) = self.start_coordinator().await;
+    async fn start(&self) -> Coordinator {
+        let coordinator = self.start_coordinator().await;
         for (node, containerd) in [("node-a", &self.node_a), ("node-b", &self.node_b)] {
-            start_agent(containerd, node, grpc, self.registry_config()).await;
+            start_agent(containerd, node, &coordinator, self.registry_config()).await;
         }
-        (grpc, metrics_url)
+        coordinator
     }
 
     /// `SRC/<path>` for an image of the source registry.
@@ -151,7 +152,8 @@ async fn whole_loop(kind: ApiServerKind) {
     .await;
     s.deploy("DaemonSet", "ops", "logger", &[("web", &web_ref, &web, false)], &["node-a", "node-b"]).await;
     s.deploy("Deployment", "shop", "api", &[("api", &api_ref, &api, false)], &["node-b"]).await;
-    let (grpc, metrics_url) = s.start().await;
+    let coordinator = s.start().await;
+    let metrics_url = coordinator.metrics_url.clone();
 
     s.runs(
         "web, logger and api run their backups",
@@ -183,10 +185,18 @@ async fn whole_loop(kind: ApiServerKind) {
     assert_eq!(s.proxy.uploads(), blobs as u64);
 
     // JobService lists the jobs and says which workloads use an image.
-    let mut jobs = JobServiceClient::connect(format!("http://{grpc}")).await.unwrap();
-    let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    // As a person with the job reader role reads them.
+    let token = reader_token(&s.client).await;
+    let mut jobs = JobServiceClient::new(coordinator.channel().await);
+    let list = || {
+        let mut jobs = jobs.clone();
+        let request = with_token(ListJobsRequest::default(), &token);
+        async move { jobs.list_jobs(request).await.map(|r| r.into_inner().jobs).map_err(|e| e.to_string()) }
+    };
+    eventually("the reader's RBAC takes effect", Duration::from_secs(30), || async { list().await.map(|_| ()) }).await;
+    let listed = list().await.unwrap();
     assert_eq!(listed.len(), 3);
-    let shared = jobs.get_job(GetJobRequest { name: web_ref.clone() }).await.unwrap().into_inner();
+    let shared = jobs.get_job(with_token(GetJobRequest { name: web_ref.clone() }, &token)).await.unwrap().into_inner();
     assert_eq!(shared.workloads, ["DaemonSet/ops/logger", "Deployment/shop/web"]);
 
     // The rewrite is an Event on the workload.
@@ -246,7 +256,7 @@ async fn left_alone(kind: ApiServerKind) {
     let late_spec = [("late", late_ref.as_str(), late.digest(), false)];
     s.w.deploy("Deployment", "shop", "late", json!({}), &late_spec, Placement { nodes: &["node-b"], ready: false })
         .await;
-    let (_, metrics_url) = s.start().await;
+    let metrics_url = s.start().await.metrics_url;
 
     // web is patched, and the coordinator has reconciled more often than
     // there are Deployments: it looked at the others too.
@@ -370,9 +380,9 @@ async fn busy_agent(kind: ApiServerKind) {
     }
     // The registry is down, so the agent's one slot stays taken.
     s.proxy.set_faults(Faults { unavailable_every: Some(1), ..Faults::default() });
-    let (grpc, _) = s.start_coordinator().await;
+    let coordinator = s.start_coordinator().await;
     let registry = quick_retries(&s.backup_host(), Duration::from_secs(60));
-    start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", grpc, registry, 1, None).await;
+    start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", coordinator.link("node-a").await, registry, 1, None).await;
 
     let backups: Api<ImageBackup> = Api::all(s.client.clone());
     // One job copies, the others wait for the agent, saying so.

@@ -9,9 +9,10 @@ use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
         ApiServerKind, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually, metric,
-        prepare, quick_retries, start_agent, start_coordinator,
+        prepare, quick_retries,
     },
     init_tracing, on_both_api_servers,
+    run::{Coordinator, start_agent, start_coordinator},
 };
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
@@ -27,7 +28,7 @@ async fn start(
     backup_host: &str,
     report_only: bool,
     max_attempts: u32,
-) -> (std::net::SocketAddr, String) {
+) -> Coordinator {
     let config = CoordinatorConfig {
         registry: quick_retries(backup_host, Duration::from_secs(2)),
         report_only,
@@ -35,7 +36,7 @@ async fn start(
         retry_backoff: Duration::from_millis(200),
         ..coordinator_config(backup_host)
     };
-    start_coordinator(&coordinator_client(kind, client).await, config).await
+    start_coordinator(client, &coordinator_client(kind, client).await, config).await
 }
 
 async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
@@ -68,8 +69,8 @@ async fn refusing_registry(kind: ApiServerKind) {
     )
     .await;
 
-    let (grpc, _) = start(kind, &client, &proxy.host(), false, 2).await;
-    start_agent(&node, "node-a", grpc, quick_retries(&proxy.host(), Duration::from_millis(300))).await;
+    let coordinator = start(kind, &client, &proxy.host(), false, 2).await;
+    start_agent(&node, "node-a", &coordinator, quick_retries(&proxy.host(), Duration::from_millis(300))).await;
 
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("the job fails for good", Duration::from_secs(60), || async {
@@ -134,7 +135,8 @@ async fn lost_agent(kind: ApiServerKind) {
     )
     .await;
 
-    let (grpc, metrics_url) = start(kind, &client, &proxy.host(), true, 5).await;
+    let coordinator = start(kind, &client, &proxy.host(), true, 5).await;
+    let metrics_url = coordinator.metrics_url.clone();
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("the job waits for an agent, saying so", Duration::from_secs(30), || async {
         let status = the_backup(&backups).await?.status.unwrap_or_default();
@@ -143,7 +145,8 @@ async fn lost_agent(kind: ApiServerKind) {
         if waiting { Ok(()) } else { Err(format!("{:?}: {message}", status.phase)) }
     })
     .await;
-    let agent_a = start_agent(&node_a, "node-a", grpc, quick_retries(&proxy.host(), Duration::from_secs(60))).await;
+    let agent_a =
+        start_agent(&node_a, "node-a", &coordinator, quick_retries(&proxy.host(), Duration::from_secs(60))).await;
     let backups: Api<ImageBackup> = Api::all(client.clone());
     eventually("node-a copies", Duration::from_secs(30), || async {
         let status = the_backup(&backups).await?.status.unwrap_or_default();
@@ -154,7 +157,7 @@ async fn lost_agent(kind: ApiServerKind) {
 
     // node-a's agent disappears mid-copy; node-b's is there and the registry
     // is back.
-    start_agent(&node_b, "node-b", grpc, quick_retries(&proxy.host(), Duration::from_secs(60))).await;
+    start_agent(&node_b, "node-b", &coordinator, quick_retries(&proxy.host(), Duration::from_secs(60))).await;
     agent_a.abort();
     proxy.set_faults(Faults::default());
 

@@ -38,6 +38,14 @@ use crate::jobs::{
 /// list it, at the least.
 const IN_TRANSIT_MIN: Duration = Duration::from_secs(20);
 
+/// Images one node's inventory may hold here; a node with more is either
+/// not a node or not one to back up from, and the rest is left out.
+const MAX_IMAGES: usize = 20_000;
+
+/// Children of one index kept from an inventory (real indexes list a few
+/// dozen at most).
+const MAX_CHILDREN: usize = 256;
+
 /// A connected agent as the coordinator sees it.
 #[derive(Clone, Debug)]
 pub struct AgentInfo {
@@ -345,7 +353,13 @@ impl AgentHub {
                 for name in inventory.removed {
                     agent.images.remove(&name);
                 }
-                for image in inventory.added {
+                for mut image in inventory.added {
+                    if agent.images.len() >= MAX_IMAGES && !agent.images.contains_key(&image.name) {
+                        warn!(image = %image.name, "the node lists more than {MAX_IMAGES} images; the rest is ignored");
+                        break;
+                    }
+                    image.manifests.truncate(MAX_CHILDREN);
+                    image.present_manifests.truncate(MAX_CHILDREN);
                     agent.images.insert(image.name.clone(), image);
                 }
                 true
@@ -363,13 +377,19 @@ impl AgentHub {
             }
             agent_message::Message::Progress(progress) => {
                 let _span = info_span!("report", imagebackup = %progress.job_id, attempt = progress.attempt).entered();
-                if !self.jobs.progress(agent_id, &progress) {
+                if !self.holds(agent, agent_id, &progress.job_id) {
+                    warn!("progress on a job this agent does not hold dropped");
+                } else if !self.jobs.progress(agent_id, &progress) {
                     debug!(job = %progress.job_id, attempt = progress.attempt, "progress of a stale attempt dropped");
                 }
                 false
             }
             agent_message::Message::Result(result) => {
                 let _span = info_span!("report", imagebackup = %result.job_id, attempt = result.attempt).entered();
+                if !self.holds(agent, agent_id, &result.job_id) {
+                    warn!("result of a job this agent does not hold dropped");
+                    return;
+                }
                 agent.running.remove(&result.job_id);
                 agent.assigned_at.remove(&result.job_id);
                 if !self.jobs.result(agent_id, &result) {
@@ -387,6 +407,12 @@ impl AgentHub {
         if capacity_changed {
             self.jobs.wake_waiting();
         }
+    }
+
+    /// Whether `agent` may report on `job`: it runs it (as its session
+    /// said), or it holds the job's current attempt here.
+    fn holds(&self, agent: &Agent, agent_id: &str, job: &str) -> bool {
+        agent.running.contains(job) || self.jobs.held_by(job, agent_id)
     }
 
     fn disconnect(&self, agent_id: &str, session: u64) {

@@ -103,6 +103,11 @@ impl LiveJobs {
         self.jobs().get(job).cloned()
     }
 
+    /// Whether the attempt of `job` known here is `agent_id`'s.
+    pub fn held_by(&self, job: &str, agent_id: &str) -> bool {
+        self.jobs().get(job).is_some_and(|live| live.agent_id == agent_id)
+    }
+
     /// A new attempt was handed to an agent: earlier reports no longer count.
     pub fn assigned(&self, job: &str, attempt: u32, digest: &str, agent_id: &str) {
         self.waiting().remove(job);

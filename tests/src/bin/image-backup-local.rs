@@ -19,18 +19,18 @@ use std::{
 use anyhow::{Context, bail};
 use apiserver_emulator::ApiServer;
 use image_backup_crds::ImageBackup;
-use image_backup_tests::{Containerd, MediaTypes, Registry, RegistryAuth, TestImage};
+use image_backup_tests::{
+    Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
+    cluster::{Placement, Workloads},
+};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod, ServiceAccount},
+        core::v1::{ConfigMap, Namespace, ServiceAccount},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams, PostParams},
-};
+use kube::{Api, Client, api::PostParams};
 use serde_json::json;
 
 const SAMPLE: &str = "docker.io/library/sample-web:1.0";
@@ -125,18 +125,32 @@ async fn main() -> anyhow::Result<()> {
             .env("RUST_LOG", "info")
             .args(["--backup-registry", &registry.host(), "--insecure-registry", &registry.host()])
             .args(["--grpc-addr", &grpc, "--metrics-addr", &metrics, "--retry-backoff", "2s"])
+            // Its own CA, and a certificate for the address dialled here.
+            .args(["--tls-names", "127.0.0.1,localhost"])
             .stdout(log("coordinator.log")?)
             .stderr(log("coordinator.log")?)
             .spawn()
             .context("starting the coordinator")?,
     );
+    // What a cluster gives an agent pod: the coordinator's CA (from the
+    // ConfigMap it publishes) and a token bound to the agent's pod.
+    let ca = work.path().join("ca.crt");
+    std::fs::write(&ca, published_ca(&client).await?)?;
+    let token = work.path().join("agent-token");
+    std::fs::write(&token, image_backup_tests::identity::agent_token(&client, "local-node").await)?;
+    let reader = work.path().join("reader-token");
+    std::fs::write(&reader, image_backup_tests::run::reader_token(&client).await)?;
     let _agent = Process(
         Command::new(&agent_bin)
             .env("RUST_LOG", "info")
             .arg("run")
             .arg("--containerd")
             .arg(containerd.socket())
-            .args(["--insecure-registry", &registry.host(), "--coordinator", &format!("http://{grpc}")])
+            .args(["--insecure-registry", &registry.host(), "--coordinator", &format!("https://{grpc}")])
+            .arg("--coordinator-ca")
+            .arg(&ca)
+            .arg("--token-file")
+            .arg(&token)
             .args(["--node-name", "local-node"])
             .stdout(log("agent.log")?)
             .stderr(log("agent.log")?)
@@ -160,45 +174,39 @@ async fn main() -> anyhow::Result<()> {
         work.path().join("coordinator.log").display()
     );
     println!("  agent        log {}", work.path().join("agent.log").display());
-    println!("Try: grpcurl -plaintext {grpc} list; grpcurl -plaintext {grpc} imagebackup.v1.JobService/ListJobs");
+    let grpcurl = format!("grpcurl -cacert {} -H \"authorization: Bearer $(cat {})\"", ca.display(), reader.display());
+    println!("Try: {grpcurl} {grpc} list");
+    println!("     {grpcurl} {grpc} imagebackup.v1.JobService/ListJobs");
     println!("     KUBECONFIG={} kubectl get imagebackups", kubeconfig.display());
     println!("Watching demo/sample-web (Ctrl-C stops everything):");
     watch(&client, &backups, &work.path().join("coordinator.log")).await
+}
+
+/// The CA the coordinator publishes for agents, once it has (it makes it
+/// when it starts).
+async fn published_ca(client: &Client) -> anyhow::Result<String> {
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "image-backup");
+    for _ in 0..100 {
+        if let Some(ca) =
+            config_maps.get_opt("image-backup-ca").await?.and_then(|c| c.data).and_then(|d| d.get("ca.crt").cloned())
+        {
+            return Ok(ca);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the coordinator did not publish its CA in 10s (see its log)")
 }
 
 async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
     Ok(Client::try_from(image_backup_tests::kube_config(kubeconfig).await?)?)
 }
 
+/// The sample Deployment with a ReplicaSet and a running pod of it, as the
+/// deployment controller and a kubelet would report them.
 async fn deploy_sample(client: &Client, digest: &str) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
-    create(
-        &pods,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": { "name": "sample-web-0", "namespace": "demo", "labels": { "app": "sample-web" } },
-            "spec": { "nodeName": "local-node", "containers": [{ "name": "web", "image": SAMPLE }] },
-        }),
-    )
-    .await?;
-    let status = json!({ "status": { "phase": "Running", "containerStatuses": [{
-        "name": "web", "image": SAMPLE, "imageID": format!("docker.io/library/sample-web@{digest}"), "ready": true, "restartCount": 0,
-    }] } });
-    pods.patch_status("sample-web-0", &PatchParams::default(), &Patch::Merge(status)).await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "demo");
-    let created = create(&deployments, json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": { "name": "sample-web", "namespace": "demo" },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": "sample-web" } },
-            "template": { "metadata": { "labels": { "app": "sample-web" } }, "spec": { "containers": [{ "name": "web", "image": SAMPLE }] } },
-        },
-    }))
-    .await?;
-    let generation = created.metadata.generation.unwrap_or(1);
-    let status = json!({ "status": { "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1 } });
-    deployments.patch_status("sample-web", &PatchParams::default(), &Patch::Merge(status)).await?;
+    let workloads = Workloads { client: client.clone() };
+    let at = Placement { nodes: &["local-node"], ready: true };
+    workloads.deploy("Deployment", "demo", "sample-web", json!({}), &[("web", SAMPLE, digest, false)], at).await;
     Ok(())
 }
 

@@ -1,0 +1,244 @@
+//! The product's own processes in a test: the coordinator (in-process, on
+//! loopback ports, over TLS with the CA it makes) and agents on harness
+//! containerds, each with the pod, the bound token and the trusted CA it
+//! would have in a cluster.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use image_backup_agent::{
+    containerd::{ContentStore, ReadPath},
+    daemon::{Agent, DaemonConfig},
+    link::{CoordinatorLink, LinkTls},
+    pull_secret::PullSecrets,
+    push::{PushOptions, Pusher},
+};
+use image_backup_coordinator::{config::CoordinatorConfig, run::run};
+use image_backup_oci::registry::RegistryConfig;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{Api, Client};
+use serde::Deserialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::{
+    Containerd,
+    cluster::eventually,
+    containerd::NAMESPACE,
+    identity::{AGENT_NAMESPACE, agent_token, write_token},
+};
+
+/// A coordinator a test started, and what clients need to reach it.
+#[derive(Clone)]
+pub struct Coordinator {
+    pub grpc: SocketAddr,
+    pub metrics_url: String,
+    admin: Client,
+    /// The CA its certificate chains to, as agents get it; `None` in plain
+    /// text.
+    ca: Option<String>,
+}
+
+/// Starts the coordinator with `client` (on a real server, its own
+/// ServiceAccount's); `admin` makes what agents need. It runs until the
+/// test ends.
+pub async fn start_coordinator(admin: &Client, client: &Client, config: CoordinatorConfig) -> Coordinator {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gRPC port");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
+    let addr = grpc.local_addr().expect("gRPC address");
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
+    let counters = image_backup_coordinator::metrics::Metrics::new();
+    let tls = config.tls.clone();
+    let coordinator =
+        run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
+    tokio::spawn(async move {
+        // A test that waits on a coordinator that has stopped says why.
+        if let Err(e) = coordinator.await {
+            eprintln!("the coordinator stopped: {e:?}");
+        }
+    });
+    let ca = match tls {
+        Some(tls) => Some(published_ca(admin, &tls.namespace, &tls.ca_config_map).await),
+        None => None,
+    };
+    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca }
+}
+
+/// The CA the coordinator publishes for agents, once it has.
+async fn published_ca(admin: &Client, namespace: &str, name: &str) -> String {
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), namespace);
+    let ca = || async {
+        let found = config_maps.get_opt(name).await.map_err(|e| e.to_string())?;
+        found.and_then(|c| c.data).and_then(|d| d.get("ca.crt").cloned()).ok_or_else(|| "not yet".to_string())
+    };
+    eventually("the coordinator publishes its CA", Duration::from_secs(30), || async { ca().await.map(|_| ()) }).await;
+    ca().await.expect("published above")
+}
+
+// === impl Coordinator ===
+
+impl Coordinator {
+    /// The URL clients dial.
+    pub fn url(&self) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
+    }
+
+    /// The CA clients trust, in PEM.
+    pub fn ca(&self) -> Option<&str> {
+        self.ca.as_deref()
+    }
+
+    /// A channel to the gRPC port, trusting its CA.
+    pub async fn channel(&self) -> Channel {
+        let mut endpoint = Endpoint::from_shared(self.url()).expect("a URL");
+        if let Some(ca) = &self.ca {
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).expect("TLS settings");
+        }
+        endpoint.connect().await.expect("connect to the coordinator")
+    }
+
+    /// How the agent of `node` reaches this coordinator: the token of its
+    /// own pod on `node`, and the published CA.
+    pub async fn link(&self, node: &str) -> AgentLink {
+        let token = agent_token(&self.admin, node).await;
+        self.link_with(node, &token)
+    }
+
+    /// As [`Coordinator::link`], with a given token.
+    pub fn link_with(&self, node: &str, token: &str) -> AgentLink {
+        let files = Arc::new(tempfile::tempdir().expect("a directory for the agent's files"));
+        let token_file = write_token(files.path(), node, token);
+        let tls = self.ca.as_ref().map(|ca| {
+            let ca_file: PathBuf = files.path().join("ca.crt");
+            std::fs::write(&ca_file, ca).expect("write the CA");
+            LinkTls { ca_file, server_name: None }
+        });
+        let link = CoordinatorLink::new(self.url(), tls, Some(token_file)).expect("a coordinator link");
+        AgentLink { link, files }
+    }
+}
+
+/// An agent's link, and the files it reads (its token, the CA), which last
+/// as long as the agent.
+pub struct AgentLink {
+    pub link: CoordinatorLink,
+    pub files: Arc<tempfile::TempDir>,
+}
+
+/// Starts an agent daemon for `node` on a harness containerd; it runs until
+/// the returned task is aborted.
+pub async fn start_agent(
+    containerd: &Containerd,
+    node: &str,
+    coordinator: &Coordinator,
+    registry: RegistryConfig,
+) -> tokio::task::JoinHandle<()> {
+    let link = coordinator.link(node).await;
+    start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, None).await
+}
+
+/// An agent that reads jobs' pull secrets from its namespace with `client`,
+/// as one in the cluster does with its own account.
+pub async fn start_agent_reading_secrets(
+    containerd: &Containerd,
+    node: &str,
+    coordinator: &Coordinator,
+    registry: RegistryConfig,
+    client: Client,
+) -> tokio::task::JoinHandle<()> {
+    let link = coordinator.link(node).await;
+    let pull_secrets = Some(PullSecrets::new(client, AGENT_NAMESPACE));
+    start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, pull_secrets).await
+}
+
+/// Starts an agent daemon for `node` on any containerd (a real node's),
+/// reading jobs' pull secrets with `pull_secrets` when given.
+pub async fn start_agent_on(
+    socket: &std::path::Path,
+    namespace: &str,
+    node: &str,
+    link: AgentLink,
+    registry: RegistryConfig,
+    max_jobs: u32,
+    pull_secrets: Option<PullSecrets>,
+) -> tokio::task::JoinHandle<()> {
+    let AgentLink { link, files } = link;
+    let store = ContentStore::connect(socket, namespace)
+        .await
+        .expect("connect to containerd")
+        .with_read_path(ReadPath::Auto)
+        .await;
+    let agent = Agent::new(
+        DaemonConfig {
+            coordinator: link,
+            node_name: node.into(),
+            agent_id: format!("agent-{node}"),
+            max_jobs,
+            reconnect_max: Duration::from_secs(1),
+            progress_interval: Duration::from_millis(200),
+        },
+        Pusher::new(store, registry, PushOptions::default()),
+        pull_secrets,
+    );
+    tokio::spawn(async move {
+        let _files = files;
+        agent.run(std::future::pending()).await;
+    })
+}
+
+/// A token of someone allowed to read jobs: a ServiceAccount bound to the
+/// `image-backup-job-reader` ClusterRole of deploy/rbac.yaml, as README
+/// tells people to set up for grpcurl.
+pub async fn reader_token(admin: &Client) -> String {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    use kube::api::{Patch, PatchParams, PostParams};
+    let role = serde_yaml::Deserializer::from_str(include_str!("../../deploy/rbac.yaml"))
+        .filter_map(|doc| serde_json::Value::deserialize(doc).ok())
+        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "image-backup-job-reader")
+        .expect("deploy/rbac.yaml has the job reader ClusterRole");
+    let apply = PatchParams::apply("image-backup-tests").force();
+    Api::<ClusterRole>::all(admin.clone())
+        .patch("image-backup-job-reader", &apply, &Patch::Apply(&role))
+        .await
+        .expect("apply the job reader ClusterRole");
+    let binding = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "image-backup-job-reader-test"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "image-backup-job-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "job-reader", "namespace": AGENT_NAMESPACE}],
+    });
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch("image-backup-job-reader-test", &apply, &Patch::Apply(&binding))
+        .await
+        .expect("bind the job reader ClusterRole");
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), AGENT_NAMESPACE);
+    crate::cluster::create(
+        &accounts,
+        serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "job-reader"}}),
+    )
+    .await;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }),
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_token_request("job-reader", &PostParams::default(), &request)
+        .await
+        .expect("a token for the job reader")
+        .status
+        .and_then(|status| status.token)
+        .expect("TokenRequest answers with a token")
+}
+
+/// `request` with `token` as its bearer.
+pub fn with_token<T>(request: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    let value = format!("Bearer {token}").parse().expect("a token is ASCII");
+    request.metadata_mut().insert("authorization", value);
+    request
+}
