@@ -8,6 +8,7 @@ use image_backup_oci::{access::RegistryAccess, registry::RetryPolicy};
 
 use crate::{
     config::CoordinatorConfig,
+    leader::LeaseSettings,
     trust::{
         agents::{AgentAccount, DEFAULT_AUDIENCE},
         tls::{TlsSettings, TlsSource},
@@ -74,6 +75,13 @@ pub struct Cli {
     pub registry: RegistryAccess,
     #[command(flatten)]
     pub trust: TrustArgs,
+    /// The Lease (in this namespace) replicas elect their leader on.
+    #[arg(long, env = "IMAGE_BACKUP_LEASE_NAME", default_value = "image-backup-coordinator")]
+    pub lease_name: String,
+    /// How long a leader that stopped renewing keeps the Lease before
+    /// another replica takes over.
+    #[arg(long, env = "IMAGE_BACKUP_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
 }
 
 /// Who may use the gRPC port, and over what.
@@ -157,6 +165,11 @@ impl Cli {
             },
             tls: self.trust.tls(&self.namespace),
             anonymous_reads: self.trust.anonymous_reads,
+            lease: LeaseSettings {
+                name: self.lease_name.clone(),
+                namespace: self.namespace.clone(),
+                duration: self.lease_duration,
+            },
         }
     }
 }

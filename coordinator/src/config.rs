@@ -5,6 +5,7 @@ use std::time::Duration;
 use image_backup_oci::{BackupTarget, registry::RegistryConfig};
 
 use crate::{
+    leader::LeaseSettings,
     trust::{agents::AgentAccount, tls::TlsSettings},
     workloads::workload::Exclusions,
 };
@@ -39,4 +40,6 @@ pub struct CoordinatorConfig {
     pub tls: Option<TlsSettings>,
     /// JobService reads without a token.
     pub anonymous_reads: bool,
+    /// The Lease coordinators elect their leader on.
+    pub lease: LeaseSettings,
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod context;
 pub mod grpc;
 pub mod jobs;
+pub mod leader;
 pub mod metrics;
 pub mod probes;
 pub mod relist;

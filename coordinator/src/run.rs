@@ -35,6 +35,7 @@ use crate::{
     context::{Context, Error},
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
+    leader,
     metrics::Metrics,
     probes::{self, Probes},
     relist::{Change, Seen},
@@ -63,6 +64,10 @@ pub enum RunError {
     Registry(#[from] image_backup_oci::registry::RegistryError),
     #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
+    #[error("another coordinator leads now; restarting as a follower")]
+    LostLeadership,
     #[error("metrics and probes server: {0}")]
     Probes(std::io::Error),
     #[error("gRPC listener: {0}")]
@@ -87,12 +92,30 @@ pub async fn run(
     check_crd(&client).await?;
     let (jobs, woken) = LiveJobs::new();
     let jobs = Arc::new(jobs);
-    let hub = AgentHub::new(coordinator_id, Duration::from_secs(5), jobs.clone());
+    let hub = AgentHub::new(coordinator_id.clone(), Duration::from_secs(5), jobs.clone());
     let deadline = config.heartbeat_deadline;
     let usage = Arc::new(Usage::default());
     let feed = JobFeed::new(usage.clone());
-
     let (backup_store, writer) = reflector::store_shared::<ImageBackup>(SHARED_BUFFER);
+
+    // Probes answer from the start: alive, but ready only once leading and
+    // synced, so the Service sends nobody to a follower.
+    let shutdown = shutdown.shared();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut probes = tokio::spawn(probes::serve(
+        metrics_listener,
+        Probes { metrics: metrics.clone(), hub: hub.clone(), backups: backup_store.clone(), ready: ready.clone() },
+        shutdown.clone(),
+    ));
+    let leading = tokio::select! {
+        leading = leader::lead(client.clone(), config.lease.clone(), &coordinator_id, shutdown.clone()) => leading?,
+        result = &mut probes => return Err(probe_failure(result)),
+    };
+    let Some(mut leadership) = leading else {
+        info!("stopped before leading");
+        return Ok(());
+    };
+
     let subscribe = || writer.subscribe().ok_or(RunError::Unshared);
     let (for_backups, for_deployments, for_daemonsets) = (subscribe()?, subscribe()?, subscribe()?);
     let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
@@ -121,14 +144,6 @@ pub async fn run(
                 futures::future::ready(())
             }
         });
-
-    let shutdown = shutdown.shared();
-    let ready = Arc::new(AtomicBool::new(false));
-    let probes = probes::serve(
-        metrics_listener,
-        Probes { metrics: metrics.clone(), hub: hub.clone(), backups: backup_store.clone(), ready: ready.clone() },
-        shutdown.clone(),
-    );
 
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
     let sessions =
@@ -204,6 +219,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone());
     let synced = {
         let stores = (backup_store.clone(), deployments.store(), daemonsets.store());
+        let ready = ready.clone();
         async move {
             let (backups, deployments, daemonsets) = stores;
             let _ =
@@ -221,14 +237,30 @@ pub async fn run(
 
     tokio::select! {
         result = grpc => result.map_err(|error| RunError::Grpc { addr, error })?,
-        result = probes => result.map_err(RunError::Probes)?,
+        result = &mut probes => return Err(probe_failure(result)),
         () = async { tokio::join!(backup_controller, deployments, daemonsets, synced); } => {},
         () = backup_watch => {},
         () = expiry => {},
         () = certificates => {},
+        // Another coordinator leads now: this one stops writing at once
+        // (and its agents' sessions end with it).
+        () = leadership.lost() => {
+            ready.store(false, Ordering::Release);
+            hub.close_sessions();
+            return Err(RunError::LostLeadership);
+        }
     }
+    leadership.release().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+fn probe_failure(result: Result<Result<(), std::io::Error>, tokio::task::JoinError>) -> RunError {
+    match result {
+        Ok(Err(e)) => RunError::Probes(e),
+        Ok(Ok(())) => RunError::Probes(std::io::Error::other("the probes server stopped")),
+        Err(e) => RunError::Probes(std::io::Error::other(e.to_string())),
+    }
 }
 
 /// An ImageBackup is gone: this coordinator forgets it, and the workloads

@@ -93,6 +93,11 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
             namespace: "image-backup".into(),
         }),
         anonymous_reads: false,
+        lease: image_backup_coordinator::leader::LeaseSettings {
+            name: "image-backup-coordinator".into(),
+            namespace: "image-backup".into(),
+            duration: Duration::from_secs(4),
+        },
     }
 }
 
@@ -242,6 +247,9 @@ pub async fn wipe(client: &Client) {
     if backups.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
         backups.delete_collection(&now, &all).await.expect("delete ImageBackups");
     }
+    // A replica of an earlier test that held the Lease is gone for good.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "image-backup");
+    leases.delete_collection(&now, &all).await.expect("delete Leases");
     let namespaces = Api::<Namespace>::all(client.clone()).list(&all).await.expect("list namespaces");
     for ns in namespaces.items.iter().filter_map(|n| n.metadata.name.as_deref()) {
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);

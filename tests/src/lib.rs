@@ -15,6 +15,7 @@ pub mod process;
 pub mod proxy;
 pub mod registry;
 pub mod run;
+pub mod service;
 pub mod token;
 
 pub use containerd::Containerd;

@@ -22,6 +22,9 @@ pub struct Faults {
     pub throttle_every: Option<u64>,
     /// Drop the connection in the middle of every Nth blob upload body.
     pub drop_upload_every: Option<u64>,
+    /// Hold every blob upload until this is cleared: a copy stays in the
+    /// middle for as long as a test needs.
+    pub hold_uploads: bool,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +37,8 @@ pub struct Counters {
     pub mounts: AtomicU64,
     pub manifest_puts: AtomicU64,
     pub faults: AtomicU64,
+    /// Blob uploads being held now.
+    pub held: AtomicU64,
     /// What was read (GET …/blobs/… and …/manifests/… → 200), by the last
     /// path segment: a digest or a tag.
     pub reads: std::sync::Mutex<Vec<String>>,
@@ -98,6 +103,11 @@ impl Proxy {
         self.counters.uploads.load(Relaxed)
     }
 
+    /// Blob uploads held now (see [`Faults::hold_uploads`]).
+    pub fn held(&self) -> u64 {
+        self.counters.held.load(Relaxed)
+    }
+
     pub fn mounts(&self) -> u64 {
         self.counters.mounts.load(Relaxed)
     }
@@ -152,6 +162,13 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or_default().to_string();
     let is_upload_put = method == hyper::Method::PUT && path.contains("/blobs/uploads/");
+    if is_upload_put && faults.hold_uploads {
+        state.counters.held.fetch_add(1, Relaxed);
+        while state.faults.read().unwrap_or_else(|p| p.into_inner()).hold_uploads {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        state.counters.held.fetch_sub(1, Relaxed);
+    }
     let drop_this = is_upload_put && {
         let k = state.upload_puts.fetch_add(1, Relaxed) + 1;
         faults.drop_upload_every.is_some_and(|every| every > 0 && k.is_multiple_of(every))

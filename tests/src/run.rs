@@ -43,10 +43,9 @@ pub struct Coordinator {
 pub async fn start_coordinator(admin: &Client, client: &Client, config: CoordinatorConfig) -> Coordinator {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gRPC port");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
-    let addr = grpc.local_addr().expect("gRPC address");
-    let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("metrics address"));
-    let counters = image_backup_coordinator::metrics::Metrics::new();
+    let (addr, metrics_url) = addresses(&grpc, &metrics);
     let tls = config.tls.clone();
+    let counters = image_backup_coordinator::metrics::Metrics::new();
     let coordinator =
         run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
     tokio::spawn(async move {
@@ -62,8 +61,78 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
     Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca }
 }
 
+fn addresses(grpc: &tokio::net::TcpListener, metrics: &tokio::net::TcpListener) -> (SocketAddr, String) {
+    let addr = grpc.local_addr().expect("gRPC address");
+    (addr, format!("http://{}/metrics", metrics.local_addr().expect("metrics address")))
+}
+
+/// A coordinator in a runtime of its own, which [`Replica::kill`] stops at
+/// once, as a crashed pod: no Lease released, no session ended cleanly.
+pub struct Replica {
+    pub coordinator: Coordinator,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Starts a coordinator replica named `id` (its Lease identity). It does
+/// not wait for the CA: a follower publishes nothing until it leads.
+pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorConfig, id: &str) -> Replica {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the replica");
+    let (grpc, metrics) = (loopback(), loopback());
+    let (addr, metrics_url) =
+        (grpc.local_addr().expect("gRPC address"), metrics.local_addr().expect("metrics address"));
+    let (client, id) = (client.clone(), id.to_string());
+    runtime.spawn(async move {
+        let grpc = tokio::net::TcpListener::from_std(grpc).expect("gRPC listener");
+        let metrics = tokio::net::TcpListener::from_std(metrics).expect("metrics listener");
+        let counters = image_backup_coordinator::metrics::Metrics::new();
+        if let Err(e) = run(client, config, grpc, metrics, id.clone(), counters, std::future::pending()).await {
+            eprintln!("coordinator {id} stopped: {e:?}");
+        }
+    });
+    let coordinator = Coordinator {
+        grpc: addr,
+        metrics_url: format!("http://{metrics_url}/metrics"),
+        admin: admin.clone(),
+        ca: None,
+    };
+    Replica { coordinator, runtime: Some(runtime) }
+}
+
+/// A loopback listener for a runtime to take over.
+fn loopback() -> std::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    listener.set_nonblocking(true).expect("non-blocking");
+    listener
+}
+
+// === impl Replica ===
+
+impl Replica {
+    /// Whether its /readyz says ready (leading, caches synced).
+    pub async fn ready(&self) -> bool {
+        let url = self.coordinator.metrics_url.replace("/metrics", "/readyz");
+        reqwest::get(url).await.is_ok_and(|r| r.status().is_success())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The CA the coordinator publishes for agents, once it has.
-async fn published_ca(admin: &Client, namespace: &str, name: &str) -> String {
+pub async fn published_ca(admin: &Client, namespace: &str, name: &str) -> String {
     let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), namespace);
     let ca = || async {
         let found = config_maps.get_opt(name).await.map_err(|e| e.to_string())?;
@@ -85,6 +154,12 @@ impl Coordinator {
     /// The CA clients trust, in PEM.
     pub fn ca(&self) -> Option<&str> {
         self.ca.as_deref()
+    }
+
+    /// This coordinator as reached at `grpc` (a Service in front of it),
+    /// trusting `ca`.
+    pub fn behind(&self, grpc: SocketAddr, ca: Option<String>) -> Coordinator {
+        Coordinator { grpc, ca, ..self.clone() }
     }
 
     /// A channel to the gRPC port, trusting its CA.

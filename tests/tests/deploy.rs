@@ -9,6 +9,7 @@ use clap::CommandFactory;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     core::v1::{ConfigMap, Container, PodSpec},
+    policy::v1::PodDisruptionBudget,
     rbac::v1::ClusterRole,
 };
 use serde::Deserialize;
@@ -68,6 +69,7 @@ fn every_object_is_a_valid_kubernetes_object() {
             "DaemonSet",
             "Deployment",
             "Namespace",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",
@@ -81,6 +83,7 @@ fn every_object_is_a_valid_kubernetes_object() {
             "DaemonSet" => serde_json::from_value::<DaemonSet>(object.clone()).map(|_| ()),
             "ClusterRole" => serde_json::from_value::<ClusterRole>(object.clone()).map(|_| ()),
             "ConfigMap" => serde_json::from_value::<ConfigMap>(object.clone()).map(|_| ()),
+            "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(object.clone()).map(|_| ()),
             _ => Ok(()),
         };
         result.unwrap_or_else(|e| panic!("{}: {e}", object["metadata"]["name"]));

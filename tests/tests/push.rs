@@ -160,7 +160,8 @@ async fn faulty_registry_gets_a_complete_image(read: ReadPath) {
     init_tracing();
     let containerd = Containerd::start().await.unwrap();
     let registry = Registry::start(RegistryAuth::None).await.unwrap();
-    let faults = Faults { unavailable_every: Some(4), throttle_every: Some(7), drop_upload_every: Some(2) };
+    let faults =
+        Faults { unavailable_every: Some(4), throttle_every: Some(7), drop_upload_every: Some(2), ..Faults::default() };
     let proxy = Proxy::start(&registry.host(), faults).await.unwrap();
     let image = TestImage::single(MediaTypes::Oci, &[4 * MB, 2 * MB, 3 * MB, MB], 3);
     image.import(&containerd, "docker.io/library/flaky:1", &[], &[]).await.unwrap();

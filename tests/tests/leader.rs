@@ -1,0 +1,91 @@
+//! Two coordinators on one API server (the emulator, and a real one when
+//! given): one leads on the Lease and is the only one ready; killed in the
+//! middle of a copy, the other takes over from what the API server holds,
+//! the agent reaching it through a Service that follows readiness, and the
+//! copy is not made twice.
+
+use std::time::Duration;
+
+use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::registry::RegistryConfig;
+use image_backup_tests::{
+    Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
+    cluster::{
+        ApiServerKind, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually, prepare,
+    },
+    init_tracing, on_both_api_servers,
+    run::{published_ca, start_agent, start_replica},
+    service::{Endpoint, Service},
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use serde_json::json;
+
+const SOURCE: &str = "quay.io/team/api:1";
+
+on_both_api_servers!(a_follower_takes_over_a_copy_in_flight: takeover_on_the_emulator, takeover_on_a_real_api_server);
+
+async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
+    init_tracing();
+    let Some((_guard, admin)) = cluster(kind).await else { return };
+    prepare(&admin, &["shop"]).await;
+    let client = coordinator_client(kind, &admin).await;
+    let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
+    // Uploads wait until the test lets them go: the copy stays in flight.
+    let proxy =
+        Proxy::start(&backup_registry.host(), Faults { hold_uploads: true, ..Faults::default() }).await.unwrap();
+    let node = Containerd::start().await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[1 << 20, 256 << 10], 81);
+    image.import(&node, SOURCE, &[], &[]).await.unwrap();
+
+    let config = coordinator_config(&proxy.host());
+    let mut first = start_replica(&admin, &client, config.clone(), "coordinator-a").await;
+    eventually("the first replica leads", Duration::from_secs(30), || async {
+        if first.ready().await { Ok(()) } else { Err("not ready".to_string()) }
+    })
+    .await;
+    let second = start_replica(&admin, &client, config.clone(), "coordinator-b").await;
+    assert!(!second.ready().await, "a follower is not ready: the Service sends nobody to it");
+
+    let endpoint = |replica: &image_backup_tests::run::Replica| Endpoint {
+        grpc: replica.coordinator.grpc,
+        readyz: replica.coordinator.metrics_url.replace("/metrics", "/readyz"),
+    };
+    let service = Service::start(vec![endpoint(&first), endpoint(&second)]).await.unwrap();
+    let ca = published_ca(&admin, "image-backup", "image-backup-ca").await;
+    let via_service = first.coordinator.behind(service.addr, Some(ca));
+    let registry = RegistryConfig { insecure_hosts: vec![proxy.host()], ..RegistryConfig::default() };
+    start_agent(&node, "node-a", &via_service, registry).await;
+    let workloads = Workloads { client: admin.clone() };
+    let at = Placement { nodes: &["node-a"], ready: true };
+    workloads.deploy("Deployment", "shop", "api", json!({}), &[("api", SOURCE, image.digest(), false)], at).await;
+
+    eventually("the copy is under way", Duration::from_secs(30), || {
+        std::future::ready(if proxy.held() > 0 { Ok(()) } else { Err("no upload yet".to_string()) })
+    })
+    .await;
+    first.kill();
+    eventually("the follower leads", Duration::from_secs(30), || async {
+        if second.ready().await { Ok(()) } else { Err("not ready".to_string()) }
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "image-backup");
+    let lease = leases.get("image-backup-coordinator").await.unwrap();
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("coordinator-b"));
+
+    proxy.set_faults(Faults::default());
+    let pinned = format!("{}/backup/quay.io/team/api@{}", proxy.host(), image.digest());
+    eventually("the new leader patches the workload to the backup", Duration::from_secs(60), || async {
+        let (images, _) = workloads.images("Deployment", "shop", "api").await;
+        if images == [pinned.clone()] { Ok(()) } else { Err(format!("{images:?}")) }
+    })
+    .await;
+    let backups: Api<ImageBackup> = Api::all(admin.clone());
+    let backup = backups.list(&Default::default()).await.unwrap().items.into_iter().find(|b| b.spec.source == SOURCE);
+    assert_eq!(backup.and_then(|b| b.status).map(|s| s.phase), Some(Phase::Completed));
+    // The copy in flight was finished, not made again: each blob (two
+    // layers, the config) went up once.
+    assert_eq!(proxy.uploads(), 3);
+    let served = backup_registry.manifest("backup/quay.io/team/api", image.digest()).await.unwrap();
+    assert_eq!(served.map(|m| m.digest), Some(image.digest().to_string()));
+}
