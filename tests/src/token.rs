@@ -66,6 +66,11 @@ impl TokenServer {
         Ok(Self { addr, cert_pem: cert.pem(), task })
     }
 
+    /// `host:port`, to list as insecure: it speaks plain HTTP.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
     pub fn realm(&self) -> String {
         format!("http://{}/token", self.addr)
     }

@@ -473,7 +473,9 @@ async fn bearer_token_flow_with_credentials_from_a_docker_config() {
     };
     let config = |password: &str| RegistryConfig {
         docker_config: Some(docker_config(password)),
-        ..insecure(&[registry.host()])
+        // The token server speaks plain HTTP: credentials go there only
+        // because it is listed.
+        ..insecure(&[registry.host(), tokens.host()])
     };
     let target = format!("{}/mirror/registry.k8s.io/pause:3.9", registry.host());
 

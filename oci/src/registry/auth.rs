@@ -4,7 +4,8 @@
 
 use std::{collections::HashMap, fmt};
 
-use reqwest::{RequestBuilder, header::HeaderValue};
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use tokio::sync::RwLock;
 use tracing::debug;
@@ -48,6 +49,8 @@ pub(super) struct Auth {
     host: String,
     http: reqwest::Client,
     credentials: Option<Credentials>,
+    /// Hosts credentials may reach over plain HTTP.
+    insecure: Vec<String>,
     state: RwLock<State>,
 }
 
@@ -65,13 +68,19 @@ struct TokenReply {
 }
 
 impl Auth {
-    pub(super) fn new(host: &str, http: reqwest::Client, credentials: Option<Credentials>) -> Self {
-        Self { host: host.to_string(), http, credentials, state: RwLock::default() }
+    pub(super) fn new(
+        host: &str,
+        http: reqwest::Client,
+        credentials: Option<Credentials>,
+        insecure: Vec<String>,
+    ) -> Self {
+        Self { host: host.to_string(), http, credentials, insecure, state: RwLock::default() }
     }
 
-    /// Adds what the registry is known to want, so that only the first
-    /// request to a registry (or to a new scope) meets a challenge.
-    pub(super) async fn authorize(&self, request: RequestBuilder, scope: &str) -> RequestBuilder {
+    /// The `Authorization` the registry is known to want for `scope`, so
+    /// that only the first request to a registry (or to a new scope) meets a
+    /// challenge. The caller sends it to the registry's own origin only.
+    pub(super) async fn authorization(&self, scope: &str) -> Option<HeaderValue> {
         let bearer = match &self.state.read().await.scheme {
             Scheme::Bearer { realm, service } => Some((realm.clone(), service.clone())),
             _ => None,
@@ -86,16 +95,16 @@ impl Auth {
             }
         }
         let state = self.state.read().await;
-        match (&state.scheme, &self.credentials) {
+        let value = match (&state.scheme, &self.credentials) {
             (Scheme::Basic, Some(Credentials::Basic { username, password })) => {
-                request.basic_auth(username, Some(password))
+                format!("Basic {}", BASE64.encode(format!("{username}:{password}")))
             }
-            (Scheme::Bearer { .. }, _) => match state.tokens.get(scope) {
-                Some(token) => request.bearer_auth(token),
-                None => request,
-            },
-            _ => request,
-        }
+            (Scheme::Bearer { .. }, _) => format!("Bearer {}", state.tokens.get(scope)?),
+            _ => return None,
+        };
+        let mut value = HeaderValue::from_str(&value).ok()?;
+        value.set_sensitive(true);
+        Some(value)
     }
 
     /// Answers a 401: learns the scheme and, for Bearer, fetches a token for
@@ -134,6 +143,22 @@ impl Auth {
     }
 
     async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String, String> {
+        // The realm is whatever the registry's challenge named, on any host;
+        // credentials go there only over TLS (or to a host listed insecure).
+        if self.credentials.is_some() {
+            let url = reqwest::Url::parse(realm).map_err(|e| format!("token realm {realm:?} is not a URL: {e}"))?;
+            let authority = match (url.host_str(), url.port()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.to_string(),
+                (None, _) => return Err(format!("token realm {realm:?} names no host")),
+            };
+            if url.scheme() != "https" && !self.insecure.contains(&authority) {
+                return Err(format!(
+                    "token realm {realm} is not https: credentials for {} are sent only over TLS (or to a host listed insecure)",
+                    self.host
+                ));
+            }
+        }
         let mut query: Vec<(&str, &str)> = Vec::new();
         if let Some(service) = service {
             query.push(("service", service));
@@ -161,12 +186,15 @@ impl Auth {
             request.send().await.map_err(|e| format!("token request to {realm}: {}", super::error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.chars().take(256).collect();
+            let body = super::body::read_limited(response, super::body::MAX_ERROR_BODY).await.unwrap_or_default();
+            let body: String = String::from_utf8_lossy(&body).chars().take(256).collect();
             return Err(format!("token server {realm} answered {status}: {}", body.trim()));
         }
+        let body = super::body::read_limited(response, super::body::MAX_TOKEN_REPLY)
+            .await
+            .map_err(|e| format!("token server {realm}: {e}"))?;
         let reply: TokenReply =
-            response.json().await.map_err(|e| format!("token server {realm} sent an unreadable reply: {e}"))?;
+            serde_json::from_slice(&body).map_err(|e| format!("token server {realm} sent an unreadable reply: {e}"))?;
         reply
             .token
             .or(reply.access_token)

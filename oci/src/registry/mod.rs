@@ -9,6 +9,7 @@
 //! the registry, repository, blob and last status.
 
 mod auth;
+pub mod body;
 mod config;
 
 use std::{
@@ -24,7 +25,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::{
     RequestBuilder, Response, StatusCode,
-    header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER},
+    header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER},
 };
 use tracing::warn;
 
@@ -39,6 +40,9 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
+
+/// Deadline of every registry call but a blob's body.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -111,6 +115,10 @@ pub struct Registry {
 struct Inner {
     host: String,
     base: String,
+    /// Where credentials may go: the registry's own scheme, host and port.
+    origin: reqwest::Url,
+    /// Hosts reached over plain HTTP (for upload locations elsewhere).
+    insecure: Vec<String>,
     http: reqwest::Client,
     auth: Auth,
     retry: RetryPolicy,
@@ -164,11 +172,16 @@ impl Registry {
         let http = config
             .http_client(insecure)
             .map_err(|detail| RegistryError::Config { registry: host.to_string(), detail })?;
+        let base = format!("{scheme}://{host}");
+        let origin = reqwest::Url::parse(&base)
+            .map_err(|e| RegistryError::Config { registry: host.to_string(), detail: format!("not a host: {e}") })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 host: host.to_string(),
-                base: format!("{scheme}://{host}"),
-                auth: Auth::new(host, http.clone(), credentials),
+                base,
+                origin,
+                insecure: config.insecure_hosts.clone(),
+                auth: Auth::new(host, http.clone(), credentials, config.insecure_hosts.clone()),
                 http,
                 retry: config.retry.clone(),
                 pull_only,
@@ -204,7 +217,7 @@ impl Registry {
             let accept = "application/vnd.oci.image.index.v1+json";
             let response = self.send(&call, || self.inner.http.get(&url).header(ACCEPT, accept)).await?;
             match response.status() {
-                StatusCode::OK => Ok(Some(response.bytes().await.map_err(|e| self.transport_error(&call, e))?)),
+                StatusCode::OK => Ok(Some(self.read_manifest(&call, response).await?)),
                 StatusCode::NOT_FOUND => Ok(None),
                 _ => Err(self.unexpected(&call, response).await),
             }
@@ -369,7 +382,7 @@ impl Registry {
             }
             let media_type =
                 response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-            let bytes = response.bytes().await.map_err(|e| self.transport_error(&call, e))?;
+            let bytes = self.read_manifest(&call, response).await?;
             if reference.starts_with("sha256:") {
                 let actual = crate::media::sha256_digest(&bytes);
                 if actual != reference {
@@ -401,8 +414,7 @@ impl Registry {
         mut build: impl FnMut() -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
         let scope = scope(call.repository, call.extra_pull, self.inner.pull_only);
-        let request = self.inner.auth.authorize(build(), &scope).await;
-        let response = request.send().await.map_err(|e| self.transport_error(call, e))?;
+        let response = self.execute(call, build(), &scope).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -413,8 +425,7 @@ impl Registry {
             scope: scope.clone(),
             detail,
         })?;
-        let request = self.inner.auth.authorize(build(), &scope).await;
-        let response = request.send().await.map_err(|e| self.transport_error(call, e))?;
+        let response = self.execute(call, build(), &scope).await?;
         if response.status() == StatusCode::UNAUTHORIZED || response.status() == StatusCode::FORBIDDEN {
             let detail = error_body(response).await;
             return Err(RegistryError::Unauthorized {
@@ -427,16 +438,58 @@ impl Registry {
         Ok(response)
     }
 
+    /// Sends one request. Credentials go only to the registry's own origin:
+    /// an upload `Location` elsewhere (storage behind the registry, or a
+    /// registry that lies) gets the bytes, never the credentials. Every
+    /// call but a blob's body has a deadline; those are bounded by the
+    /// connection's read timeout and the job's deadline.
+    async fn execute(&self, call: &Call<'_>, builder: RequestBuilder, scope: &str) -> Result<Response, RegistryError> {
+        let mut request = builder.build().map_err(|e| self.transport_error(call, e))?;
+        if request.url().origin() == self.inner.origin.origin()
+            && let Some(value) = self.inner.auth.authorization(scope).await
+        {
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
+        if !matches!(call.operation, "GET blob" | "upload blob") {
+            *request.timeout_mut() = Some(CALL_TIMEOUT);
+        }
+        self.inner.http.execute(request).await.map_err(|e| self.transport_error(call, e))
+    }
+
+    /// A manifest-sized body, refused past [`body::MAX_MANIFEST`].
+    async fn read_manifest(&self, call: &Call<'_>, response: Response) -> Result<Bytes, RegistryError> {
+        body::read_limited(response, body::MAX_MANIFEST).await.map_err(|e| match e {
+            body::BodyError::Transport(e) => self.transport_error(call, e),
+            too_large => self.request_error(call, None, too_large.to_string(), None),
+        })
+    }
+
     fn location(&self, call: &Call<'_>, response: &Response) -> Result<String, RegistryError> {
         let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
             self.request_error(call, Some(response.status()), "reply has no Location header".into(), None)
         })?;
         // Locations may be relative to the registry's base URL.
-        Ok(if location.starts_with("http://") || location.starts_with("https://") {
-            location.to_string()
-        } else {
-            format!("{}{location}", self.inner.base)
-        })
+        if !(location.starts_with("http://") || location.starts_with("https://")) {
+            return Ok(format!("{}{location}", self.inner.base));
+        }
+        // Bytes go over plain HTTP only to hosts listed insecure.
+        let url = reqwest::Url::parse(location).map_err(|e| {
+            self.request_error(call, Some(response.status()), format!("Location {location:?} is not a URL: {e}"), None)
+        })?;
+        let authority = format!(
+            "{}{}",
+            url.host_str().unwrap_or_default(),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default()
+        );
+        if url.scheme() == "http"
+            && url.origin() != self.inner.origin.origin()
+            && !self.inner.insecure.contains(&authority)
+        {
+            let detail =
+                format!("upload Location {location} is plain http on {authority}, which is not listed insecure");
+            return Err(self.request_error(call, Some(response.status()), detail, None));
+        }
+        Ok(location.to_string())
     }
 
     async fn unexpected(&self, call: &Call<'_>, response: Response) -> RegistryError {
@@ -561,7 +614,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The registry's error body, shortened; distribution puts its error codes
 /// (`BLOB_UNKNOWN`, `MANIFEST_BLOB_UNKNOWN`, ...) there.
 async fn error_body(response: Response) -> String {
-    let text = response.text().await.unwrap_or_default();
+    let text = body::read_limited(response, body::MAX_ERROR_BODY).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
     let text = text.trim();
     if text.is_empty() {
         return "(empty body)".into();
