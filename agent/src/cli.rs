@@ -8,13 +8,14 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
     daemon::{Agent, DaemonConfig},
+    guard::Guard,
     link::{CoordinatorLink, LinkTls},
     progress::{Progress, spawn_printer},
     pull_secret::PullSecrets,
     push::{PushOptions, Pusher, Scope, SourceAccess},
 };
 use image_backup_oci::{
-    ImageRef,
+    BackupTarget, ImageRef,
     access::RegistryAccess,
     registry::{RegistryConfig, RetryPolicy},
 };
@@ -73,6 +74,16 @@ pub struct RunArgs {
     /// Copies run at once.
     #[arg(long, env = "IMAGE_BACKUP_MAX_JOBS", default_value_t = 2)]
     pub max_jobs: u32,
+    /// The backup registry (host[:port]): the only registry this agent
+    /// pushes to.
+    #[arg(long, env = "IMAGE_BACKUP_REGISTRY")]
+    pub backup_registry: String,
+    /// Repository prefix in the backup registry: the only place pushed to.
+    #[arg(long, env = "IMAGE_BACKUP_PREFIX", default_value = "backup")]
+    pub backup_prefix: String,
+    /// A copy still running after this long is stopped and reported failed.
+    #[arg(long, env = "IMAGE_BACKUP_JOB_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub job_timeout: Duration,
     /// The agent's own namespace (downward API metadata.namespace), where
     /// the coordinator leaves jobs' source pull secrets.
     #[arg(long, env = "POD_NAMESPACE", default_value = "image-backup")]
@@ -164,17 +175,21 @@ async fn daemon(args: RunArgs) -> anyhow::Result<()> {
         max_jobs: args.max_jobs.max(1),
         reconnect_max: Duration::from_secs(30),
         progress_interval: Duration::from_secs(2),
+        job_timeout: args.job_timeout,
     };
-    // Outside a cluster (a local run) there is no API to read pull secrets
-    // from: sources are then read with the configured credentials.
-    let pull_secrets = match kube::Client::try_default().await {
-        Ok(client) => Some(PullSecrets::new(client, &args.pod_namespace)),
+    // Without an API (a run outside a cluster) the agent cannot see what
+    // its node's pods run, and refuses every copy.
+    let client = match kube::Client::try_default().await {
+        Ok(client) => Some(client),
         Err(e) => {
-            tracing::warn!(error = %e, "no Kubernetes API: sources are read without workloads' pull secrets");
+            tracing::warn!(error = %e, "no Kubernetes API: every assignment will be refused");
             None
         }
     };
-    Agent::new(config, pusher, pull_secrets).run(shutdown_signal()).await;
+    let pull_secrets = client.clone().map(|client| PullSecrets::new(client, &args.pod_namespace));
+    let backup = BackupTarget { registry: args.backup_registry.clone(), prefix: args.backup_prefix.clone() };
+    let guard = Guard::new(backup, &config.node_name, client);
+    Agent::new(config, pusher, pull_secrets, guard).run(shutdown_signal()).await;
     Ok(())
 }
 

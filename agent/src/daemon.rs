@@ -24,10 +24,11 @@ use image_backup_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     containerd::{ContainerdError, ImageEvent, ImageRecord},
+    guard::Guard,
     link::{CoordinatorLink, LinkError},
     progress::Progress,
     pull_secret::{PullSecretError, PullSecrets},
@@ -48,6 +49,8 @@ pub struct DaemonConfig {
     pub reconnect_max: Duration,
     /// How often progress of running jobs is reported.
     pub progress_interval: Duration,
+    /// A copy still running after this long is stopped and reported failed.
+    pub job_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,8 @@ pub struct Agent {
     pusher: Pusher,
     /// Where jobs' pull secrets are read; `None` outside a cluster.
     pull_secrets: Option<PullSecrets>,
+    /// What no assignment can make this agent do.
+    guard: Guard,
     jobs: Mutex<HashMap<String, RunningJob>>,
     /// Sender of the current session, if one is up.
     session: Mutex<Option<mpsc::Sender<AgentMessage>>>,
@@ -93,11 +98,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: DaemonConfig, pusher: Pusher, pull_secrets: Option<PullSecrets>) -> Arc<Self> {
+    pub fn new(config: DaemonConfig, pusher: Pusher, pull_secrets: Option<PullSecrets>, guard: Guard) -> Arc<Self> {
         Arc::new(Self {
             config,
             pusher,
             pull_secrets,
+            guard,
             jobs: Mutex::default(),
             session: Mutex::default(),
             undelivered: Mutex::default(),
@@ -111,6 +117,10 @@ impl Agent {
         // Jobs outlive sessions, not the agent: however `run` ends, even
         // dropped mid-way, no copy goes on pushing behind its back.
         let _jobs = StopJobsOnDrop(&self.jobs);
+        let _pods = AbortOnDrop(vec![tokio::spawn({
+            let agent = self.clone();
+            async move { agent.guard.follow().await }
+        })]);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -183,7 +193,11 @@ impl Agent {
         let mut running: Vec<String> = lock(&self.jobs).keys().cloned().collect();
         running.extend(lock(&self.undelivered).iter().filter_map(result_job).map(str::to_string));
         let _ = tx.send(message(agent_message::Message::Register(self.register(running)))).await;
-        let _ = tx.send(message(agent_message::Message::Inventory(self.full_inventory().await?))).await;
+        // Changes of what is in use from here on are told (see follow_use).
+        let use_changes = self.guard.in_use().subscribe();
+        let inventory = self.full_inventory().await?;
+        let told: HashMap<String, bool> = inventory.added.iter().map(|i| (i.name.clone(), i.in_use)).collect();
+        let _ = tx.send(message(agent_message::Message::Inventory(inventory))).await;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         let renew_in = token.and_then(|token| {
             request.metadata_mut().insert("authorization", token.authorization);
@@ -208,6 +222,7 @@ impl Agent {
             tokio::spawn(self.clone().heartbeats(tx.clone(), heartbeat.clone())),
             tokio::spawn(self.clone().report_progress(tx.clone())),
             tokio::spawn(self.clone().follow_images(tx.clone())),
+            tokio::spawn(self.clone().follow_use(tx.clone(), told, use_changes)),
         ]);
         Ok(Session { replies, heartbeat, renew_in, endpoint, _background: background, tx })
     }
@@ -288,6 +303,7 @@ impl Agent {
             Err(e) => warn!(image = %record.name, error = %e, "could not read the image's index"),
         }
         InventoryImage {
+            in_use: self.guard.in_use().runs(&record.target.digest),
             name: record.name,
             digest: record.target.digest,
             media_type: record.target.media_type,
@@ -370,6 +386,37 @@ impl Agent {
         }
     }
 
+    /// Tells the coordinator which images came into use on this node, or
+    /// went out of it, as its pods change.
+    async fn follow_use(
+        self: Arc<Self>,
+        tx: mpsc::Sender<AgentMessage>,
+        mut sent: HashMap<String, bool>,
+        mut changes: tokio::sync::watch::Receiver<u64>,
+    ) {
+        loop {
+            let Ok(records) = self.pusher.store().list_images().await else { return };
+            let mut changed = Vec::new();
+            for record in records {
+                let in_use = self.guard.in_use().runs(&record.target.digest);
+                // An image listed since (by follow_images) was told as it
+                // was then; telling it again is harmless, missing a change not.
+                if sent.insert(record.name.clone(), in_use).unwrap_or(false) != in_use {
+                    changed.push(self.inventory_image(record).await);
+                }
+            }
+            if !changed.is_empty() {
+                let inventory = Inventory { full: false, added: changed, removed: Vec::new() };
+                if tx.send(message(agent_message::Message::Inventory(inventory))).await.is_err() {
+                    return;
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Starts an assigned copy unless it is running already (a coordinator
     /// that restarted may assign it again: the running copy then answers for
     /// the new attempt) or the agent is full. A running copy of another
@@ -410,7 +457,7 @@ impl Agent {
         let task_scope = scope.clone();
         let task = tokio::spawn(
             async move {
-                let outcome = agent.copy(&assignment, &task_scope, job_progress).await;
+                let outcome = agent.contained_copy(&assignment, &task_scope, job_progress).await;
                 {
                     // A copy that replaced this one under the same job id
                     // stays.
@@ -433,6 +480,36 @@ impl Agent {
         jobs.insert(job_id, RunningJob { task: task.abort_handle(), progress, attempt, digest, target, scope });
     }
 
+    /// A copy within the job deadline, a panic in it reported as a failure
+    /// (its slot would otherwise stay taken for good).
+    async fn contained_copy(
+        &self,
+        assignment: &Assignment,
+        scope: &Scope,
+        progress: Arc<Progress>,
+    ) -> job_result::Outcome {
+        use futures::FutureExt;
+        let deadline = self.config.job_timeout;
+        let copy = std::panic::AssertUnwindSafe(self.copy(assignment, scope, progress)).catch_unwind();
+        let message = match tokio::time::timeout(deadline, copy).await {
+            Ok(Ok(outcome)) => return outcome,
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                error!(panic = %what, "the copy panicked");
+                format!("the copy panicked on agent {}: {what}", self.config.agent_id)
+            }
+            Err(_) => {
+                warn!(?deadline, "the copy ran past its deadline; stopped");
+                format!("the copy did not finish within {}", humantime::format_duration(deadline))
+            }
+        };
+        job_result::Outcome::Failure(JobFailure { message, retryable: true, ..JobFailure::default() })
+    }
+
     async fn copy(&self, assignment: &Assignment, scope: &Scope, progress: Arc<Progress>) -> job_result::Outcome {
         let failure = |message: String, retryable: bool| {
             job_result::Outcome::Failure(JobFailure { message, retryable, ..JobFailure::default() })
@@ -445,6 +522,14 @@ impl Agent {
             Ok(target) => target,
             Err(e) => return failure(e.to_string(), false),
         };
+        let allowed = match self.guard.check_target(&source, &target) {
+            Ok(()) => self.guard.check_digest(&assignment.digest).await,
+            Err(refusal) => Err(refusal),
+        };
+        if let Err(refusal) = allowed {
+            warn!(%target, digest = %assignment.digest, error = %refusal, "assignment refused");
+            return failure(refusal.to_string(), refusal.retryable());
+        }
         info!(%target, digest = %assignment.digest, "copy started");
         let credentials = match self.source_credentials(&assignment.pull_secret, source.registry()).await {
             Ok(credentials) => credentials,

@@ -5,7 +5,9 @@
 pub mod cli;
 pub mod containerd;
 pub mod daemon;
+pub mod guard;
 pub mod link;
+pub mod node_pods;
 pub mod progress;
 pub mod pull_secret;
 pub mod push;

@@ -8,12 +8,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use image_backup_agent::{
     containerd::{ContentStore, ReadPath},
     daemon::{Agent, DaemonConfig},
+    guard::Guard,
     link::{CoordinatorLink, LinkTls},
     pull_secret::PullSecrets,
     push::{PushOptions, Pusher},
 };
 use image_backup_coordinator::{config::CoordinatorConfig, run::run};
-use image_backup_oci::registry::RegistryConfig;
+use image_backup_oci::{BackupTarget, registry::RegistryConfig};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use serde::Deserialize;
@@ -35,6 +36,8 @@ pub struct Coordinator {
     /// The CA its certificate chains to, as agents get it; `None` in plain
     /// text.
     ca: Option<String>,
+    /// Where backups go, as agents are configured too.
+    backup: BackupTarget,
 }
 
 /// Starts the coordinator with `client` (on a real server, its own
@@ -44,7 +47,7 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("gRPC port");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("metrics port");
     let (addr, metrics_url) = addresses(&grpc, &metrics);
-    let tls = config.tls.clone();
+    let (tls, backup) = (config.tls.clone(), config.backup.clone());
     let counters = image_backup_coordinator::metrics::Metrics::new();
     let coordinator =
         run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
@@ -58,7 +61,7 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
         Some(tls) => Some(published_ca(admin, &tls.namespace, &tls.ca_config_map).await),
         None => None,
     };
-    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca }
+    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca, backup }
 }
 
 fn addresses(grpc: &tokio::net::TcpListener, metrics: &tokio::net::TcpListener) -> (SocketAddr, String) {
@@ -84,7 +87,7 @@ pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorC
     let (grpc, metrics) = (loopback(), loopback());
     let (addr, metrics_url) =
         (grpc.local_addr().expect("gRPC address"), metrics.local_addr().expect("metrics address"));
-    let (client, id) = (client.clone(), id.to_string());
+    let (client, id, backup) = (client.clone(), id.to_string(), config.backup.clone());
     runtime.spawn(async move {
         let grpc = tokio::net::TcpListener::from_std(grpc).expect("gRPC listener");
         let metrics = tokio::net::TcpListener::from_std(metrics).expect("metrics listener");
@@ -98,6 +101,7 @@ pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorC
         metrics_url: format!("http://{metrics_url}/metrics"),
         admin: admin.clone(),
         ca: None,
+        backup,
     };
     Replica { coordinator, runtime: Some(runtime) }
 }
@@ -189,15 +193,18 @@ impl Coordinator {
             LinkTls { ca_file, server_name: None }
         });
         let link = CoordinatorLink::new(self.url(), tls, Some(token_file)).expect("a coordinator link");
-        AgentLink { link, files }
+        let guard = Guard::new(self.backup.clone(), node, Some(self.admin.clone()));
+        AgentLink { link, files, guard }
     }
 }
 
-/// An agent's link, and the files it reads (its token, the CA), which last
-/// as long as the agent.
+/// What an agent gets from its cluster: the link to the coordinator, the
+/// files it reads (its token, the CA), which last as long as the agent, and
+/// its guard (the backup location, the API to see its node's pods).
 pub struct AgentLink {
     pub link: CoordinatorLink,
     pub files: Arc<tempfile::TempDir>,
+    pub guard: Guard,
 }
 
 /// Starts an agent daemon for `node` on a harness containerd; it runs until
@@ -237,7 +244,7 @@ pub async fn start_agent_on(
     max_jobs: u32,
     pull_secrets: Option<PullSecrets>,
 ) -> tokio::task::JoinHandle<()> {
-    let AgentLink { link, files } = link;
+    let AgentLink { link, files, guard } = link;
     let store = ContentStore::connect(socket, namespace)
         .await
         .expect("connect to containerd")
@@ -251,9 +258,11 @@ pub async fn start_agent_on(
             max_jobs,
             reconnect_max: Duration::from_secs(1),
             progress_interval: Duration::from_millis(200),
+            job_timeout: Duration::from_secs(600),
         },
         Pusher::new(store, registry, PushOptions::default()),
         pull_secrets,
+        guard,
     );
     tokio::spawn(async move {
         let _files = files;

@@ -5,23 +5,25 @@
 use std::{sync::Arc, time::Duration};
 
 use apiserver_emulator::ApiServer;
-use image_backup_agent::link::CoordinatorLink;
+use image_backup_agent::{guard::Guard, link::CoordinatorLink};
 use image_backup_coordinator::{
     agents::{AgentHub, AgentSessions},
     jobs::{LiveJobs, Outcome},
     trust::agents::AgentAuthenticator,
 };
+use image_backup_oci::BackupTarget;
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer};
 use image_backup_tests::{
     Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{coordinator_config, eventually, prepare},
+    cluster::{Placement, Workloads, coordinator_config, eventually, prepare},
     containerd::NAMESPACE,
     identity::{agent_token, write_token},
     init_tracing,
     run::{AgentLink, start_agent_on},
 };
 use kube::Client;
+use serde_json::json;
 use tokio::sync::oneshot;
 
 const MB: usize = 1 << 20;
@@ -71,7 +73,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
 
     let api = ApiServer::start().await.unwrap();
     let client = api.client().await.unwrap();
-    prepare(&client, &[]).await;
+    prepare(&client, &["apps"]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let jobs = Arc::new(LiveJobs::new().0);
@@ -82,7 +84,14 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     // In plain text: this test serves the bare AgentService.
     let files = Arc::new(tempfile::tempdir().unwrap());
     let token = write_token(files.path(), "node-a", &agent_token(&client, "node-a").await);
-    let link = AgentLink { link: CoordinatorLink::new(format!("http://{addr}"), None, Some(token)).unwrap(), files };
+    let backup = BackupTarget { registry: registry.host(), prefix: "mirror".into() };
+    let guard = Guard::new(backup, "node-a", Some(client.clone()));
+    let link = CoordinatorLink::new(format!("http://{addr}"), None, Some(token)).unwrap();
+    let link = AgentLink { link, files, guard };
+    // The node's pod that runs the image (the agent copies nothing else).
+    let at = Placement { nodes: &["node-a"], ready: true };
+    let spec = [("web", "docker.io/library/web:2", image.digest(), false)];
+    Workloads { client: client.clone() }.deploy("Deployment", "apps", "web", json!({}), &spec, at).await;
     let _agent = start_agent_on(&containerd.socket(), NAMESPACE, "node-a", link, registry_config, 2, None).await;
 
     held(&hub, image.digest()).await;
@@ -123,31 +132,52 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     assert_eq!(served.digest, image.digest());
 
     // The inventory follows containerd: an image the kubelet pulls now is
-    // a candidate moments later.
+    // listed moments later, though offered for copies only once a pod of
+    // the node runs it.
     let pulled = TestImage::single(MediaTypes::Oci, &[64 << 10], 22);
+    let before = hub.agents().first().map_or(0, |a| a.images);
     pulled.import(&containerd, "docker.io/library/new:1", &[], &[]).await.unwrap();
-    held(&hub, pulled.digest()).await;
+    eventually("the new image is listed", Duration::from_secs(30), || {
+        let listed = hub.agents().first().is_some_and(|a| a.images > before);
+        std::future::ready(if listed { Ok(()) } else { Err(format!("{:?}", hub.agents())) })
+    })
+    .await;
+    assert!(hub.holdings(pulled.digest()).agents.is_empty(), "no pod of the node runs it yet");
 
-    // A bad assignment fails with a clear, final error, not a crash.
-    hub.assign(
-        "agent-node-a",
-        Assignment {
-            job_id: "job-2".into(),
-            source: "docker.io/library/absent:1".into(),
-            digest: String::new(),
-            target: format!("{}/mirror/absent:1", registry.host()),
+    // An assignment for an image no pod of the node runs, or to a place
+    // other than the backup location, is refused with a clear, final error.
+    let refusals = [
+        (
+            "job-2",
+            "docker.io/library/new:1",
+            pulled.digest(),
+            format!("{}/mirror/docker.io/library/new:1", registry.host()),
+        ),
+        ("job-4", "docker.io/library/web:2", image.digest(), format!("{}/elsewhere/web:2", registry.host())),
+    ];
+    for (job, source, digest, target) in refusals {
+        let assignment = Assignment {
+            job_id: job.into(),
+            source: source.into(),
+            digest: digest.into(),
+            target,
             attempt: 1,
             ..Assignment::default()
-        },
-    )
-    .unwrap();
-    match outcome(&jobs, "job-2").await {
-        Outcome::Failure(failure) => {
-            assert!(failure.message.contains("not found in containerd"), "{}", failure.message);
-            assert!(!failure.retryable);
+        };
+        hub.assign("agent-node-a", assignment).unwrap();
+        match outcome(&jobs, job).await {
+            Outcome::Failure(failure) => {
+                assert!(failure.message.starts_with("refused: "), "{}", failure.message);
+                assert!(!failure.retryable);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
         }
-        other => panic!("expected failure, got {other:?}"),
     }
+    assert!(registry.manifest("mirror/docker.io/library/new", "1").await.unwrap().is_none(), "nothing was pushed");
+    let spec = [("new", "docker.io/library/new:1", pulled.digest(), false)];
+    let at = Placement { nodes: &["node-a"], ready: true };
+    Workloads { client: client.clone() }.deploy("Deployment", "apps", "new", json!({}), &spec, at).await;
+    held(&hub, pulled.digest()).await;
 
     // An agent silent past the heartbeat deadline is dropped with the jobs
     // it was running, for the controller to move elsewhere.

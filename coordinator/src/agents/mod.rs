@@ -85,17 +85,23 @@ struct Agent {
 
 impl Agent {
     /// Whether this node's containerd holds the whole content of the image
-    /// manifest `digest`: as an image's target, or as a child of an index.
+    /// manifest `digest`, as an image its pods run: as the image's target,
+    /// or as a child of an index. An agent copies nothing its node's pods
+    /// do not run, so nothing else is offered to it.
     fn holds_whole(&self, digest: &str) -> bool {
-        self.images.values().any(|image| {
+        self.in_use().any(|image| {
             (image.digest == digest && !is_index_image(image))
                 || image.present_manifests.iter().any(|m| m.digest == digest)
         })
     }
 
-    /// The index `digest` as this node's inventory lists it.
+    /// The index `digest` as this node's inventory lists it, in use.
     fn index(&self, digest: &str) -> Option<&InventoryImage> {
-        self.images.values().find(|image| image.digest == digest && is_index_image(image))
+        self.in_use().find(|image| image.digest == digest && is_index_image(image))
+    }
+
+    fn in_use(&self) -> impl Iterator<Item = &InventoryImage> {
+        self.images.values().filter(|image| image.in_use)
     }
 
     fn free(&self) -> bool {
@@ -463,6 +469,7 @@ mod tests {
             media_type: media_type.into(),
             present_manifests: present.iter().map(manifest).collect(),
             manifests: children.iter().map(manifest).collect(),
+            in_use: true,
         }
     }
 
@@ -479,6 +486,10 @@ mod tests {
         assert!(!node.holds_whole("sha256:i"), "an index is held as its children");
         assert!(node.index("sha256:i").is_some());
         assert!(!node.holds_whole("sha256:other"));
+        let mut idle = image("old:1", "sha256:idle", MANIFEST, &[]);
+        idle.in_use = false;
+        let node = agent(vec![idle], &[], 2);
+        assert!(!node.holds_whole("sha256:idle"), "held, but no pod of the node runs it");
     }
 
     #[test]

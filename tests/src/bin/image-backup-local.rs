@@ -143,7 +143,10 @@ async fn main() -> anyhow::Result<()> {
     let _agent = Process(
         Command::new(&agent_bin)
             .env("RUST_LOG", "info")
+            // To see what its node's pods run, as in a cluster.
+            .env("KUBECONFIG", &kubeconfig)
             .arg("run")
+            .args(["--backup-registry", &registry.host()])
             .arg("--containerd")
             .arg(containerd.socket())
             .args(["--insecure-registry", &registry.host(), "--coordinator", &format!("https://{grpc}")])
