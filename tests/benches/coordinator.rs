@@ -117,13 +117,20 @@ async fn main() -> anyhow::Result<()> {
         .env("IMAGE_BACKUP_INSECURE_REGISTRIES", registry.host())
         .env("IMAGE_BACKUP_GRPC_ADDR", &grpc)
         .env("IMAGE_BACKUP_METRICS_ADDR", &metrics)
+        .env("IMAGE_BACKUP_TLS_NAMES", "127.0.0.1")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", coordinator.display()))?;
     let start = Instant::now();
+    // As agents in a cluster: each with its pod's token, trusting the CA
+    // the coordinator publishes.
+    let ca = image_backup_tests::run::published_ca(&client, "image-backup", "image-backup-ca").await;
     for a in 0..agents {
-        tokio::spawn(simulated_agent(grpc.clone(), format!("node-{a}"), made.clone(), registry.clone()));
+        let node = format!("node-{a}");
+        let token = image_backup_tests::identity::agent_token(&client, &node).await;
+        let link = Link { coordinator: grpc.clone(), ca: ca.clone(), token };
+        tokio::spawn(simulated_agent(link, node, made.clone(), registry.clone()));
     }
 
     let patched = patched(&client, &registry.host(), workloads).await?;
@@ -202,13 +209,20 @@ fn runs_backup(deployment: &Deployment, backup_host: &str) -> bool {
 
 /// An agent that holds every image and, when assigned, pushes it to the
 /// target for real (the coordinator checks the registry) and reports it.
-async fn simulated_agent(coordinator: String, node: String, images: Arc<Vec<TestImage>>, registry: Arc<Registry>) {
-    if let Err(e) = run_agent(&coordinator, &node, &images, &registry).await {
+async fn simulated_agent(link: Link, node: String, images: Arc<Vec<TestImage>>, registry: Arc<Registry>) {
+    if let Err(e) = run_agent(&link, &node, &images, &registry).await {
         eprintln!("simulated agent {node}: {e:#}");
     }
 }
 
-async fn run_agent(coordinator: &str, node: &str, images: &[TestImage], registry: &Registry) -> anyhow::Result<()> {
+/// How a simulated agent reaches the coordinator.
+struct Link {
+    coordinator: String,
+    ca: String,
+    token: String,
+}
+
+async fn run_agent(link: &Link, node: &str, images: &[TestImage], registry: &Registry) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let send = |message| AgentMessage { message: Some(message) };
     tx.send(send(agent_message::Message::Register(Register {
@@ -227,17 +241,21 @@ async fn run_agent(coordinator: &str, node: &str, images: &[TestImage], registry
             media_type: image.root().media_type.clone(),
             present_manifests: Vec::new(),
             manifests: Vec::new(),
+            in_use: true,
         })
         .collect();
     tx.send(send(agent_message::Message::Inventory(Inventory { full: true, added, removed: Vec::new() }))).await?;
-    let endpoint = format!("http://{coordinator}");
+    let tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&link.ca));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", link.coordinator))?.tls_config(tls)?;
     let mut client = loop {
-        match AgentServiceClient::connect(endpoint.clone()).await {
-            Ok(client) => break client,
+        match endpoint.connect().await {
+            Ok(channel) => break AgentServiceClient::new(channel),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let mut replies = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let request = image_backup_tests::run::with_token(tokio_stream::wrappers::ReceiverStream::new(rx), &link.token);
+    let mut replies = client.session(request).await?.into_inner();
     let heartbeat = tx.clone();
     tokio::spawn(async move {
         loop {
