@@ -7,8 +7,10 @@ use std::collections::BTreeSet;
 
 use clap::CommandFactory;
 use k8s_openapi::api::{
+    admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
     apps::v1::{DaemonSet, Deployment},
     core::v1::{ConfigMap, Container, PodSpec},
+    networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
     rbac::v1::ClusterRole,
 };
@@ -69,12 +71,15 @@ fn every_object_is_a_valid_kubernetes_object() {
             "DaemonSet",
             "Deployment",
             "Namespace",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",
             "Service",
             "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ])
     );
     for object in &objects {
@@ -84,6 +89,13 @@ fn every_object_is_a_valid_kubernetes_object() {
             "ClusterRole" => serde_json::from_value::<ClusterRole>(object.clone()).map(|_| ()),
             "ConfigMap" => serde_json::from_value::<ConfigMap>(object.clone()).map(|_| ()),
             "PodDisruptionBudget" => serde_json::from_value::<PodDisruptionBudget>(object.clone()).map(|_| ()),
+            "NetworkPolicy" => serde_json::from_value::<NetworkPolicy>(object.clone()).map(|_| ()),
+            "ValidatingAdmissionPolicy" => {
+                serde_json::from_value::<ValidatingAdmissionPolicy>(object.clone()).map(|_| ())
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                serde_json::from_value::<ValidatingAdmissionPolicyBinding>(object.clone()).map(|_| ())
+            }
             _ => Ok(()),
         };
         result.unwrap_or_else(|e| panic!("{}: {e}", object["metadata"]["name"]));
@@ -186,4 +198,69 @@ fn the_agent_runs_on_every_node_next_to_containerd() {
     let socket = pod.volumes.iter().flatten().find(|v| v.name == "containerd-socket").unwrap();
     assert_eq!(socket.host_path.as_ref().map(|h| h.type_.as_deref()), Some(Some("Socket")));
     assert_eq!(container.args.as_deref().map(|a| a[0].as_str()), Some("run"));
+}
+
+#[test]
+fn pods_run_hardened_and_only_the_coordinator_writes_imagebackups() {
+    let objects = manifests();
+    let deployment: Deployment = find(&objects, "Deployment", "image-backup-coordinator");
+    let spec = deployment.spec;
+    assert_eq!(spec.replicas, Some(2), "two replicas elect a leader");
+    let pod = spec.template.spec.unwrap();
+    let security = pod.security_context.unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.seccomp_profile.map(|p| p.type_), Some("RuntimeDefault".to_string()));
+    let container = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(container.read_only_root_filesystem, Some(true));
+    assert_eq!(container.allow_privilege_escalation, Some(false));
+    assert_eq!(container.capabilities.and_then(|c| c.drop), Some(vec!["ALL".to_string()]));
+
+    let daemonset: DaemonSet = find(&objects, "DaemonSet", "image-backup-agent");
+    let pod = daemonset.spec.template.spec.unwrap();
+    let seccomp = pod.security_context.and_then(|s| s.seccomp_profile).map(|p| p.type_);
+    assert_eq!(seccomp, Some("RuntimeDefault".to_string()));
+    let container = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(container.read_only_root_filesystem, Some(true));
+    let token = pod.volumes.iter().flatten().find(|v| v.name == "agent-token").unwrap();
+    let projected =
+        token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
+    assert_eq!(projected.audience.as_deref(), Some(image_backup_coordinator::trust::agents::DEFAULT_AUDIENCE));
+
+    // Every pod of the install is behind a NetworkPolicy.
+    for name in ["image-backup-coordinator", "image-backup-agent"] {
+        let policy: NetworkPolicy = find(&objects, "NetworkPolicy", name);
+        let selected = policy.spec.unwrap().pod_selector.unwrap_or_default().match_labels.unwrap_or_default();
+        assert_eq!(selected.get("app.kubernetes.io/name").map(String::as_str), Some(name));
+    }
+    let namespace = objects.iter().find(|o| o["kind"] == "Namespace").unwrap();
+    assert!(namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].is_string());
+
+    // The policy names the ServiceAccount the coordinator runs as, in the
+    // namespace the install uses.
+    let kustomization: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomization.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let account = format!(
+        "system:serviceaccount:{}:{}",
+        kustomization["namespace"].as_str().unwrap(),
+        pod_account(&objects, "Deployment", "image-backup-coordinator")
+    );
+    let policy: ValidatingAdmissionPolicy =
+        find(&objects, "ValidatingAdmissionPolicy", "image-backup-imagebackup-writers");
+    let spec = policy.spec.unwrap();
+    let expression = &spec.validations.unwrap()[0].expression;
+    assert!(expression.contains(&format!("'{account}'")), "{expression}");
+    let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+    let resources: Vec<String> = rules.iter().flat_map(|r| r.resources.clone().unwrap_or_default()).collect();
+    assert_eq!(resources, ["imagebackups", "imagebackups/status"]);
+    let binding: ValidatingAdmissionPolicyBinding =
+        find(&objects, "ValidatingAdmissionPolicyBinding", "image-backup-imagebackup-writers");
+    assert_eq!(binding.spec.policy_name, "image-backup-imagebackup-writers");
+}
+
+fn pod_account(objects: &[Value], kind: &str, name: &str) -> String {
+    let object = objects.iter().find(|o| o["kind"] == kind && o["metadata"]["name"] == name).unwrap();
+    object["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap().to_string()
 }

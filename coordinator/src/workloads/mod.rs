@@ -14,7 +14,7 @@ use std::{
 };
 
 use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
-use image_backup_oci::ImageRef;
+use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
 use json_patch::{Patch as JsonPatch, PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::{
@@ -23,7 +23,7 @@ use kube::{
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 use serde_json::Value;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 use crate::context::{Context, Error, MANAGER, kube_err};
 use rewrite::{RewriteError, backup_patch};
@@ -175,27 +175,50 @@ async fn backup_for(
     if !(current && status.phase == Phase::Completed) {
         return Ok(None);
     }
-    // The repository comes from the spec and the configured location, and
-    // for a whole copy the digest too: status only confirms the copy was
-    // verified there (not at a location the settings named before). A
-    // reduced index has a digest of its own, known only from status, where
-    // the coordinator recorded it after seeing it in the registry annotated
-    // with the source index; a status writer could name another digest of
-    // the same repository (restricting who writes status is the trust
-    // issue's admission policy).
+    // The reference comes from the spec and the configured location, never
+    // from status alone: for a whole copy it is the source digest in the
+    // backup repository, and status only confirms the copy was verified
+    // there. A reduced index has a digest of its own, which status names;
+    // it is used only if the backup registry (which only agents' push
+    // credentials write) holds it in that repository as a reduced index of
+    // exactly this source index.
     let Ok(target) = ctx.config.backup.reference_for(source) else { return Ok(None) };
-    let repository = target.name();
-    let reduced_here = |r: &str| {
-        r.strip_prefix(repository.as_str())
-            .and_then(|d| d.strip_prefix("@sha256:"))
-            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    };
     let reference = match status.backup_reference {
-        Some(reference) if status.reduced && reduced_here(&reference) => reference,
         Some(reference) if reference == target.pinned(digest) => reference,
+        Some(reference) if status.reduced => match reduced_index_of(ctx, &target, &reference, digest).await {
+            Some(reference) => reference,
+            None => return Ok(None),
+        },
         _ => return Ok(None),
     };
     Ok(Some(Backup { reference, left_out: status.left_out }))
+}
+
+/// `reference` if it names, in the backup repository of `target`, a reduced
+/// index the registry serves with `source_index` as its source.
+async fn reduced_index_of(ctx: &Context, target: &ImageRef, reference: &str, source_index: &str) -> Option<String> {
+    let digest = reference.strip_prefix(&target.name())?.strip_prefix('@')?;
+    let refused = |why: &str| warn!(%reference, %source_index, why, "a reduced backup recorded in status is not used");
+    let bytes = match ctx.registry.manifest(target.repository(), digest).await {
+        Ok(Some((_, bytes))) => bytes,
+        Ok(None) => {
+            refused("the backup registry does not hold it");
+            return None;
+        }
+        Err(e) => {
+            debug!(%reference, error = %e, "cannot read the reduced index yet");
+            return None;
+        }
+    };
+    let annotated = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|index| index["annotations"][SOURCE_INDEX_ANNOTATION].as_str().map(str::to_string));
+    if annotated.as_deref() == Some(source_index) {
+        Some(target.pinned(digest))
+    } else {
+        refused("it is not a reduced index of this source index");
+        None
+    }
 }
 
 async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
