@@ -32,7 +32,7 @@ use crate::{
     agents::{AgentHub, AgentSessions},
     backups,
     config::CoordinatorConfig,
-    context::{Context, Error},
+    context::{Context, Error, contained},
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
     leader,
@@ -195,7 +195,11 @@ pub async fn run(
         .with_config(limits.clone())
         .reconcile_on(wakes)
         .graceful_shutdown_on(shutdown.clone())
-        .run(backups::reconcile, error_policy, ctx.clone())
+        .run(
+            |backup, ctx| async move { contained(&*backup.clone(), backups::reconcile(backup, ctx)).await },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move { log_result("ImageBackup", result) });
 
     // Workloads wake up when one of their ImageBackups finishes.
@@ -229,10 +233,22 @@ pub async fn run(
         }
     };
     let deployments = deployments
-        .run(workloads::reconcile_deployment, error_policy, ctx.clone())
+        .run(
+            |deployment, ctx| async move {
+                contained(&*deployment.clone(), workloads::reconcile_deployment(deployment, ctx)).await
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move { log_result("Deployment", result) });
     let daemonsets = daemonsets
-        .run(workloads::reconcile_daemonset, error_policy, ctx.clone())
+        .run(
+            |daemonset, ctx| async move {
+                contained(&*daemonset.clone(), workloads::reconcile_daemonset(daemonset, ctx)).await
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move { log_result("DaemonSet", result) });
 
     tokio::select! {

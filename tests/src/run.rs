@@ -38,6 +38,9 @@ pub struct Coordinator {
     ca: Option<String>,
     /// Where backups go, as agents are configured too.
     backup: BackupTarget,
+    /// Stops it cleanly (see [`Coordinator::stop`]); `None` for a replica.
+    stop: Option<Arc<tokio::sync::Notify>>,
+    task: Option<Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>>,
 }
 
 /// Starts the coordinator with `client` (on a real server, its own
@@ -49,9 +52,13 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
     let (addr, metrics_url) = addresses(&grpc, &metrics);
     let (tls, backup) = (config.tls.clone(), config.backup.clone());
     let counters = image_backup_coordinator::metrics::Metrics::new();
-    let coordinator =
-        run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, std::future::pending());
-    tokio::spawn(async move {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let stop = stop.clone();
+        async move { stop.notified().await }
+    };
+    let coordinator = run(client.clone(), config, grpc, metrics, "coordinator-0".into(), counters, shutdown);
+    let task = tokio::spawn(async move {
         // A test that waits on a coordinator that has stopped says why.
         if let Err(e) = coordinator.await {
             eprintln!("the coordinator stopped: {e:?}");
@@ -61,7 +68,8 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
         Some(tls) => Some(published_ca(admin, &tls.namespace, &tls.ca_config_map).await),
         None => None,
     };
-    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca, backup }
+    let task = Some(Arc::new(tokio::sync::Mutex::new(Some(task))));
+    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca, backup, stop: Some(stop), task }
 }
 
 fn addresses(grpc: &tokio::net::TcpListener, metrics: &tokio::net::TcpListener) -> (SocketAddr, String) {
@@ -102,6 +110,8 @@ pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorC
         admin: admin.clone(),
         ca: None,
         backup,
+        stop: None,
+        task: None,
     };
     Replica { coordinator, runtime: Some(runtime) }
 }
@@ -158,6 +168,17 @@ impl Coordinator {
     /// The CA clients trust, in PEM.
     pub fn ca(&self) -> Option<&str> {
         self.ca.as_deref()
+    }
+
+    /// Stops it as a SIGTERM would (the Lease released), and waits until it
+    /// has.
+    pub async fn stop(&self) {
+        if let (Some(stop), Some(task)) = (&self.stop, &self.task) {
+            stop.notify_one();
+            if let Some(task) = task.lock().await.take() {
+                let _ = task.await;
+            }
+        }
     }
 
     /// This coordinator as reached at `grpc` (a Service in front of it),

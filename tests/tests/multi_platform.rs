@@ -23,7 +23,7 @@ use image_backup_tests::{
     },
     image::PlatformImage,
     init_tracing, on_both_api_servers,
-    run::{start_agent_reading_secrets, start_coordinator},
+    run::{Coordinator, start_agent_reading_secrets, start_coordinator},
 };
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
@@ -102,7 +102,7 @@ impl Setup {
     }
 
     /// The coordinator and an agent on each node.
-    async fn start(&self, config: CoordinatorConfig) {
+    async fn start(&self, config: CoordinatorConfig) -> Coordinator {
         let client = coordinator_client(self.kind, &self.client).await;
         let coordinator = start_coordinator(&self.client, &client, config).await;
         // Quick retries: a source that is gone is given up on in a second.
@@ -120,6 +120,7 @@ impl Setup {
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
             start_agent_reading_secrets(containerd, node, &coordinator, registry.clone(), self.client.clone()).await;
         }
+        coordinator
     }
 
     /// Pulls `image` as the kubelets of both nodes would: the index and
@@ -170,7 +171,13 @@ impl Setup {
     }
 
     async fn events(&self, reason: &str) -> Vec<String> {
-        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(self.client.clone(), "shop");
+        self.events_in("shop", reason).await
+    }
+
+    /// Events of `reason` in `namespace` (those of cluster-scoped objects,
+    /// ImageBackups, are in `default`).
+    async fn events_in(&self, namespace: &str, reason: &str) -> Vec<String> {
+        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(self.client.clone(), namespace);
         let list = events.list(&Default::default()).await.unwrap().items;
         list.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.note).collect()
     }
@@ -258,6 +265,53 @@ async fn reduced(kind: ApiServerKind) {
     assert!(notes.iter().any(|n| n.contains(&reference) && n.contains("unknown/unknown")), "{notes:?}");
 }
 on_both_api_servers!(reduced: platforms_no_node_holds_are_left_out_of_a_reduced_index_on_the_emulator, platforms_no_node_holds_are_left_out_of_a_reduced_index_on_a_real_api_server);
+
+async fn forged_reference(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, Source::Gone).await else { return };
+    let image = TestImage::buildx(MediaTypes::Oci, 200 * KB, &[100 * KB], &["amd64", "arm64"], 44);
+    let reference = format!("{}/team/forged:1", s.src);
+    s.pull(&image, &reference).await;
+    s.daemonset("forged", &reference, &image).await;
+    // Backed up without patching, then the status is rewritten by someone
+    // else: it names another manifest of the same backup repository.
+    let first = s.start(CoordinatorConfig { report_only: true, ..s.config() }).await;
+    eventually("the reduced backup completes", Duration::from_secs(60), || async {
+        let status = s.status(&reference).await;
+        if status.phase == Phase::Completed && status.reduced { Ok(()) } else { Err(format!("{status:?}")) }
+    })
+    .await;
+    first.stop().await;
+    let backups: Api<ImageBackup> = Api::all(s.client.clone());
+    let mut backup = backups.list(&Default::default()).await.unwrap().items.remove(0);
+    let real = backup.status.as_ref().and_then(|st| st.backup_reference.clone()).unwrap();
+    let repository = s.repository(&reference);
+    let other = format!("{}/{repository}@{}", s.proxy.host(), image.platforms[0].manifest.digest);
+    backup.status.as_mut().unwrap().backup_reference = Some(other.clone());
+    let name = backup.metadata.name.clone().unwrap();
+    backups.replace_status(&name, &Default::default(), &backup).await.unwrap();
+
+    // A coordinator that patches: it does not follow the forged reference,
+    // and says so where people look.
+    let client = coordinator_client(s.kind, &s.client).await;
+    let _second = start_coordinator(&s.client, &client, s.config()).await;
+    eventually("an UnverifiedBackup event", Duration::from_secs(30), || async {
+        let notes = s.events_in("default", "UnverifiedBackup").await;
+        if notes.iter().any(|n| n.contains(&other)) { Ok(()) } else { Err(format!("{notes:?}")) }
+    })
+    .await;
+    assert_eq!(
+        s.w.images("DaemonSet", "shop", "forged").await.0,
+        std::slice::from_ref(&reference),
+        "still on its source"
+    );
+
+    // The true reference, which the registry confirms, is followed.
+    let mut backup = backups.get(&name).await.unwrap();
+    backup.status.as_mut().unwrap().backup_reference = Some(real.clone());
+    backups.replace_status(&name, &Default::default(), &backup).await.unwrap();
+    s.runs("forged", &real).await;
+}
+on_both_api_servers!(forged_reference: a_forged_reduced_reference_is_not_followed_on_the_emulator, a_forged_reduced_reference_is_not_followed_on_a_real_api_server);
 
 async fn complete_required(kind: ApiServerKind) {
     let Some(s) = Setup::new(kind, Source::Gone).await else { return };

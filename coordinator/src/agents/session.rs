@@ -30,6 +30,10 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs an agent may say it runs when it registers; more is not an agent.
 const MAX_RUNNING_AT_REGISTER: usize = 1024;
 
+/// Agents connected at once (Kubernetes supports 5,000 nodes); beyond, a
+/// session is refused rather than grow the hub without end.
+const MAX_AGENTS: usize = 10_000;
+
 /// Slack on a token's expiry, for clocks that differ a little.
 const EXPIRY_SLACK: Duration = Duration::from_secs(30);
 
@@ -80,6 +84,13 @@ impl AgentService for AgentSessions {
         register.agent_id = agent_id.clone();
         register.running_job_ids.truncate(MAX_RUNNING_AT_REGISTER);
         let hub = self.hub.clone();
+        {
+            let agents = hub.lock();
+            if agents.len() >= MAX_AGENTS && !agents.contains_key(&agent_id) {
+                warn!(%peer, agent = %agent_id, "agent session refused: {MAX_AGENTS} agents are connected");
+                return Err(Status::resource_exhausted(format!("{MAX_AGENTS} agents are connected already")));
+            }
+        }
         let session = hub.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let node = identity.node.clone();
         let (tx, rx) = mpsc::channel(256);

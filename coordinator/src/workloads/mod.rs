@@ -186,8 +186,14 @@ async fn backup_for(
     let reference = match status.backup_reference {
         Some(reference) if reference == target.pinned(digest) => reference,
         Some(reference) if status.reduced => match reduced_index_of(ctx, &target, &reference, digest).await {
-            Some(reference) => reference,
-            None => return Ok(None),
+            Ok(reference) => reference,
+            Err(Some(why)) => {
+                warn!(%reference, why, "a reduced backup recorded in status is not used");
+                let note = format!("status names {reference}, but {why}: no workload is patched to it");
+                ctx.event(&backup.object_ref(&()), EventType::Warning, "UnverifiedBackup", note).await;
+                return Ok(None);
+            }
+            Err(None) => return Ok(None),
         },
         _ => return Ok(None),
     };
@@ -195,29 +201,33 @@ async fn backup_for(
 }
 
 /// `reference` if it names, in the backup repository of `target`, a reduced
-/// index the registry serves with `source_index` as its source.
-async fn reduced_index_of(ctx: &Context, target: &ImageRef, reference: &str, source_index: &str) -> Option<String> {
-    let digest = reference.strip_prefix(&target.name())?.strip_prefix('@')?;
-    let refused = |why: &str| warn!(%reference, %source_index, why, "a reduced backup recorded in status is not used");
+/// index the registry serves with `source_index` as its source; else why
+/// not (`None` when the registry could not say now).
+async fn reduced_index_of(
+    ctx: &Context,
+    target: &ImageRef,
+    reference: &str,
+    source_index: &str,
+) -> Result<String, Option<&'static str>> {
+    let digest = reference
+        .strip_prefix(&target.name())
+        .and_then(|rest| rest.strip_prefix('@'))
+        .ok_or(Some("it is not in the backup repository of the source"))?;
     let bytes = match ctx.registry.manifest(target.repository(), digest).await {
         Ok(Some((_, bytes))) => bytes,
-        Ok(None) => {
-            refused("the backup registry does not hold it");
-            return None;
-        }
+        Ok(None) => return Err(Some("the backup registry does not hold it")),
         Err(e) => {
-            debug!(%reference, error = %e, "cannot read the reduced index yet");
-            return None;
+            debug!(%reference, error = %e, "cannot read the reduced index now");
+            return Err(None);
         }
     };
     let annotated = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|index| index["annotations"][SOURCE_INDEX_ANNOTATION].as_str().map(str::to_string));
     if annotated.as_deref() == Some(source_index) {
-        Some(target.pinned(digest))
+        Ok(target.pinned(digest))
     } else {
-        refused("it is not a reduced index of this source index");
-        None
+        Err(Some("the backup registry does not hold it as a reduced index of the source's index"))
     }
 }
 
