@@ -301,3 +301,85 @@ async fn an_oversized_message_ends_the_session(kind: ApiServerKind) {
     .await;
     assert!(hub.holdings(DIGEST).agents.is_empty());
 }
+
+/// A CA and a certificate for 127.0.0.1 it signed: (CA PEM, chain PEM, key PEM).
+fn certificate(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    (ca_pem.clone(), format!("{}{ca_pem}", leaf.pem()), key.serialize_pem())
+}
+
+fn tls_secret(name: &str, (ca, chain, key): &(String, String, String)) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name},
+        "stringData": {"tls.crt": chain, "tls.key": key, "ca.crt": ca},
+    }))
+    .unwrap()
+}
+
+/// Whether a TLS client trusting only `ca` gets an answer from JobService.
+async fn answers_trusting(coordinator: &Coordinator, ca: &str) -> bool {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    let Ok(channel) = Endpoint::from_shared(coordinator.url()).unwrap().tls_config(tls).unwrap().connect().await else {
+        return false;
+    };
+    // Any answer of JobService's own (here: a token is needed) means the
+    // handshake held.
+    JobServiceClient::new(channel)
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .is_err_and(|s| s.code() == Code::Unauthenticated)
+}
+
+on_both_api_servers!(a_tls_secret_is_served_and_its_renewal_picked_up: tls_secret_on_the_emulator, tls_secret_on_a_real_api_server);
+
+async fn a_tls_secret_is_served_and_its_renewal_picked_up(kind: ApiServerKind) {
+    use image_backup_coordinator::trust::tls::{TlsSettings, TlsSource};
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Patch, PatchParams, PostParams};
+    let Some((_guard, admin, client)) = setup(kind).await else { return };
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "image-backup");
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "image-backup");
+    // What another install left is not what this one publishes.
+    let _ = config_maps.delete("image-backup-ca", &DeleteParams::default()).await;
+    let _ = secrets.delete("coordinator-tls", &DeleteParams::default()).await;
+    let first = certificate("cert-manager CA 1");
+    secrets.create(&PostParams::default(), &tls_secret("coordinator-tls", &first)).await.unwrap();
+
+    let tls = TlsSettings {
+        source: TlsSource::Secret("coordinator-tls".into()),
+        ca_config_map: "image-backup-ca".into(),
+        namespace: "image-backup".into(),
+    };
+    let config =
+        image_backup_coordinator::config::CoordinatorConfig { tls: Some(tls), ..coordinator_config("127.0.0.1:1") };
+    let coordinator = start_coordinator(&admin, &client, config).await;
+    assert_eq!(coordinator.ca(), Some(first.0.as_str()), "the Secret's CA is published for agents");
+    assert!(answers_trusting(&coordinator, &first.0).await);
+
+    // cert-manager renews, here with a new CA: new connections get the new
+    // certificate, and agents the new CA.
+    let second = certificate("cert-manager CA 2");
+    let patch = serde_json::json!({"stringData": {"tls.crt": second.1, "tls.key": second.2, "ca.crt": second.0}});
+    secrets.patch("coordinator-tls", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("the renewed certificate is served and its CA published", Duration::from_secs(30), || async {
+        let published = config_maps.get("image-backup-ca").await.map_err(|e| e.to_string())?;
+        let published = published.data.and_then(|d| d.get("ca.crt").cloned()).unwrap_or_default();
+        if published == second.0 && answers_trusting(&coordinator, &second.0).await {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    assert!(!answers_trusting(&coordinator, &first.0).await, "the old certificate is no longer served");
+}

@@ -19,7 +19,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
-    runtime::watcher,
+    runtime::{WatchStreamExt, watcher},
 };
 use parking_lot::RwLock;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -138,7 +138,9 @@ impl Keeper {
         match self {
             Self::Secret { secrets, name, published } => {
                 let namespace = settings.namespace.clone();
-                let mut changes = std::pin::pin!(watcher::watch_object(secrets, &name).boxed());
+                // Backing off between failures also yields, so a watch that fails
+                // at once (the API gone) never spins.
+                let mut changes = std::pin::pin!(watcher::watch_object(secrets, &name).default_backoff().boxed());
                 while let Some(event) = changes.next().await {
                     match event {
                         Ok(Some(secret)) => match from_tls_secret(&secret, &namespace, &name) {
