@@ -247,6 +247,11 @@ pub async fn wipe(client: &Client) {
     if backups.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
         backups.delete_collection(&now, &all).await.expect("delete ImageBackups");
     }
+    // The CA an earlier coordinator published may not be the next one's
+    // (a test serves a TLS Secret of its own): each coordinator publishes
+    // its CA again when it starts.
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), "image-backup");
+    let _ = config_maps.delete("image-backup-ca", &kube::api::DeleteParams::default()).await;
     // A replica of an earlier test that held the Lease is gone for good.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "image-backup");
     leases.delete_collection(&now, &all).await.expect("delete Leases");
