@@ -176,6 +176,39 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
     if kind == ApiServerKind::Emulator {
         return admin.clone();
     }
+    let client = account_client(admin, "image-backup-coordinator").await;
+    // RBAC reaches the API server's authorizer through its own watch: wait
+    // until the rules hold, or the coordinator's start-up check is refused.
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    eventually("the coordinator's RBAC takes effect", Duration::from_secs(30), || async {
+        backups.list(&Default::default()).await.map_err(|e| e.to_string())?;
+        deployments.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    client
+}
+
+/// The client agents run with: on a real API server their ServiceAccount
+/// with the RBAC of `deploy/rbac.yaml` (a verb an agent uses but the
+/// install does not grant fails the test), on the emulator the admin.
+pub async fn agent_client(kind: ApiServerKind, admin: &Client) -> Client {
+    if kind == ApiServerKind::Emulator {
+        return admin.clone();
+    }
+    let client = account_client(admin, crate::identity::AGENT_ACCOUNT).await;
+    let pods: Api<Pod> = Api::all(client.clone());
+    let on_node = kube::api::ListParams::default().fields("spec.nodeName=node-a");
+    eventually("the agent's RBAC takes effect", Duration::from_secs(30), || async {
+        pods.list(&on_node).await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    client
+}
+
+/// A client of the ServiceAccount `account` of the install, with the RBAC
+/// of `deploy/rbac.yaml` applied, on the real API server.
+async fn account_client(admin: &Client, account: &str) -> Client {
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -205,26 +238,16 @@ pub async fn coordinator_client(kind: ApiServerKind, admin: &Client) -> Client {
         ..Default::default()
     };
     let token = Api::<ServiceAccount>::namespaced(admin.clone(), "image-backup")
-        .create_token_request("image-backup-coordinator", &PostParams::default(), &request)
+        .create_token_request(account, &PostParams::default(), &request)
         .await
-        .expect("a token for the coordinator's ServiceAccount")
+        .unwrap_or_else(|e| panic!("a token for the ServiceAccount {account}: {e}"))
         .status
         .and_then(|status| status.token)
         .expect("TokenRequest answers with a token");
     let path = std::env::var_os("IMAGE_BACKUP_TEST_KUBECONFIG").expect("a real API server");
     let mut config = crate::kube_config(path).await.expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
-    let client = Client::try_from(config).expect("a client with the coordinator's token");
-    // RBAC reaches the API server's authorizer through its own watch: wait
-    // until the rules hold, or the coordinator's start-up check is refused.
-    let backups: Api<ImageBackup> = Api::all(client.clone());
-    let deployments: Api<Deployment> = Api::all(client.clone());
-    eventually("the coordinator's RBAC takes effect", Duration::from_secs(30), || async {
-        backups.list(&Default::default()).await.map_err(|e| e.to_string())?;
-        deployments.list(&Default::default()).await.map(|_| ()).map_err(|e| e.to_string())
-    })
-    .await;
-    client
+    Client::try_from(config).expect("a client with the ServiceAccount's token")
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, object: Value)

@@ -38,6 +38,8 @@ pub struct Coordinator {
     ca: Option<String>,
     /// Where backups go, as agents are configured too.
     backup: BackupTarget,
+    /// What agents read the API with (their pods, jobs' pull secrets).
+    agents_client: Client,
     /// Stops it cleanly (see [`Coordinator::stop`]); `None` for a replica.
     stop: Option<Arc<tokio::sync::Notify>>,
     task: Option<Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>>,
@@ -69,7 +71,16 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
         None => None,
     };
     let task = Some(Arc::new(tokio::sync::Mutex::new(Some(task))));
-    Coordinator { grpc: addr, metrics_url, admin: admin.clone(), ca, backup, stop: Some(stop), task }
+    Coordinator {
+        grpc: addr,
+        metrics_url,
+        admin: admin.clone(),
+        ca,
+        backup,
+        agents_client: admin.clone(),
+        stop: Some(stop),
+        task,
+    }
 }
 
 fn addresses(grpc: &tokio::net::TcpListener, metrics: &tokio::net::TcpListener) -> (SocketAddr, String) {
@@ -110,6 +121,7 @@ pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorC
         admin: admin.clone(),
         ca: None,
         backup,
+        agents_client: admin.clone(),
         stop: None,
         task: None,
     };
@@ -170,6 +182,12 @@ impl Coordinator {
         self.ca.as_deref()
     }
 
+    /// Its agents read the API with `client` (by default the admin's).
+    pub fn with_agents_client(mut self, client: Client) -> Self {
+        self.agents_client = client;
+        self
+    }
+
     /// Stops it as a SIGTERM would (the Lease released), and waits until it
     /// has.
     pub async fn stop(&self) {
@@ -214,7 +232,7 @@ impl Coordinator {
             LinkTls { ca_file, server_name: None }
         });
         let link = CoordinatorLink::new(self.url(), tls, Some(token_file)).expect("a coordinator link");
-        let guard = Guard::new(self.backup.clone(), node, Some(self.admin.clone()));
+        let guard = Guard::new(self.backup.clone(), node, Some(self.agents_client.clone()));
         AgentLink { link, files, guard }
     }
 }
@@ -240,17 +258,16 @@ pub async fn start_agent(
     start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, None).await
 }
 
-/// An agent that reads jobs' pull secrets from its namespace with `client`,
-/// as one in the cluster does with its own account.
+/// An agent that reads jobs' pull secrets from its namespace, as one in the
+/// cluster does with its own account.
 pub async fn start_agent_reading_secrets(
     containerd: &Containerd,
     node: &str,
     coordinator: &Coordinator,
     registry: RegistryConfig,
-    client: Client,
 ) -> tokio::task::JoinHandle<()> {
     let link = coordinator.link(node).await;
-    let pull_secrets = Some(PullSecrets::new(client, AGENT_NAMESPACE));
+    let pull_secrets = Some(PullSecrets::new(coordinator.agents_client.clone(), AGENT_NAMESPACE));
     start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, pull_secrets).await
 }
 

@@ -11,7 +11,8 @@ use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually, prepare,
+        ApiServerKind, Placement, Workloads, agent_client, cluster, coordinator_client, coordinator_config, eventually,
+        prepare,
     },
     init_tracing, on_both_api_servers,
     run::{published_ca, start_agent, start_replica},
@@ -53,7 +54,8 @@ async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
     };
     let service = Service::start(vec![endpoint(&first), endpoint(&second)]).await.unwrap();
     let ca = published_ca(&admin, "image-backup", "image-backup-ca").await;
-    let via_service = first.coordinator.behind(service.addr, Some(ca));
+    let via_service =
+        first.coordinator.behind(service.addr, Some(ca)).with_agents_client(agent_client(kind, &admin).await);
     let registry = RegistryConfig { insecure_hosts: vec![proxy.host()], ..RegistryConfig::default() };
     start_agent(&node, "node-a", &via_service, registry).await;
     let workloads = Workloads { client: admin.clone() };

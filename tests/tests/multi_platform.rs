@@ -18,8 +18,8 @@ use image_backup_oci::{
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        prepare,
+        ApiServerKind, ClusterGuard, Placement, Workloads, agent_client, cluster, coordinator_client,
+        coordinator_config, eventually, prepare,
     },
     image::PlatformImage,
     init_tracing, on_both_api_servers,
@@ -104,7 +104,9 @@ impl Setup {
     /// The coordinator and an agent on each node.
     async fn start(&self, config: CoordinatorConfig) -> Coordinator {
         let client = coordinator_client(self.kind, &self.client).await;
-        let coordinator = start_coordinator(&self.client, &client, config).await;
+        let coordinator = start_coordinator(&self.client, &client, config)
+            .await
+            .with_agents_client(agent_client(self.kind, &self.client).await);
         // Quick retries: a source that is gone is given up on in a second.
         let private = self.source.as_ref().is_some_and(|(_, proxy)| proxy.is_none());
         let registry = RegistryConfig {
@@ -118,7 +120,7 @@ impl Setup {
             ..RegistryConfig::default()
         };
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
-            start_agent_reading_secrets(containerd, node, &coordinator, registry.clone(), self.client.clone()).await;
+            start_agent_reading_secrets(containerd, node, &coordinator, registry.clone()).await;
         }
         coordinator
     }

@@ -16,8 +16,8 @@ use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client:
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, ClusterGuard, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually,
-        metric, prepare, quick_retries,
+        ApiServerKind, ClusterGuard, Placement, Workloads, agent_client, cluster, coordinator_client,
+        coordinator_config, eventually, metric, prepare, quick_retries,
     },
     containerd::NAMESPACE,
     init_tracing, on_both_api_servers,
@@ -80,7 +80,9 @@ impl Setup {
 
     async fn start_coordinator(&self) -> Coordinator {
         let client = coordinator_client(self.kind, &self.client).await;
-        start_coordinator(&self.client, &client, coordinator_config(&self.backup_host())).await
+        start_coordinator(&self.client, &client, coordinator_config(&self.backup_host()))
+            .await
+            .with_agents_client(agent_client(self.kind, &self.client).await)
     }
 
     /// The coordinator and an agent on each node.

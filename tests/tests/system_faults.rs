@@ -8,8 +8,8 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, Placement, Workloads, cluster, coordinator_client, coordinator_config, eventually, metric,
-        prepare, quick_retries,
+        ApiServerKind, Placement, Workloads, agent_client, cluster, coordinator_client, coordinator_config, eventually,
+        metric, prepare, quick_retries,
     },
     init_tracing, on_both_api_servers,
     run::{Coordinator, start_agent, start_coordinator},
@@ -36,7 +36,9 @@ async fn start(
         retry_backoff: Duration::from_millis(200),
         ..coordinator_config(backup_host)
     };
-    start_coordinator(client, &coordinator_client(kind, client).await, config).await
+    start_coordinator(client, &coordinator_client(kind, client).await, config)
+        .await
+        .with_agents_client(agent_client(kind, client).await)
 }
 
 async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
