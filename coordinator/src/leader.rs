@@ -111,3 +111,31 @@ impl Leadership {
         }
     }
 }
+
+/// The label the leader's pod carries; the Service selects it.
+pub const ROLE_LABEL: &str = "backup.k8slab.io/role";
+
+/// Labels this coordinator's pod with its role, so that the Service (which
+/// selects the leader's pod) sends agents and people to the leader while
+/// both replicas stay ready: a readiness that followed leadership would
+/// leave a rolling update waiting for a new pod that cannot lead, and a
+/// PodDisruptionBudget refusing to evict the leader. Outside a pod (a local
+/// run, a test) there is nothing to label.
+pub async fn label_role(client: &Client, namespace: &str, pod: &str, leading: bool) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams};
+    let role = if leading { "leader" } else { "follower" };
+    let patch = serde_json::json!({"metadata": {"labels": {ROLE_LABEL: role}}});
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let labelled =
+        tokio::time::timeout(Duration::from_secs(10), pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)))
+            .await;
+    match labelled {
+        Ok(Ok(_)) => info!(%pod, role, "pod labelled"),
+        Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+            tracing::debug!(%pod, "no pod of this name: not labelled");
+        }
+        Ok(Err(e)) => warn!(%pod, role, error = %e, "labelling the pod failed: the Service may not reach the leader"),
+        Err(_) => warn!(%pod, role, "labelling the pod timed out: the Service may not reach the leader"),
+    }
+}

@@ -107,6 +107,9 @@ pub async fn run(
         Probes { metrics: metrics.clone(), hub: hub.clone(), backups: backup_store.clone(), ready: ready.clone() },
         shutdown.clone(),
     ));
+    // A restarted leader's container keeps its pod's label: clear it first.
+    let namespace = config.namespace.clone();
+    leader::label_role(&client, &namespace, &coordinator_id, false).await;
     let leading = tokio::select! {
         leading = leader::lead(client.clone(), config.lease.clone(), &coordinator_id, shutdown.clone()) => leading?,
         result = &mut probes => return Err(probe_failure(result)),
@@ -115,6 +118,7 @@ pub async fn run(
         info!("stopped before leading");
         return Ok(());
     };
+    leader::label_role(&client, &namespace, &coordinator_id, true).await;
 
     let subscribe = || writer.subscribe().ok_or(RunError::Unshared);
     let (for_backups, for_deployments, for_daemonsets) = (subscribe()?, subscribe()?, subscribe()?);
@@ -263,9 +267,11 @@ pub async fn run(
         () = leadership.lost() => {
             ready.store(false, Ordering::Release);
             hub.close_sessions();
+            leader::label_role(&client, &namespace, &coordinator_id, false).await;
             return Err(RunError::LostLeadership);
         }
     }
+    leader::label_role(&client, &namespace, &coordinator_id, false).await;
     leadership.release().await;
     info!("coordinator stopped");
     Ok(())

@@ -206,6 +206,12 @@ fn pods_run_hardened_and_only_the_coordinator_writes_imagebackups() {
     let deployment: Deployment = find(&objects, "Deployment", "image-backup-coordinator");
     let spec = deployment.spec;
     assert_eq!(spec.replicas, Some(2), "two replicas elect a leader");
+    // Both replicas ready (a rolling update and the PodDisruptionBudget
+    // need that); the Service selects the leader by the label it sets.
+    let probe = spec.template.spec.as_ref().unwrap().containers[0].readiness_probe.clone().unwrap();
+    assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/healthz"));
+    let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
+    assert_eq!(service["spec"]["selector"][image_backup_coordinator::leader::ROLE_LABEL], "leader");
     let pod = spec.template.spec.unwrap();
     let security = pod.security_context.unwrap();
     assert_eq!(security.run_as_non_root, Some(true));

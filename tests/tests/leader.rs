@@ -14,7 +14,7 @@ use image_backup_tests::{
         ApiServerKind, Placement, Workloads, agent_client, cluster, coordinator_client, coordinator_config, eventually,
         prepare,
     },
-    init_tracing, on_both_api_servers,
+    identity, init_tracing, on_both_api_servers,
     run::{published_ca, start_agent, start_replica},
     service::{Endpoint, Service},
 };
@@ -39,6 +39,11 @@ async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
     let image = TestImage::single(MediaTypes::Oci, &[1 << 20, 256 << 10], 81);
     image.import(&node, SOURCE, &[], &[]).await.unwrap();
 
+    // The replicas' pods, which they label with their role (the Service
+    // selects the leader's); nothing runs them here.
+    for name in ["coordinator-a", "coordinator-b"] {
+        identity::pod(&admin, name, "image-backup-coordinator", "node-a", "pause", false).await;
+    }
     let config = coordinator_config(&proxy.host());
     let mut first = start_replica(&admin, &client, config.clone(), "coordinator-a").await;
     eventually("the first replica leads", Duration::from_secs(30), || async {
@@ -46,7 +51,12 @@ async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
     })
     .await;
     let second = start_replica(&admin, &client, config.clone(), "coordinator-b").await;
-    assert!(!second.ready().await, "a follower is not ready: the Service sends nobody to it");
+    assert!(!second.ready().await, "a follower does not lead");
+    eventually("each replica's pod says its role", Duration::from_secs(30), || async {
+        let roles = (role(&admin, "coordinator-a").await, role(&admin, "coordinator-b").await);
+        if roles == (Some("leader".into()), Some("follower".into())) { Ok(()) } else { Err(format!("{roles:?}")) }
+    })
+    .await;
 
     let endpoint = |replica: &image_backup_tests::run::Replica| Endpoint {
         grpc: replica.coordinator.grpc,
@@ -71,6 +81,7 @@ async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
         if second.ready().await { Ok(()) } else { Err("not ready".to_string()) }
     })
     .await;
+    assert_eq!(role(&admin, "coordinator-b").await.as_deref(), Some("leader"), "the Service now selects it");
     let leases: Api<Lease> = Api::namespaced(admin.clone(), "image-backup");
     let lease = leases.get("image-backup-coordinator").await.unwrap();
     assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("coordinator-b"));
@@ -90,4 +101,11 @@ async fn a_follower_takes_over_a_copy_in_flight(kind: ApiServerKind) {
     assert_eq!(proxy.uploads(), 3);
     let served = backup_registry.manifest("backup/quay.io/team/api", image.digest()).await.unwrap();
     assert_eq!(served.map(|m| m.digest), Some(image.digest().to_string()));
+}
+
+/// The role label of a replica's pod.
+async fn role(admin: &kube::Client, pod: &str) -> Option<String> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), "image-backup");
+    let pod = pods.get(pod).await.ok()?;
+    pod.metadata.labels?.get(image_backup_coordinator::leader::ROLE_LABEL).cloned()
 }
