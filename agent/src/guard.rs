@@ -76,10 +76,14 @@ impl Guard {
         if expected.to_string() == target.to_string() { Ok(()) } else { Err(refused()) }
     }
 
-    /// A pod on this node must run `digest` (its status `imageID`), asked
-    /// of the API server at the time of the copy, not from a cache that
-    /// may not have seen the pod yet.
+    /// A pod on this node must run `digest` (its status `imageID`): as the
+    /// pod watch has it, which is the usual case (only images in use are
+    /// offered), else as the API server says now (the watch may not have
+    /// seen a pod the coordinator did).
     pub async fn check_digest(&self, digest: &str) -> Result<(), Refusal> {
+        if self.in_use.runs(digest) {
+            return Ok(());
+        }
         let node = self.node.clone();
         let pods = self.pods.as_ref().ok_or_else(|| Refusal::NoApi { node: node.clone() })?;
         let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));

@@ -246,21 +246,10 @@ pub struct AgentLink {
     pub guard: Guard,
 }
 
-/// Starts an agent daemon for `node` on a harness containerd; it runs until
-/// the returned task is aborted.
+/// Starts an agent daemon for `node` on a harness containerd, reading jobs'
+/// pull secrets from its namespace as one in the cluster does with its own
+/// account; it runs until the returned task is aborted.
 pub async fn start_agent(
-    containerd: &Containerd,
-    node: &str,
-    coordinator: &Coordinator,
-    registry: RegistryConfig,
-) -> tokio::task::JoinHandle<()> {
-    let link = coordinator.link(node).await;
-    start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, None).await
-}
-
-/// An agent that reads jobs' pull secrets from its namespace, as one in the
-/// cluster does with its own account.
-pub async fn start_agent_reading_secrets(
     containerd: &Containerd,
     node: &str,
     coordinator: &Coordinator,

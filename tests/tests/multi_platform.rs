@@ -23,7 +23,7 @@ use image_backup_tests::{
     },
     image::PlatformImage,
     init_tracing, on_both_api_servers,
-    run::{Coordinator, start_agent_reading_secrets, start_coordinator},
+    run::{Coordinator, start_agent, start_coordinator},
 };
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
@@ -120,7 +120,7 @@ impl Setup {
             ..RegistryConfig::default()
         };
         for (node, containerd) in [("node-amd64", &self.amd64), ("node-arm64", &self.arm64)] {
-            start_agent_reading_secrets(containerd, node, &coordinator, registry.clone()).await;
+            start_agent(containerd, node, &coordinator, registry.clone()).await;
         }
         coordinator
     }
