@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, Subcommand};
 use image_backup_oci::{access::RegistryAccess, registry::RetryPolicy};
 
 use crate::{
@@ -21,9 +21,13 @@ use image_backup_oci::BackupTarget;
 #[command(
     name = "image-backup-coordinator",
     version,
-    about = "Backs up the images ready workloads run and points them at the copies"
+    about = "Backs up the images ready workloads run and points them at the copies",
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    /// Without one, the coordinator runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Backup registry host (host[:port]).
     #[arg(long, env = "IMAGE_BACKUP_REGISTRY")]
     pub backup_registry: String,
@@ -43,6 +47,23 @@ pub struct Cli {
     /// Back images up but never patch workloads.
     #[arg(long, env = "IMAGE_BACKUP_REPORT_ONLY")]
     pub report_only: bool,
+    /// Rollouts to backups in flight at once, cluster wide; the next
+    /// workload is moved when one completes or is undone.
+    #[arg(long, env = "IMAGE_BACKUP_MAX_ROLLOUTS", default_value_t = 5)]
+    pub max_rollouts: usize,
+    /// How long a rollout to backups may take before it is undone.
+    #[arg(long, env = "IMAGE_BACKUP_ROLLOUT_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub rollout_timeout: Duration,
+    /// Also move workloads another controller manages (an ownerReference,
+    /// Argo CD, Flux or Helm markers); without it they are backed up only,
+    /// unless annotated backup.k8slab.io/rewrite=true.
+    #[arg(long, env = "IMAGE_BACKUP_REWRITE_MANAGED")]
+    pub rewrite_managed: bool,
+    /// More label or annotation keys marking a workload as managed by a
+    /// tool, comma-separated (say app.kubernetes.io/instance, for Argo CD's
+    /// label tracking).
+    #[arg(long, env = "IMAGE_BACKUP_MANAGED_MARKERS", value_delimiter = ',')]
+    pub managed_markers: Vec<String>,
     /// gRPC address for agents and JobService.
     #[arg(long, env = "IMAGE_BACKUP_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
@@ -82,6 +103,36 @@ pub struct Cli {
     /// another replica takes over.
     #[arg(long, env = "IMAGE_BACKUP_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Move workloads back to the images they ran before the coordinator
+    /// moved them to backups, and hold them there (delete the annotation
+    /// backup.k8slab.io/hold to let a coordinator move one again).
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// `deployment/NAME` or `daemonset/NAME` in --namespace; every moved
+    /// workload of --namespace (or, with --all, of the cluster) without one.
+    pub workload: Option<String>,
+    /// The workloads' namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Every moved workload of the cluster.
+    #[arg(long, conflicts_with_all = ["namespace", "workload"])]
+    pub all: bool,
+    /// Say what would change, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Backup registry host the workloads were moved to (host[:port]).
+    #[arg(long, env = "IMAGE_BACKUP_REGISTRY")]
+    pub backup_registry: String,
+    /// Repository prefix in the backup registry.
+    #[arg(long, env = "IMAGE_BACKUP_PREFIX", default_value = "backup")]
+    pub backup_prefix: String,
 }
 
 /// Who may use the gRPC port, and over what.
@@ -152,6 +203,10 @@ impl Cli {
             exclusions: Exclusions::new(self.exclude_namespaces.clone(), &self.namespace),
             namespace: self.namespace.clone(),
             report_only: self.report_only,
+            max_rollouts: self.max_rollouts.max(1),
+            rollout_timeout: self.rollout_timeout,
+            rewrite_managed: self.rewrite_managed,
+            managed_markers: self.managed_markers.iter().filter(|m| !m.is_empty()).cloned().collect(),
             max_attempts: self.max_attempts.max(1),
             retry_backoff: self.retry_backoff,
             heartbeat_deadline: self.heartbeat_deadline,

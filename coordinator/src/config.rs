@@ -21,6 +21,15 @@ pub struct CoordinatorConfig {
     pub namespace: String,
     /// Do everything but patch workloads.
     pub report_only: bool,
+    /// Rollouts to backups in flight at once, cluster wide.
+    pub max_rollouts: usize,
+    /// How long a rollout to backups may take before it is undone.
+    pub rollout_timeout: Duration,
+    /// Move workloads another controller manages, too.
+    pub rewrite_managed: bool,
+    /// Label or annotation keys that mark a workload as managed by a tool,
+    /// beyond the known ones.
+    pub managed_markers: Vec<String>,
     /// Attempts before a job stays Failed.
     pub max_attempts: u32,
     /// Backoff after the first failed attempt; doubles per attempt.

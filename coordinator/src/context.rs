@@ -23,10 +23,11 @@ use tracing::warn;
 
 use crate::{
     agents::AgentHub,
+    backups::notes::Notes,
     config::CoordinatorConfig,
     jobs::LiveJobs,
     metrics::Metrics,
-    workloads::{digests::DigestCache, usage::Usage},
+    workloads::{Wakers, digests::DigestCache, rollout::Rollouts, usage::Usage},
 };
 
 /// Name the coordinator writes under (field manager, event reporter).
@@ -92,6 +93,11 @@ pub struct Context {
     pub digests: DigestCache,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
+    /// What workload reconciles have to say on ImageBackups.
+    pub notes: Notes,
+    /// Rollouts to backups in flight, cluster wide.
+    pub rollouts: Rollouts,
+    pub wakers: Wakers,
 }
 
 // === impl Context ===
@@ -106,9 +112,11 @@ impl Context {
         backups: Store<ImageBackup>,
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
+        wakers: Wakers,
     ) -> Result<Arc<Self>, RegistryError> {
         // The coordinator only verifies: pull access is all it asks for.
         let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
+        let rollouts = Rollouts::new(config.max_rollouts, Box::new(wakers.clone()));
         Ok(Arc::new(Self {
             client,
             config,
@@ -122,6 +130,9 @@ impl Context {
             digests: DigestCache::default(),
             registry,
             metrics,
+            notes: Notes::default(),
+            rollouts,
+            wakers,
         }))
     }
 

@@ -8,6 +8,7 @@
 //! - [`agents`]: agent sessions, what their nodes hold, their free slots
 //! - [`grpc`]: JobService, health and reflection
 //! - [`trust`]: agent and reader authentication, TLS of the gRPC port
+//! - [`restore`]: the `restore` command, the way back
 
 pub mod agents;
 pub mod backups;
@@ -20,6 +21,7 @@ pub mod leader;
 pub mod metrics;
 pub mod probes;
 pub mod relist;
+pub mod restore;
 pub mod run;
 pub mod trust;
 pub mod workloads;

@@ -2,7 +2,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use image_backup_coordinator::{cli::Cli, metrics::Metrics, run::run};
+use image_backup_coordinator::{
+    cli::{Cli, Command},
+    metrics::Metrics,
+    restore::restore,
+    run::run,
+};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -20,8 +25,15 @@ async fn main() -> ExitCode {
 }
 
 async fn start(cli: Cli) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
     let config = kube::Config::infer().await.context("finding the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    if let Some(Command::Restore(args)) = &cli.command {
+        let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+        let report = restore(client, args).await?;
+        print!("{}", report.lines);
+        println!("{} workload(s) restored", report.restored);
+        return Ok(());
+    }
+    let metrics = Metrics::new();
     let client = metrics.counted_client(config).context("building the Kubernetes client")?;
     let listener =
         tokio::net::TcpListener::bind(cli.grpc_addr).await.with_context(|| format!("binding {}", cli.grpc_addr))?;

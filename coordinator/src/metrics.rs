@@ -49,6 +49,7 @@ pub struct Metrics {
     bytes_pushed: Counter,
     push_seconds: Histogram,
     patches: Family<OutcomeLabel, Counter>,
+    restores: Family<OutcomeLabel, Counter>,
     kube_requests: Family<RequestLabel, Counter>,
 }
 
@@ -95,6 +96,12 @@ impl Metrics {
         registry.register("push_duration_seconds", "Duration of successful copies", push_seconds.clone());
         let patches = Family::<OutcomeLabel, Counter>::default();
         registry.register("workload_patches", "Workload patches to backup references, by outcome", patches.clone());
+        let restores = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "workloads_restored",
+            "Workloads the coordinator moved back to their original images, by reason",
+            restores.clone(),
+        );
         let kube_requests = Family::<RequestLabel, Counter>::default();
         registry.register("kube_requests", "Requests to the Kubernetes API, by verb", kube_requests.clone());
         Arc::new(Self {
@@ -108,6 +115,7 @@ impl Metrics {
             bytes_pushed,
             push_seconds,
             patches,
+            restores,
             kube_requests,
         })
     }
@@ -157,6 +165,12 @@ impl Metrics {
 
     pub fn patched(&self, outcome: &str) {
         self.patches.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+    }
+
+    /// A workload moved back to its original images (`RolloutFailed`,
+    /// `BackupLost`).
+    pub fn restored(&self, reason: &str) {
+        self.restores.get_or_create(&OutcomeLabel { outcome: reason.into() }).inc();
     }
 
     /// The exposition text, with the gauges read from the hub and the

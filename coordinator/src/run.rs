@@ -41,7 +41,8 @@ use crate::{
     relist::{Change, Seen},
     trust::{agents::AgentAuthenticator, listener::tls_incoming, readers::Readers, tls},
     workloads::{
-        self,
+        self, Wakers,
+        rollout::Wake,
         usage::{Usage, WorkloadKey},
         workload::RollsOut,
     },
@@ -122,10 +123,13 @@ pub async fn run(
 
     let subscribe = || writer.subscribe().ok_or(RunError::Unshared);
     let (for_backups, for_deployments, for_daemonsets) = (subscribe()?, subscribe()?, subscribe()?);
-    let ctx = Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone())?;
-    // Deletions reach no shared subscriber: the watch itself hands them on.
+    // Deletions reach no shared subscriber: the watch itself hands them on;
+    // freed rollout slots wake the workloads in line.
     let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();
     let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
+    let wakers = Wakers { deployments: wake_deployments, daemonsets: wake_daemonsets };
+    let ctx =
+        Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone(), wakers)?;
     let mut seen = Seen::new(|backup: &ImageBackup| backup.name_any());
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -139,7 +143,7 @@ pub async fn run(
                         for change in seen.observe(event) {
                             feed.publish(&change);
                             if let Change::Deleted(name, _) = change {
-                                deleted(&ctx, &name, &wake_deployments, &wake_daemonsets);
+                                deleted(&ctx, &name);
                             }
                         }
                     }
@@ -287,24 +291,14 @@ fn probe_failure(result: Result<Result<(), std::io::Error>, tokio::task::JoinErr
 
 /// An ImageBackup is gone: this coordinator forgets it, and the workloads
 /// that use it look again (and make a new one).
-fn deleted(
-    ctx: &Context,
-    name: &str,
-    deployments: &tokio::sync::mpsc::UnboundedSender<ObjectRef<Deployment>>,
-    daemonsets: &tokio::sync::mpsc::UnboundedSender<ObjectRef<DaemonSet>>,
-) {
+fn deleted(ctx: &Context, name: &str) {
     info!(imagebackup = %name, "ImageBackup deleted");
     ctx.jobs.forget(name);
     ctx.written.forget(name);
     ctx.creating.failed(name);
     ctx.hub.cancel_anywhere(name, "the ImageBackup was deleted");
     for user in ctx.usage.workloads_of(name) {
-        // The receivers live as long as the controllers.
-        if user.kind == <Deployment as k8s_openapi::Resource>::KIND {
-            let _ = deployments.send(ObjectRef::new(&user.name).within(&user.namespace));
-        } else {
-            let _ = daemonsets.send(ObjectRef::new(&user.name).within(&user.namespace));
-        }
+        ctx.wakers.wake(&user);
     }
 }
 
@@ -341,6 +335,7 @@ where
                     Change::Deleted(key, _) => {
                         ctx.usage.remove(&key);
                         ctx.digests.forget(&key);
+                        ctx.rollouts.forget(&key);
                     }
                 }
             }

@@ -115,6 +115,23 @@ pub struct ImageBackupStatus {
     pub last_transition_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Workloads that use this backup but were not moved to it, or were
+    /// moved back, and why; newest first, one entry per workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadNote>,
+}
+
+/// Why a workload does not run a backup it could.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadNote {
+    /// `Deployment/shop/web`.
+    pub workload: String,
+    /// `RolloutFailed`, `NotPullable`, `Managed`, `Reverted`, `Restored`.
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// One child manifest of an index and its copy.

@@ -13,7 +13,7 @@ use image_backup_coordinator::{
         agents::{AgentAccount, DEFAULT_AUDIENCE},
         tls::{TlsSettings, TlsSource},
     },
-    workloads::rewrite::ORIGINAL_IMAGES_ANNOTATION,
+    workloads::annotations::ORIGINAL_IMAGES_ANNOTATION,
 };
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
@@ -74,6 +74,10 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         exclusions: Exclusions::new(Vec::new(), "image-backup"),
         namespace: "image-backup".into(),
         report_only: false,
+        max_rollouts: 5,
+        rollout_timeout: Duration::from_secs(300),
+        rewrite_managed: false,
+        managed_markers: Vec::new(),
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
         heartbeat_deadline: Duration::from_secs(10),

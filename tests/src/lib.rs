@@ -14,6 +14,7 @@ pub mod node;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod rollouts;
 pub mod run;
 pub mod service;
 pub mod token;

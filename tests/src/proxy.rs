@@ -25,6 +25,9 @@ pub struct Faults {
     /// Hold every blob upload until this is cleared: a copy stays in the
     /// middle for as long as a test needs.
     pub hold_uploads: bool,
+    /// Answer 403 to every blob read (GET …/blobs/sha256:…): a registry
+    /// that serves manifests, but not layers, to these credentials.
+    pub refuse_blob_reads: bool,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +164,14 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or_default().to_string();
+    if faults.refuse_blob_reads && method == hyper::Method::GET && path.contains("/blobs/sha256:") {
+        state.counters.faults.fetch_add(1, Relaxed);
+        return Ok(full(
+            StatusCode::FORBIDDEN,
+            &[],
+            "{\"errors\":[{\"code\":\"DENIED\",\"message\":\"injected fault: no layers for these credentials\"}]}",
+        ));
+    }
     let is_upload_put = method == hyper::Method::PUT && path.contains("/blobs/uploads/");
     if is_upload_put && faults.hold_uploads {
         state.counters.held.fetch_add(1, Relaxed);

@@ -43,6 +43,8 @@ pub struct Coordinator {
     /// Stops it cleanly (see [`Coordinator::stop`]); `None` for a replica.
     stop: Option<Arc<tokio::sync::Notify>>,
     task: Option<Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>>,
+    /// Completes its rollouts where no real controller does.
+    _rollouts: Option<Arc<crate::rollouts::RolloutController>>,
 }
 
 /// Starts the coordinator with `client` (on a real server, its own
@@ -71,6 +73,7 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
         None => None,
     };
     let task = Some(Arc::new(tokio::sync::Mutex::new(Some(task))));
+    let rollouts = crate::rollouts::start(admin).await.map(Arc::new);
     Coordinator {
         grpc: addr,
         metrics_url,
@@ -80,6 +83,7 @@ pub async fn start_coordinator(admin: &Client, client: &Client, config: Coordina
         agents_client: admin.clone(),
         stop: Some(stop),
         task,
+        _rollouts: rollouts,
     }
 }
 
@@ -124,6 +128,7 @@ pub async fn start_replica(admin: &Client, client: &Client, config: CoordinatorC
         agents_client: admin.clone(),
         stop: None,
         task: None,
+        _rollouts: crate::rollouts::start(admin).await.map(Arc::new),
     };
     Replica { coordinator, runtime: Some(runtime) }
 }

@@ -3,6 +3,7 @@
 //! [`LiveJobs`](crate::jobs::LiveJobs), asks the state machine for the next
 //! step, performs it, and records it with optimistic concurrency.
 
+pub mod notes;
 pub mod pull_secret;
 mod status;
 
@@ -33,7 +34,7 @@ const VERIFY_RETRY: Duration = Duration::from_secs(5);
 #[instrument(skip_all, fields(imagebackup = %backup.name_any()))]
 pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started("ImageBackup");
-    let mut object = ctx.written.freshest(backup);
+    let mut object = notes::write(&ctx, ctx.written.freshest(backup)).await?;
     for _ in 0..CONFLICT_RETRIES {
         match step(&object, &ctx).await? {
             Some(action) => return Ok(action),

@@ -1,34 +1,45 @@
 //! The workload reconciler: once a Deployment or DaemonSet is fully rolled
 //! out, make sure each of its images has an ImageBackup, and when all of
-//! them are Completed, patch the workload to the pinned backups.
+//! them are Completed, patch the workload to the pinned backups; then follow
+//! the rollout that starts, and undo it if it fails.
 
+pub mod annotations;
 pub mod digests;
+mod ensure;
+mod follow;
+pub mod owners;
+pub mod restore;
 pub mod rewrite;
+pub mod rollout;
 pub mod usage;
 pub mod workload;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
     time::Duration,
 };
 
-use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
-use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
-use json_patch::{Patch as JsonPatch, PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::ImageRef;
+use k8s_openapi::{
+    api::apps::v1::{DaemonSet, Deployment},
+    jiff::Timestamp,
+};
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    Resource, ResourceExt,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
-use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, instrument, warn};
 
-use crate::context::{Context, Error, MANAGER, kube_err};
+use crate::context::{Context, Error, kube_err};
+use annotations::Record;
+use ensure::{Backup, backup_for};
 use rewrite::{RewriteError, backup_patch};
+use rollout::Slot;
 use usage::{Use, WorkloadKey};
-use workload::Workload;
+use workload::{Patched, Workload};
 
 /// How soon a workload whose pods report no digest yet looks again.
 const DIGEST_RETRY: Duration = Duration::from_secs(2);
@@ -53,17 +64,30 @@ enum Waiting {
 async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(workload.kind());
     let key = workload.key();
+    // Released when this reconcile ends, unless a rollout holds it.
+    let mut slot = ctx.rollouts.slot(key.clone());
     if let Err(reason) = ctx.config.exclusions.check(&workload) {
         debug!(?reason, "excluded");
         ctx.usage.remove(&key);
         ctx.digests.forget(&key);
         return Ok(Action::await_change());
     }
+    let record = match Record::read(&workload) {
+        Ok(record) => record,
+        Err(e) => {
+            // Someone edited the coordinator's record by hand: nothing is
+            // moved until it reads again.
+            warn!(error = %e, "the coordinator's annotations cannot be read; leaving the workload as it is");
+            ctx.event(&workload.object_ref(), EventType::Warning, "InvalidAnnotation", e.to_string()).await;
+            return Ok(Action::await_change());
+        }
+    };
     let rolled_out = workload.rollout_complete();
-    let originals = rewrite::originals(&workload).unwrap_or_default();
     let mut images = Vec::new();
-    // Backups the workload was patched to, by the source they stand for.
+    // Backups the workload was patched to, by the source they stand for,
+    // and the references it runs them by.
     let mut pinned = BTreeMap::new();
+    let mut pinned_refs = BTreeSet::new();
     let mut seen = HashSet::new();
     for container in workload.container_images() {
         if !seen.insert(container.image.clone()) {
@@ -71,9 +95,10 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         }
         match ImageRef::parse(&container.image) {
             Ok(backup) if ctx.config.backup.holds(&backup) => {
-                let source = originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
+                let source = record.originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
                 if let Some(source) = source.filter(|_| backup.digest().is_some()) {
                     pinned.insert(image_backup_crds::name_for(&source), Use::Pinned);
+                    pinned_refs.insert(container.image.clone());
                 }
             }
             Ok(source) => images.push((container, source)),
@@ -81,6 +106,17 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
                 ctx.event(&workload.object_ref(), EventType::Warning, "InvalidImage", e.to_string()).await;
             }
             Err(_) => {}
+        }
+    }
+    let reverted = restore::reverted_containers(&workload, &record);
+    if !reverted.is_empty() {
+        return follow::reverted(&ctx, &workload, &record, &reverted).await;
+    }
+    if let Some(started) = record.rewritten_at {
+        let names: Vec<String> = pinned.keys().cloned().collect();
+        ctx.usage.set(&key, pinned.clone());
+        if let Some(action) = follow::rollout(&ctx, &workload, started, &pinned_refs, &names, &mut slot).await? {
+            return Ok(action);
         }
     }
     if !rolled_out {
@@ -109,6 +145,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     ctx.usage.set(&key, pinned.into_iter().chain(runs).collect());
 
     let mut backups: BTreeMap<String, String> = BTreeMap::new();
+    let mut names = Vec::new();
     let mut reduced = Vec::new();
     let mut waiting = None;
     for (container, source, digest) in &images {
@@ -123,6 +160,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
                     reduced.push(format!("{} without {}", container.image, left_out.join(", ")));
                 }
                 backups.insert(container.image.clone(), reference);
+                names.push(image_backup_crds::name_for(source));
             }
             None => {
                 waiting.get_or_insert(Waiting::Backups);
@@ -142,150 +180,63 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         ctx.metrics.patched("report_only");
         return Ok(Action::await_change());
     }
-    patch(&ctx, &workload, &backups, &reduced).await
+    if let Some(why) = left_as_is(&ctx, &workload, &record) {
+        return Ok(leave(&ctx, &workload, &names, why).await);
+    }
+    if !slot.take() {
+        // Woken when a rollout in flight ends.
+        debug!(limit = ctx.config.max_rollouts, "waiting for a rollout to end before starting another");
+        ctx.metrics.patched("waiting_for_slot");
+        return Ok(Action::await_change());
+    }
+    patch(&ctx, &workload, &backups, &reduced, &mut slot).await
 }
 
-/// A verified backup a workload can be pinned to.
-struct Backup {
-    reference: String,
-    /// Platforms a reduced index left out.
-    left_out: Vec<String>,
+/// Why a workload whose backups are all ready is not moved to them.
+struct LeftAsIs {
+    reason: &'static str,
+    message: String,
 }
 
-/// The pinned backup reference of `source` at `digest` once its ImageBackup
-/// is Completed for that digest; until then, makes sure one exists for it.
-async fn backup_for(
-    ctx: &Context,
-    source: &ImageRef,
-    digest: &str,
-    user: &WorkloadKey,
-) -> Result<Option<Backup>, Error> {
-    let name = image_backup_crds::name_for(source);
-    let Some(backup) = ctx.backups.get(&ObjectRef::new(&name)) else {
-        create(ctx, &name, source, digest, user).await?;
-        return Ok(None);
-    };
-    let backup = ctx.written.freshest(backup);
-    let status = backup.status.clone().unwrap_or_default();
-    if backup.spec.digest != digest {
-        retarget(ctx, &backup, digest, user).await?;
-        return Ok(None);
+fn left_as_is(ctx: &Context, workload: &Workload, record: &Record) -> Option<LeftAsIs> {
+    if let Some(hold) = record.hold.as_ref().filter(|hold| hold.holds(workload)) {
+        let message = format!(
+            "held on its images ({}: {}); delete annotation {} to move it again",
+            hold.reason.as_str(),
+            hold.message,
+            annotations::HOLD_ANNOTATION
+        );
+        return Some(LeftAsIs { reason: hold.reason.as_str(), message });
     }
-    let current = status.observed_generation == backup.metadata.generation.unwrap_or(1);
-    if !(current && status.phase == Phase::Completed) {
-        return Ok(None);
+    if record.rewrite == Some(false) {
+        let message = format!("opted out by annotation {}", annotations::REWRITE_ANNOTATION);
+        return Some(LeftAsIs { reason: "OptedOut", message });
     }
-    // The reference comes from the spec and the configured location, never
-    // from status alone: for a whole copy it is the source digest in the
-    // backup repository, and status only confirms the copy was verified
-    // there. A reduced index has a digest of its own, which status names;
-    // it is used only if the backup registry (which only agents' push
-    // credentials write) holds it in that repository as a reduced index of
-    // exactly this source index.
-    let Ok(target) = ctx.config.backup.reference_for(source) else { return Ok(None) };
-    let reference = match status.backup_reference {
-        Some(reference) if reference == target.pinned(digest) => reference,
-        Some(reference) if status.reduced => match reduced_index_of(ctx, &target, &reference, digest).await {
-            Ok(reference) => reference,
-            Err(Some(why)) => {
-                warn!(%reference, why, "a reduced backup recorded in status is not used");
-                let note = format!("status names {reference}, but {why}: no workload is patched to it");
-                ctx.event(&backup.object_ref(&()), EventType::Warning, "UnverifiedBackup", note).await;
-                return Ok(None);
-            }
-            Err(None) => return Ok(None),
-        },
-        _ => return Ok(None),
-    };
-    Ok(Some(Backup { reference, left_out: status.left_out }))
+    if record.rewrite == Some(true) || ctx.config.rewrite_managed {
+        return None;
+    }
+    owners::manager(workload, &ctx.config.managed_markers).map(|manager| LeftAsIs {
+        reason: "Managed",
+        message: format!(
+            "{manager}, which would put its images back; backed up but not moved (annotate it {}=true to move it)",
+            annotations::REWRITE_ANNOTATION
+        ),
+    })
 }
 
-/// `reference` if it names, in the backup repository of `target`, a reduced
-/// index the registry serves with `source_index` as its source; else why
-/// not (`None` when the registry could not say now).
-async fn reduced_index_of(
-    ctx: &Context,
-    target: &ImageRef,
-    reference: &str,
-    source_index: &str,
-) -> Result<String, Option<&'static str>> {
-    let digest = reference
-        .strip_prefix(&target.name())
-        .and_then(|rest| rest.strip_prefix('@'))
-        .ok_or(Some("it is not in the backup repository of the source"))?;
-    let bytes = match ctx.registry.manifest(target.repository(), digest).await {
-        Ok(Some((_, bytes))) => bytes,
-        Ok(None) => return Err(Some("the backup registry does not hold it")),
-        Err(e) => {
-            debug!(%reference, error = %e, "cannot read the reduced index now");
-            return Err(None);
-        }
-    };
-    let annotated = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|index| index["annotations"][SOURCE_INDEX_ANNOTATION].as_str().map(str::to_string));
-    if annotated.as_deref() == Some(source_index) {
-        Ok(target.pinned(digest))
-    } else {
-        Err(Some("the backup registry does not hold it as a reduced index of the source's index"))
+/// Leaves the workload as it is, said once on each of its ImageBackups and
+/// in an Event.
+async fn leave(ctx: &Context, workload: &Workload, names: &[String], why: LeftAsIs) -> Action {
+    ctx.metrics.patched(why.reason);
+    let mut new = false;
+    for name in names {
+        new |= follow::set_note(ctx, name, workload, why.reason, &why.message);
     }
-}
-
-async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
-    // Workloads sharing an image are reconciled at once; one of them
-    // creates its ImageBackup, the others wait for it to show in the store.
-    if !ctx.creating.begin(name) {
-        return Ok(());
+    if new {
+        info!(reason = why.reason, message = %why.message, "backed up; the workload is left as it is");
+        ctx.event(&workload.object_ref(), EventType::Normal, "NotRewritten", why.message).await;
     }
-    let backup = ImageBackup::new(name, ImageBackupSpec { source: source.to_string(), digest: digest.into() });
-    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
-    match ctx.backup_api().create(&params, &backup).await {
-        Ok(_) => {
-            info!(imagebackup = %name, %source, %digest, workload = %user, "ImageBackup created");
-            Ok(())
-        }
-        // Another workload came first: it is joined, and its changes wake
-        // this workload too.
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(e) => {
-            ctx.creating.failed(name);
-            Err(kube_err("creating ImageBackup", name)(e))
-        }
-    }
-}
-
-/// Points a finished ImageBackup at the digest the pods run now (the tag
-/// moved); one still in flight finishes first. The patch tests the old
-/// digest, so two workloads that see different digests never flip it back
-/// and forth within one change.
-async fn retarget(ctx: &Context, backup: &ImageBackup, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
-    let name = backup.name_any();
-    let status = backup.status.clone().unwrap_or_default();
-    let settled = status.observed_generation == backup.metadata.generation.unwrap_or(1);
-    if !settled || matches!(status.phase, Phase::Assigned | Phase::Pushing) {
-        debug!(imagebackup = %name, "digest moved while a copy is in flight; waiting for it");
-        return Ok(());
-    }
-    // Workloads that still run the old content (not yet patched) keep it:
-    // two workloads on one tag with different contents would otherwise flip
-    // the ImageBackup back and forth, copying each time.
-    let wanted = ctx.usage.digests_of(&name);
-    if wanted.contains(&backup.spec.digest) {
-        info!(imagebackup = %name, workload = %user, wanted = ?wanted, "the tag runs as different contents; the backup of the content other workloads run comes first");
-        return Ok(());
-    }
-    info!(imagebackup = %name, old = %backup.spec.digest, new = %digest, workload = %user, "the tag moved; copying the new digest");
-    let pointer = PointerBuf::from_tokens(["spec", "digest"]);
-    let patch = JsonPatch(vec![
-        PatchOperation::Test(TestOperation { path: pointer.clone(), value: Value::from(backup.spec.digest.clone()) }),
-        PatchOperation::Replace(ReplaceOperation { path: pointer, value: Value::from(digest) }),
-    ]);
-    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
-    match ctx.backup_api().patch(&name, &params, &Patch::<()>::Json(patch)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => Ok(()),
-        Err(e) => Err(kube_err("retargeting ImageBackup", name)(e)),
-    }
+    Action::await_change()
 }
 
 async fn patch(
@@ -293,29 +244,25 @@ async fn patch(
     workload: &Workload,
     backups: &BTreeMap<String, String>,
     reduced: &[String],
+    slot: &mut Slot<'_>,
 ) -> Result<Action, Error> {
     let key = workload.key();
-    let patch = match backup_patch(workload, backups) {
+    let patch = match backup_patch(workload, backups, Timestamp::now()) {
         Ok(patch) => patch,
-        Err(RewriteError::Nothing { .. }) => return Ok(Action::await_change()),
-        Err(e) => return Err(e.into()),
+        Err(RewriteError::Nothing { .. }) => {
+            slot.release();
+            return Ok(Action::await_change());
+        }
+        Err(e) => {
+            slot.release();
+            return Err(e.into());
+        }
     };
-    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
-    let patch = Patch::<()>::Json(patch);
-    let result = match workload {
-        Workload::Deployment(_) => Api::<Deployment>::namespaced(ctx.client.clone(), workload.namespace())
-            .patch(workload.name(), &params, &patch)
-            .await
-            .map(|_| ()),
-        Workload::DaemonSet(_) => Api::<DaemonSet>::namespaced(ctx.client.clone(), workload.namespace())
-            .patch(workload.name(), &params, &patch)
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => {
+    match workload.patch(&ctx.client, patch).await {
+        Ok(Patched::Applied) => {
+            slot.keep();
             ctx.metrics.patched("rewritten");
-            info!(images = backups.len(), "workload now runs its backups");
+            info!(images = backups.len(), "workload moved to its backups; following its rollout");
             let note = format!("{} image(s) moved to backups in {}", backups.len(), ctx.config.backup.registry);
             ctx.event(&workload.object_ref(), EventType::Normal, "WorkloadRewritten", note).await;
             if !reduced.is_empty() {
@@ -329,12 +276,35 @@ async fn patch(
         }
         // A `test` operation failed: the workload changed since it was
         // read. Never overwrite; its watch event brings the new version.
-        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => {
+        Ok(Patched::Changed) => {
+            slot.release();
             ctx.metrics.patched("changed_meanwhile");
             info!("workload changed meanwhile; reconsidering");
             Ok(Action::requeue(Duration::from_secs(1)))
         }
-        Err(e) => Err(kube_err("patching workload", key.to_string())(e)),
+        Err(e) => {
+            slot.release();
+            Err(kube_err("patching workload", key.to_string())(e))
+        }
+    }
+}
+
+/// The workload controllers' wake-up channels, for what wakes a workload
+/// besides its own watch: a freed rollout slot, a deleted ImageBackup.
+#[derive(Clone)]
+pub struct Wakers {
+    pub deployments: UnboundedSender<ObjectRef<Deployment>>,
+    pub daemonsets: UnboundedSender<ObjectRef<DaemonSet>>,
+}
+
+impl rollout::Wake for Wakers {
+    fn wake(&self, workload: &WorkloadKey) {
+        // The receivers live as long as the controllers.
+        if workload.kind == <Deployment as k8s_openapi::Resource>::KIND {
+            let _ = self.deployments.send(ObjectRef::new(&workload.name).within(&workload.namespace));
+        } else {
+            let _ = self.daemonsets.send(ObjectRef::new(&workload.name).within(&workload.namespace));
+        }
     }
 }
 

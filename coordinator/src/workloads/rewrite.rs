@@ -6,57 +6,33 @@
 use std::collections::BTreeMap;
 
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
-use serde::{Deserialize, Serialize};
+use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use super::workload::{ContainerList, Workload};
-
-/// Workload annotation recording the images it ran before the rewrite.
-pub const ORIGINAL_IMAGES_ANNOTATION: &str = "backup.k8slab.io/original-images";
-
-/// What the annotation holds: container name to original image, per list.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OriginalImages {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub init_containers: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub containers: BTreeMap<String, String>,
-}
+use super::{
+    annotations::{AnnotationError, HOLD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_AT_ANNOTATION, Record},
+    workload::Workload,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {
-    #[error("{workload}: annotation {ORIGINAL_IMAGES_ANNOTATION} is not valid JSON: {error}")]
-    Annotation { workload: String, error: serde_json::Error },
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
     #[error("{workload}: nothing to rewrite")]
     Nothing { workload: String },
 }
 
-/// The images a workload ran before it was patched, from its annotation.
-pub fn originals(workload: &Workload) -> Result<OriginalImages, RewriteError> {
-    match workload.metadata().annotations.as_ref().and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION)) {
-        Some(text) => serde_json::from_str::<OriginalImages>(text)
-            .map_err(|error| RewriteError::Annotation { workload: workload.key().to_string(), error }),
-        None => Ok(OriginalImages::default()),
-    }
-}
-
-impl OriginalImages {
-    /// The original image of a container.
-    pub fn of(&self, list: ContainerList, container: &str) -> Option<&str> {
-        let list = match list {
-            ContainerList::InitContainers => &self.init_containers,
-            ContainerList::Containers => &self.containers,
-        };
-        list.get(container).map(String::as_str)
-    }
-}
-
 /// Builds the patch that points every container whose image is a key of
-/// `backups` at its value (a backup reference pinned by digest), and records
-/// the originals in the annotation (keeping those of an earlier rewrite).
-pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> Result<Patch, RewriteError> {
-    let mut originals = originals(workload)?;
+/// `backups` at its value (a backup reference pinned by digest), records
+/// the originals in the annotation (keeping those of an earlier rewrite),
+/// and when, so that the rollout it starts is watched; a stale hold goes.
+pub fn backup_patch(
+    workload: &Workload,
+    backups: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> Result<Patch, RewriteError> {
+    let record = Record::read(workload)?;
+    let mut originals = record.originals;
     let mut ops = Vec::new();
     for container in workload.container_images() {
         let Some(backup) = backups.get(&container.image) else { continue };
@@ -70,11 +46,7 @@ pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> 
             path: pointer(&format!("{base}/image")),
             value: Value::from(backup.clone()),
         }));
-        let list = match container.list {
-            ContainerList::InitContainers => &mut originals.init_containers,
-            ContainerList::Containers => &mut originals.containers,
-        };
-        list.entry(container.name).or_insert(container.image);
+        originals.list_mut(container.list).entry(container.name).or_insert(container.image);
     }
     if ops.is_empty() {
         return Err(RewriteError::Nothing { workload: workload.key().to_string() });
@@ -86,25 +58,45 @@ pub fn backup_patch(workload: &Workload, backups: &BTreeMap<String, String>) -> 
             value: Value::Object(Default::default()),
         }));
     }
-    ops.push(PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
-        value: Value::from(annotation),
-    }));
+    ops.push(annotate(ORIGINAL_IMAGES_ANNOTATION, Value::from(annotation)));
+    ops.push(annotate(REWRITTEN_AT_ANNOTATION, Value::from(now.to_string())));
+    if record.hold.is_some() {
+        ops.push(remove_annotation(HOLD_ANNOTATION));
+    }
     Ok(Patch(ops))
 }
 
-fn pointer(path: &str) -> PointerBuf {
+/// Sets an annotation (the annotations map exists).
+pub(super) fn annotate(key: &str, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(["metadata", "annotations", key]), value })
+}
+
+/// Fails the patch unless annotation `key` still holds `value`.
+pub(super) fn test_annotation(key: &str, value: &str) -> PatchOperation {
+    PatchOperation::Test(TestOperation {
+        path: PointerBuf::from_tokens(["metadata", "annotations", key]),
+        value: Value::from(value),
+    })
+}
+
+pub(super) fn remove_annotation(key: &str) -> PatchOperation {
+    PatchOperation::Remove(json_patch::RemoveOperation {
+        path: PointerBuf::from_tokens(["metadata", "annotations", key]),
+    })
+}
+
+pub(super) fn pointer(path: &str) -> PointerBuf {
     PointerBuf::from_tokens(path.trim_start_matches('/').split('/'))
 }
 
-fn test(path: &str, value: Value) -> PatchOperation {
+pub(super) fn test(path: &str, value: Value) -> PatchOperation {
     PatchOperation::Test(TestOperation { path: pointer(path), value })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workloads::workload::tests::deployment;
+    use crate::workloads::{annotations::OriginalImages, workload::tests::deployment};
     use serde_json::json;
 
     fn as_json(workload: &Workload) -> serde_json::Value {
@@ -120,7 +112,7 @@ mod tests {
     fn patch_moves_containers_and_records_originals() {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
-        let patch = backup_patch(&workload, &backups).unwrap();
+        let patch = backup_patch(&workload, &backups, Timestamp::now()).unwrap();
         let mut doc = as_json(&workload);
         json_patch::patch(&mut doc, &patch).unwrap();
         assert_eq!(doc["spec"]["template"]["spec"]["containers"][0]["image"], PINNED);
@@ -134,7 +126,7 @@ mod tests {
     fn a_workload_changed_meanwhile_fails_the_whole_patch() {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
-        let patch = backup_patch(&workload, &backups).unwrap();
+        let patch = backup_patch(&workload, &backups, Timestamp::now()).unwrap();
         let mut changed = as_json(&workload);
         changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.27");
         let before = changed.clone();
@@ -145,6 +137,9 @@ mod tests {
     #[test]
     fn nothing_to_rewrite_is_an_error_not_an_empty_patch() {
         let workload = deployment(json!(null));
-        assert!(matches!(backup_patch(&workload, &BTreeMap::new()), Err(RewriteError::Nothing { .. })));
+        assert!(matches!(
+            backup_patch(&workload, &BTreeMap::new(), Timestamp::now()),
+            Err(RewriteError::Nothing { .. })
+        ));
     }
 }

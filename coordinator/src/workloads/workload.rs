@@ -22,6 +22,14 @@ pub enum Workload {
     DaemonSet(DaemonSet),
 }
 
+/// What became of a guarded patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patched {
+    Applied,
+    /// The workload changed (or went) since it was read: nothing applied.
+    Changed,
+}
+
 /// Which list of the pod spec a container is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ContainerList {
@@ -106,6 +114,30 @@ impl Workload {
         match self {
             Workload::Deployment(d) => d.rollout_complete(),
             Workload::DaemonSet(d) => d.rollout_complete(),
+        }
+    }
+
+    /// Applies a JSON patch whose `test` operations guard it: a workload
+    /// changed since it was read refuses it whole.
+    pub async fn patch(&self, client: &kube::Client, patch: json_patch::Patch) -> Result<Patched, kube::Error> {
+        use kube::api::{Api, Patch, PatchParams};
+        let params = PatchParams { field_manager: Some(crate::context::MANAGER.into()), ..PatchParams::default() };
+        let patch = Patch::<()>::Json(patch);
+        let result = match self {
+            Workload::Deployment(_) => Api::<Deployment>::namespaced(client.clone(), self.namespace())
+                .patch(self.name(), &params, &patch)
+                .await
+                .map(|_| ()),
+            Workload::DaemonSet(_) => Api::<DaemonSet>::namespaced(client.clone(), self.namespace())
+                .patch(self.name(), &params, &patch)
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(Patched::Applied),
+            // A `test` operation failed (422), or the object went (404).
+            Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422 | 404) => Ok(Patched::Changed),
+            Err(e) => Err(e),
         }
     }
 

@@ -1,0 +1,174 @@
+//! After the patch: the rollout it started is followed until it completes,
+//! and undone if its pods fail; a workload someone else moved back is held
+//! where it is. Both leave their record on the workload and a note on the
+//! ImageBackups concerned.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use image_backup_crds::ImageBackup;
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::{
+    Api,
+    api::ListParams,
+    core::Selector,
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+};
+use tracing::{info, warn};
+
+use super::{
+    annotations::{HoldReason, REWRITTEN_AT_ANNOTATION, Record},
+    restore::{restore_patch, reverted_patch},
+    rewrite::{remove_annotation, test_annotation},
+    rollout::{Slot, Verdict, judge},
+    workload::{Patched, Workload},
+};
+use crate::{
+    backups::notes::{self, Pending},
+    context::{Context, Error, kube_err},
+};
+
+/// How often a rollout in flight is looked at: its pods' pull failures
+/// change no field of the workload, so no watch event tells of them.
+const ROLLOUT_POLL: Duration = Duration::from_secs(5);
+
+/// Follows the rollout the coordinator started at `started` to the backup
+/// references `pinned` (of ImageBackups `backups`); `None` when the
+/// reconcile goes on as usual.
+pub async fn rollout(
+    ctx: &Context,
+    workload: &Workload,
+    started: Timestamp,
+    pinned: &BTreeSet<String>,
+    backups: &[String],
+    slot: &mut Slot<'_>,
+) -> Result<Option<Action>, Error> {
+    let elapsed = Duration::try_from(Timestamp::now().duration_since(started)).unwrap_or_default();
+    let verdict = if pinned.is_empty() {
+        // Nothing it moved runs a backup now: nothing left to follow.
+        Verdict::Done
+    } else {
+        let pods = pods_of(ctx, workload).await?;
+        judge(workload, &pods, pinned, elapsed, ctx.config.rollout_timeout)
+    };
+    match verdict {
+        Verdict::Rolling => {
+            slot.keep();
+            Ok(Some(Action::requeue(ROLLOUT_POLL)))
+        }
+        Verdict::Done => {
+            // The record goes, so a later dip in availability (a node
+            // drained) is never taken for a failed rollout.
+            let Some(value) = workload.metadata().annotations.as_ref().and_then(|a| a.get(REWRITTEN_AT_ANNOTATION))
+            else {
+                return Ok(None);
+            };
+            let test = test_annotation(REWRITTEN_AT_ANNOTATION, value);
+            let patch = json_patch::Patch(vec![test, remove_annotation(REWRITTEN_AT_ANNOTATION)]);
+            workload
+                .patch(&ctx.client, patch)
+                .await
+                .map_err(kube_err("settling workload", workload.key().to_string()))?;
+            if !pinned.is_empty() {
+                info!(seconds = elapsed.as_secs(), "rollout to the backups complete");
+            }
+            for name in backups {
+                clear_note(ctx, name, workload);
+            }
+            Ok(Some(Action::await_change()))
+        }
+        Verdict::Failed(why) => undo(ctx, workload, HoldReason::RolloutFailed, &why, backups).await.map(Some),
+    }
+}
+
+/// Moves the workload back to its original images, for `reason`, and says
+/// so on the workload and its ImageBackups.
+pub async fn undo(
+    ctx: &Context,
+    workload: &Workload,
+    reason: HoldReason,
+    why: &str,
+    backups: &[String],
+) -> Result<Action, Error> {
+    let Some(restore) = restore_patch(workload, &ctx.config.backup, reason, why)? else {
+        return Ok(Action::await_change());
+    };
+    match workload.patch(&ctx.client, restore.patch).await {
+        Ok(Patched::Applied) => {
+            ctx.metrics.restored(reason.as_str());
+            warn!(reason = reason.as_str(), why, moved = ?restore.moves, "moved back to the original images");
+            let note = format!("{why}; moved back to the original images: {}", restore.moves.join(", "));
+            ctx.event(&workload.object_ref(), EventType::Warning, reason.as_str(), note).await;
+            for name in backups {
+                set_note(ctx, name, workload, reason.as_str(), why);
+            }
+            Ok(Action::await_change())
+        }
+        Ok(Patched::Changed) => Ok(Action::requeue(Duration::from_secs(1))),
+        Err(e) => Err(kube_err("restoring workload", workload.key().to_string())(e)),
+    }
+}
+
+/// Someone put `containers` back on their source images: recorded and
+/// held, never fought.
+pub async fn reverted(
+    ctx: &Context,
+    workload: &Workload,
+    record: &Record,
+    containers: &[String],
+) -> Result<Action, Error> {
+    let why = format!(
+        "container(s) {} were moved back to their source images by someone else (a rollback, a redeploy); \
+         the coordinator leaves the workload as it is until its images change",
+        containers.join(", ")
+    );
+    let patch = reverted_patch(workload, containers, &why)?;
+    match workload.patch(&ctx.client, patch).await {
+        Ok(Patched::Applied) => {
+            warn!(?containers, "the workload was moved back to its source images; holding it there");
+            ctx.event(&workload.object_ref(), EventType::Warning, "RewriteReverted", why.clone()).await;
+            for container in workload.container_images().iter().filter(|c| containers.contains(&c.name)) {
+                let source = record.originals.of(container.list, &container.name);
+                if let Some(source) = source.and_then(|s| image_backup_oci::ImageRef::parse(s).ok()) {
+                    set_note(ctx, &image_backup_crds::name_for(&source), workload, HoldReason::Reverted.as_str(), &why);
+                }
+            }
+            Ok(Action::await_change())
+        }
+        Ok(Patched::Changed) => Ok(Action::requeue(Duration::from_secs(1))),
+        Err(e) => Err(kube_err("holding workload", workload.key().to_string())(e)),
+    }
+}
+
+/// Queues a note on ImageBackup `name` about `workload`, unless it holds
+/// the same already; whether it was new.
+pub fn set_note(ctx: &Context, name: &str, workload: &Workload, reason: &str, message: &str) -> bool {
+    let note = notes::note(workload.key().to_string(), reason, message.to_string());
+    let status = ctx.backups.get(&ObjectRef::<ImageBackup>::new(name)).and_then(|b| b.status.clone());
+    if notes::has(status.as_ref(), &note) {
+        return false;
+    }
+    ctx.notes.push(name, Pending::Set(note));
+    ctx.jobs.wake(name);
+    true
+}
+
+/// Drops the note about `workload` from ImageBackup `name`, if it has one.
+pub fn clear_note(ctx: &Context, name: &str, workload: &Workload) {
+    let key = workload.key().to_string();
+    let status = ctx.backups.get(&ObjectRef::<ImageBackup>::new(name)).and_then(|b| b.status.clone());
+    if status.is_some_and(|s| s.workloads.iter().any(|n| n.workload == key)) {
+        ctx.notes.push(name, Pending::Clear(key));
+        ctx.jobs.wake(name);
+    }
+}
+
+/// The pods the workload's selector matches, of every revision.
+async fn pods_of(ctx: &Context, workload: &Workload) -> Result<Vec<Pod>, Error> {
+    let Ok(selector) = Selector::try_from(workload.selector().clone()) else { return Ok(Vec::new()) };
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), workload.namespace());
+    let list = api
+        .list(&ListParams::default().labels_from(&selector))
+        .await
+        .map_err(kube_err("listing pods of", workload.key().to_string()))?;
+    Ok(list.items)
+}

@@ -1,0 +1,337 @@
+//! Following the rollouts the coordinator starts: how far one is, judged
+//! from the workload and its pods as a person running `kubectl rollout
+//! status` would, and how many may be in flight at once, cluster wide.
+
+use std::{
+    collections::{BTreeSet, HashSet, VecDeque},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use parking_lot::Mutex;
+
+use super::{usage::WorkloadKey, workload::Workload};
+
+/// Waiting reasons of a container whose image cannot be pulled.
+const PULL_FAILURES: &[&str] =
+    &["ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"];
+const CRASH_LOOP: &str = "CrashLoopBackOff";
+
+/// Where a rollout to backups is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pods are moving; nothing has failed yet.
+    Rolling,
+    /// Every desired pod runs the backups and is available.
+    Done,
+    /// It will not finish by itself: why, in words.
+    Failed(String),
+}
+
+/// Judges the rollout of `workload` to the backup references `pinned`,
+/// `elapsed` after the coordinator started it; `pods` are those its selector
+/// matches, of any revision.
+pub fn judge(
+    workload: &Workload,
+    pods: &[Pod],
+    pinned: &BTreeSet<String>,
+    elapsed: Duration,
+    timeout: Duration,
+) -> Verdict {
+    if workload.rollout_complete() {
+        return Verdict::Done;
+    }
+    if let Workload::Deployment(d) = workload {
+        let conditions = d.status.as_ref().and_then(|s| s.conditions.as_ref()).into_iter().flatten();
+        for c in conditions {
+            let progressing = c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False");
+            if progressing && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
+                return Verdict::Failed(format!(
+                    "the Deployment exceeded its progress deadline: {}",
+                    c.message.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    let (new, old): (Vec<&Pod>, Vec<&Pod>) =
+        pods.iter().filter(|pod| pod.metadata.deletion_timestamp.is_none()).partition(|pod| runs_any(pod, pinned));
+    // A crash loop the source images had too is not the backups' doing.
+    let old_crash = old.iter().any(|pod| waiting(pod).any(|(_, reason, _)| reason == CRASH_LOOP));
+    for pod in new {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        for (container, reason, message) in waiting(pod) {
+            if PULL_FAILURES.contains(&reason) || (reason == CRASH_LOOP && !old_crash) {
+                let message = if message.is_empty() { String::new() } else { format!(": {message}") };
+                return Verdict::Failed(format!("pod {name}, container {container}: {reason}{message}"));
+            }
+        }
+    }
+    if elapsed > timeout {
+        return Verdict::Failed(format!("the rollout did not complete within {}", humantime::format_duration(timeout)));
+    }
+    Verdict::Rolling
+}
+
+/// Whether a pod's spec runs one of `images`.
+fn runs_any(pod: &Pod, images: &BTreeSet<String>) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    let init = spec.init_containers.iter().flatten();
+    init.chain(&spec.containers).any(|c| c.image.as_ref().is_some_and(|image| images.contains(image)))
+}
+
+/// `(container, reason, message)` of each waiting container of a pod.
+fn waiting(pod: &Pod) -> impl Iterator<Item = (&str, &str, &str)> {
+    let status = pod.status.as_ref();
+    let lists =
+        [status.and_then(|s| s.init_container_statuses.as_ref()), status.and_then(|s| s.container_statuses.as_ref())];
+    lists.into_iter().flatten().flatten().filter_map(|c: &ContainerStatus| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        Some((c.name.as_str(), waiting.reason.as_deref()?, waiting.message.as_deref().unwrap_or_default()))
+    })
+}
+
+/// Wakes a workload's reconcile; the workload controllers hold the other
+/// ends.
+pub trait Wake: Send + Sync {
+    fn wake(&self, workload: &WorkloadKey);
+}
+
+/// The rollouts in flight, at most `limit` started by the coordinator at a
+/// time; workloads waiting for one are woken in turn as rollouts end.
+pub struct Rollouts {
+    limit: usize,
+    state: Mutex<Slots>,
+    wake: Box<dyn Wake>,
+}
+
+#[derive(Default)]
+struct Slots {
+    in_flight: HashSet<WorkloadKey>,
+    waiting: VecDeque<WorkloadKey>,
+    queued: HashSet<WorkloadKey>,
+}
+
+/// What a reconcile did with its workload's slot, settled when it drops:
+/// a slot not kept is freed for the next waiting workload.
+pub struct Slot<'a> {
+    rollouts: &'a Rollouts,
+    key: WorkloadKey,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Free,
+    InFlight,
+    Waiting,
+}
+
+// === impl Rollouts ===
+
+impl Rollouts {
+    pub fn new(limit: usize, wake: Box<dyn Wake>) -> Self {
+        Self { limit: limit.max(1), state: Mutex::default(), wake }
+    }
+
+    /// The slot of `key` for one reconcile.
+    pub fn slot(&self, key: WorkloadKey) -> Slot<'_> {
+        Slot { rollouts: self, key, outcome: Outcome::Free }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().in_flight.len()
+    }
+
+    /// A deleted workload's slot and place in line go.
+    pub fn forget(&self, key: &WorkloadKey) {
+        drop(self.slot(key.clone()));
+    }
+
+    fn settle(&self, key: &WorkloadKey, outcome: Outcome) {
+        let woken = {
+            let mut slots = self.state.lock();
+            match outcome {
+                Outcome::InFlight => {
+                    slots.in_flight.insert(key.clone());
+                    slots.unqueue(key);
+                }
+                Outcome::Waiting => {
+                    if slots.queued.insert(key.clone()) {
+                        slots.waiting.push_back(key.clone());
+                    }
+                }
+                Outcome::Free => {
+                    slots.in_flight.remove(key);
+                    slots.unqueue(key);
+                }
+            }
+            // Woken workloads leave the line; one that still finds no
+            // slot joins it again at the back.
+            let free = self.limit.saturating_sub(slots.in_flight.len());
+            let mut woken = Vec::new();
+            while woken.len() < free {
+                let Some(next) = slots.waiting.pop_front() else { break };
+                slots.queued.remove(&next);
+                woken.push(next);
+            }
+            woken
+        };
+        for key in &woken {
+            self.wake.wake(key);
+        }
+    }
+}
+
+impl Slots {
+    fn unqueue(&mut self, key: &WorkloadKey) {
+        if self.queued.remove(key) {
+            self.waiting.retain(|k| k != key);
+        }
+    }
+}
+
+// === impl Slot ===
+
+impl Slot<'_> {
+    /// The workload's rollout is in flight (found so, or just started),
+    /// whatever the limit: it holds a slot until it ends.
+    pub fn keep(&mut self) {
+        self.outcome = Outcome::InFlight;
+    }
+
+    /// Takes a slot to start a rollout; `false` puts the workload in line,
+    /// to be woken when one frees.
+    pub fn take(&mut self) -> bool {
+        let mut slots = self.rollouts.state.lock();
+        if slots.in_flight.contains(&self.key) || slots.in_flight.len() < self.rollouts.limit {
+            // Counted at once: reconciles of other workloads run meanwhile.
+            slots.in_flight.insert(self.key.clone());
+            slots.unqueue(&self.key);
+            self.outcome = Outcome::InFlight;
+            true
+        } else {
+            self.outcome = Outcome::Waiting;
+            false
+        }
+    }
+
+    /// The rollout did not start (or ended): the slot goes.
+    pub fn release(&mut self) {
+        self.outcome = Outcome::Free;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.rollouts.settle(&self.key, self.outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::workload::tests::deployment;
+    use serde_json::json;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    const BACKUP: &str = "backup.local/mirror/docker.io/library/nginx@sha256:00";
+
+    fn pod(name: &str, image: &str, waiting: Option<(&str, &str)>) -> Pod {
+        let state = match waiting {
+            Some((reason, message)) => json!({ "waiting": { "reason": reason, "message": message } }),
+            None => json!({ "running": {} }),
+        };
+        serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "containers": [{ "name": "web", "image": image }] },
+            "status": { "containerStatuses": [{ "name": "web", "image": image, "imageID": "", "ready": false, "restartCount": 0, "state": state }] },
+        }))
+        .unwrap()
+    }
+
+    fn judge_pods(pods: &[Pod], elapsed: u64) -> Verdict {
+        let pinned = BTreeSet::from([BACKUP.to_string()]);
+        let rolling = json!({ "observedGeneration": 3, "replicas": 3, "updatedReplicas": 1, "availableReplicas": 2 });
+        judge(&deployment(rolling), pods, &pinned, Duration::from_secs(elapsed), Duration::from_secs(600))
+    }
+
+    #[test]
+    fn a_new_pod_that_cannot_pull_fails_the_rollout() {
+        let pods = [pod("old", "nginx:1.25", None), pod("new", BACKUP, Some(("ImagePullBackOff", "unauthorized")))];
+        assert_eq!(
+            judge_pods(&pods, 30),
+            Verdict::Failed("pod new, container web: ImagePullBackOff: unauthorized".into())
+        );
+    }
+
+    #[test]
+    fn a_crash_loop_counts_only_when_the_source_pods_had_none() {
+        let new = pod("new", BACKUP, Some(("CrashLoopBackOff", "back-off 10s")));
+        assert!(matches!(judge_pods(&[pod("old", "nginx:1.25", None), new.clone()], 30), Verdict::Failed(_)));
+        let old = pod("old", "nginx:1.25", Some(("CrashLoopBackOff", "")));
+        assert_eq!(judge_pods(&[old, new], 30), Verdict::Rolling);
+    }
+
+    #[test]
+    fn old_pods_failing_to_pull_are_not_the_backups_doing() {
+        let pods = [pod("old", "nginx:1.25", Some(("ImagePullBackOff", ""))), pod("new", BACKUP, None)];
+        assert_eq!(judge_pods(&pods, 30), Verdict::Rolling);
+    }
+
+    #[test]
+    fn a_rollout_ends_done_past_its_deadline_or_timed_out() {
+        let pinned = BTreeSet::from([BACKUP.to_string()]);
+        let minute = Duration::from_secs(60);
+        let done = json!({ "observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 });
+        assert_eq!(judge(&deployment(done), &[], &pinned, minute, minute), Verdict::Done);
+        let stuck = json!({ "observedGeneration": 3, "replicas": 3, "updatedReplicas": 1, "availableReplicas": 2,
+            "conditions": [{ "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet web-2 has timed out progressing." }] });
+        let Verdict::Failed(why) = judge(&deployment(stuck), &[], &pinned, minute, 10 * minute) else { panic!() };
+        assert!(why.contains("progress deadline") && why.contains("timed out progressing"), "{why}");
+        assert!(matches!(judge_pods(&[], 601), Verdict::Failed(why) if why.contains("10m")));
+    }
+
+    #[derive(Default)]
+    struct Woken(StdMutex<Vec<String>>);
+    impl Wake for Arc<Woken> {
+        fn wake(&self, workload: &WorkloadKey) {
+            self.0.lock().unwrap().push(workload.name.clone());
+        }
+    }
+
+    fn key(name: &str) -> WorkloadKey {
+        WorkloadKey { kind: "Deployment", namespace: "shop".into(), name: name.into() }
+    }
+
+    #[test]
+    fn at_most_limit_rollouts_start_and_the_line_moves_as_they_end() {
+        let woken = Arc::new(Woken::default());
+        let rollouts = Rollouts::new(2, Box::new(woken.clone()));
+        let (mut a, mut b) = (rollouts.slot(key("a")), rollouts.slot(key("b")));
+        assert!(a.take() && b.take());
+        assert!(!rollouts.slot(key("e")).take(), "two slots taken by reconciles still running");
+        drop((a, b));
+        rollouts.forget(&key("e"));
+        for name in ["c", "d"] {
+            assert!(!rollouts.slot(key(name)).take(), "{name} waits");
+        }
+        assert_eq!(rollouts.in_flight(), 2);
+        {
+            let mut again = rollouts.slot(key("a"));
+            assert!(again.take(), "a rollout in flight keeps its slot");
+        }
+        // `a` ends: the first in line is woken, and only it.
+        drop(rollouts.slot(key("a")));
+        assert_eq!(*woken.0.lock().unwrap(), ["c"]);
+        // `c` no longer needs a slot when it looks: `d` is next.
+        drop(rollouts.slot(key("c")));
+        assert_eq!(*woken.0.lock().unwrap(), ["c", "d"]);
+        let mut slot = rollouts.slot(key("d"));
+        assert!(slot.take());
+        drop(slot);
+        assert_eq!(rollouts.in_flight(), 2);
+        rollouts.forget(&key("b"));
+        rollouts.forget(&key("d"));
+        assert_eq!(rollouts.in_flight(), 0);
+    }
+}

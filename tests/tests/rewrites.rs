@@ -1,0 +1,319 @@
+//! Safe rewrites on the API server (the emulator, and a real one when
+//! IMAGE_BACKUP_TEST_KUBECONFIG gives it), real containerd and a real
+//! registry: workloads another controller manages are backed up but not
+//! moved, a rollback by someone else is held rather than fought, rollouts
+//! start a few at a time, and `restore` moves workloads back. Rollouts that
+//! fail on a real kubelet are in real_node_rollouts.rs.
+
+use std::time::Duration;
+
+use image_backup_coordinator::{
+    cli::RestoreArgs,
+    config::CoordinatorConfig,
+    restore::restore,
+    workloads::annotations::{
+        HOLD_ANNOTATION, Hold, HoldReason, ORIGINAL_IMAGES_ANNOTATION, REWRITE_ANNOTATION, REWRITTEN_AT_ANNOTATION,
+    },
+};
+use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::registry::RegistryConfig;
+use image_backup_tests::{
+    Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
+    cluster::{
+        ApiServerKind, ClusterGuard, Placement, Workloads, agent_client, cluster, coordinator_client,
+        coordinator_config, eventually, metric, prepare,
+    },
+    init_tracing, on_both_api_servers,
+    run::{Coordinator, start_agent, start_coordinator},
+};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    events::v1::Event,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One node whose containerd holds the images, a backup registry, and a
+/// source registry that is only a name.
+struct Setup {
+    kind: ApiServerKind,
+    _cluster: ClusterGuard,
+    client: Client,
+    w: Workloads,
+    src: String,
+    node: Containerd,
+    backup: Registry,
+}
+
+impl Setup {
+    async fn new(kind: ApiServerKind, namespaces: &[&str]) -> Option<Self> {
+        init_tracing();
+        let (cluster, client) = cluster(kind).await?;
+        prepare(&client, namespaces).await;
+        let source = Registry::start(RegistryAuth::None).await.unwrap();
+        let src = source.host();
+        drop(source);
+        Some(Self {
+            kind,
+            _cluster: cluster,
+            w: Workloads { client: client.clone() },
+            client,
+            src,
+            node: Containerd::start().await.unwrap(),
+            backup: Registry::start(RegistryAuth::None).await.unwrap(),
+        })
+    }
+
+    /// An image on the node, as `SRC/<path>`.
+    async fn image(&self, path: &str, seed: u64) -> (String, TestImage) {
+        let image = TestImage::single(MediaTypes::Oci, &[64 << 10], seed);
+        let reference = format!("{}/{path}", self.src);
+        image.import(&self.node, &reference, &[], &[]).await.unwrap();
+        (reference, image)
+    }
+
+    async fn deploy(&self, kind: &str, ns: &str, name: &str, labels: serde_json::Value, image: &(String, TestImage)) {
+        let spec = [(name, image.0.as_str(), image.1.digest(), false)];
+        self.w.deploy(kind, ns, name, labels, &spec, Placement { nodes: &["node-a"], ready: true }).await;
+    }
+
+    async fn start(&self, config: CoordinatorConfig) -> Coordinator {
+        let client = coordinator_client(self.kind, &self.client).await;
+        let coordinator = start_coordinator(&self.client, &client, config)
+            .await
+            .with_agents_client(agent_client(self.kind, &self.client).await);
+        let registry = RegistryConfig { insecure_hosts: vec![self.backup.host()], ..RegistryConfig::default() };
+        start_agent(&self.node, "node-a", &coordinator, registry).await;
+        coordinator
+    }
+
+    fn pinned(&self, image: &(String, TestImage)) -> String {
+        let (name, _) = image.0.rsplit_once(':').unwrap();
+        let path = name.replacen(&self.src, &self.src.replace(':', "_"), 1);
+        format!("{}/backup/{path}@{}", self.backup.host(), image.1.digest())
+    }
+
+    async fn image_of(&self, kind: &str, ns: &str, name: &str) -> String {
+        self.w.images(kind, ns, name).await.0.remove(0)
+    }
+
+    async fn runs(&self, kind: &str, ns: &str, name: &str, image: &str) {
+        eventually(&format!("{kind} {ns}/{name} runs {image}"), WAIT, || async {
+            let now = self.image_of(kind, ns, name).await;
+            if now == image { Ok(()) } else { Err(now) }
+        })
+        .await;
+    }
+
+    async fn annotation(&self, kind: &str, ns: &str, name: &str, key: &str) -> Option<String> {
+        let meta = match kind {
+            "Deployment" => Api::<Deployment>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata,
+            _ => Api::<DaemonSet>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata,
+        };
+        meta.annotations.and_then(|a| a.get(key).cloned())
+    }
+
+    async fn hold(&self, kind: &str, ns: &str, name: &str) -> Option<Hold> {
+        let text = self.annotation(kind, ns, name, HOLD_ANNOTATION).await?;
+        Some(serde_json::from_str(&text).unwrap())
+    }
+
+    /// The reasons of Events about a workload.
+    async fn events(&self, ns: &str, name: &str) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), ns);
+        let list = events.list(&ListParams::default()).await.unwrap();
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    /// `(workload, reason)` of each note on the ImageBackup of `image`.
+    async fn notes(&self, image: &(String, TestImage)) -> Vec<(String, String)> {
+        let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&image.0).unwrap());
+        let backup = Api::<ImageBackup>::all(self.client.clone()).get_opt(&name).await.unwrap();
+        let notes = backup.and_then(|b| b.status).map(|s| s.workloads).unwrap_or_default();
+        notes.into_iter().map(|n| (n.workload, n.reason)).collect()
+    }
+
+    /// Makes the coordinator look at a workload again.
+    async fn touch(&self, kind: &str, ns: &str, name: &str, value: &str) {
+        let patch = Patch::Merge(json!({ "metadata": { "labels": { "touched": value } } }));
+        match kind {
+            "Deployment" => {
+                Api::<Deployment>::namespaced(self.client.clone(), ns)
+                    .patch(name, &PatchParams::default(), &patch)
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                Api::<DaemonSet>::namespaced(self.client.clone(), ns)
+                    .patch(name, &PatchParams::default(), &patch)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+async fn managed_and_reverted(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop"]).await else { return };
+    let web = s.image("shop/web:1", 71).await;
+    s.deploy("Deployment", "shop", "web", json!({}), &web).await;
+    s.deploy("Deployment", "shop", "flux", json!({ "kustomize.toolkit.fluxcd.io/name": "apps" }), &web).await;
+    s.deploy("Deployment", "shop", "owned", json!({}), &web).await;
+    // An operator's Deployment names its custom resource as owner.
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), "shop");
+    let owner = json!({ "apiVersion": "example.com/v1", "kind": "Database", "name": "pg", "uid": "5f0c6b9e-0000-4000-8000-000000000001", "controller": true });
+    let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
+    deployments.patch("owned", &PatchParams::default(), &patch).await.unwrap();
+    let coordinator = s.start(coordinator_config(&s.backup.host())).await;
+
+    s.runs("Deployment", "shop", "web", &s.pinned(&web)).await;
+    eventually("the managed Deployments are noted on the ImageBackup", WAIT, || async {
+        let mut notes = s.notes(&web).await;
+        notes.sort();
+        let expected = [
+            ("Deployment/shop/flux".to_string(), "Managed".to_string()),
+            ("Deployment/shop/owned".to_string(), "Managed".to_string()),
+        ];
+        if notes == expected { Ok(()) } else { Err(format!("{notes:?}")) }
+    })
+    .await;
+    for name in ["flux", "owned"] {
+        assert_eq!(s.image_of("Deployment", "shop", name).await, web.0, "{name} is left on its source");
+        assert!(s.events("shop", name).await.contains(&"NotRewritten".to_string()), "{name}");
+    }
+    let managed = metric(&coordinator.metrics_url, "image_backup_workload_patches_total{outcome=\"Managed\"}").await;
+    assert!(managed.as_ref().is_ok_and(|n| *n >= 2.0), "{managed:?}");
+
+    // Its owner opts the Flux one in.
+    let opt_in = Patch::Merge(json!({ "metadata": { "annotations": { REWRITE_ANNOTATION: "true" } } }));
+    deployments.patch("flux", &PatchParams::default(), &opt_in).await.unwrap();
+    s.runs("Deployment", "shop", "flux", &s.pinned(&web)).await;
+
+    // Someone rolls web back to its source: recorded and held, not fought.
+    let back = json!([{ "op": "replace", "path": "/spec/template/spec/containers/0/image", "value": web.0 }]);
+    deployments
+        .patch("web", &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(back).unwrap()))
+        .await
+        .unwrap();
+    eventually("web is held where it was put back", WAIT, || async {
+        match s.hold("Deployment", "shop", "web").await {
+            Some(hold) if hold.reason == HoldReason::Reverted => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(s.events("shop", "web").await.contains(&"RewriteReverted".to_string()));
+    assert_eq!(s.annotation("Deployment", "shop", "web", ORIGINAL_IMAGES_ANNOTATION).await, None);
+    eventually("the ImageBackup notes the rollback", WAIT, || async {
+        let notes = s.notes(&web).await;
+        let reverted = notes.contains(&("Deployment/shop/web".to_string(), "Reverted".to_string()));
+        if reverted { Ok(()) } else { Err(format!("{notes:?}")) }
+    })
+    .await;
+    s.touch("Deployment", "shop", "web", "1").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.image_of("Deployment", "shop", "web").await, web.0, "the coordinator does not move it again");
+}
+on_both_api_servers!(managed_and_reverted: managed_workloads_are_left_alone_and_a_rollback_is_held_on_the_emulator, managed_workloads_are_left_alone_and_a_rollback_is_held_on_a_real_api_server);
+
+async fn one_rollout_at_a_time(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop"]).await else { return };
+    let images = [s.image("shop/a:1", 81).await, s.image("shop/b:1", 82).await, s.image("shop/c:1", 83).await];
+    for (name, image) in ["a", "b", "c"].iter().zip(&images) {
+        s.deploy("Deployment", "shop", name, json!({}), image).await;
+    }
+    // Backed up first, so that all three are ready to move at once.
+    let config = coordinator_config(&s.backup.host());
+    let first = s.start(CoordinatorConfig { report_only: true, ..config.clone() }).await;
+    eventually("every image is backed up", WAIT, || async {
+        let list = Api::<ImageBackup>::all(s.client.clone()).list(&ListParams::default()).await.unwrap();
+        let done = list.items.iter().filter(|b| b.status.as_ref().is_some_and(|s| s.phase == Phase::Completed));
+        if done.count() == 3 { Ok(()) } else { Err(format!("{} ImageBackups", list.items.len())) }
+    })
+    .await;
+    first.stop().await;
+    let coordinator = s.start(CoordinatorConfig { max_rollouts: 1, ..config }).await;
+    // Never two rollouts at once: a workload keeps its `rewritten-at` until
+    // its rollout completes.
+    eventually("every Deployment runs its backup, one rollout at a time", WAIT, || async {
+        let mut moving = 0;
+        let mut moved = 0;
+        for (name, image) in ["a", "b", "c"].iter().zip(&images) {
+            moving += s.annotation("Deployment", "shop", name, REWRITTEN_AT_ANNOTATION).await.is_some() as usize;
+            moved += (s.image_of("Deployment", "shop", name).await == s.pinned(image)) as usize;
+        }
+        assert!(moving <= 1, "{moving} rollouts in flight");
+        if moved == 3 && moving == 0 { Ok(()) } else { Err(format!("{moved} moved, {moving} in flight")) }
+    })
+    .await;
+    let waited =
+        metric(&coordinator.metrics_url, "image_backup_workload_patches_total{outcome=\"waiting_for_slot\"}").await;
+    assert!(waited.as_ref().is_ok_and(|n| *n >= 1.0), "{waited:?}");
+}
+on_both_api_servers!(one_rollout_at_a_time: rollouts_start_one_at_a_time_when_asked_on_the_emulator, rollouts_start_one_at_a_time_when_asked_on_a_real_api_server);
+
+async fn restore_command(kind: ApiServerKind) {
+    let Some(s) = Setup::new(kind, &["shop", "ops"]).await else { return };
+    let (web, api, agent) =
+        (s.image("shop/web:1", 91).await, s.image("shop/api:1", 92).await, s.image("ops/agent:1", 93).await);
+    s.deploy("Deployment", "shop", "web", json!({}), &web).await;
+    s.deploy("Deployment", "shop", "api", json!({}), &api).await;
+    s.deploy("DaemonSet", "ops", "agent", json!({}), &agent).await;
+    let _coordinator = s.start(coordinator_config(&s.backup.host())).await;
+    let moved = [
+        ("Deployment", "shop", "web", &web),
+        ("Deployment", "shop", "api", &api),
+        ("DaemonSet", "ops", "agent", &agent),
+    ];
+    for (kind, ns, name, image) in moved {
+        s.runs(kind, ns, name, &s.pinned(image)).await;
+    }
+
+    let args = |workload: Option<&str>, namespace: Option<&str>, all: bool, dry_run: bool| RestoreArgs {
+        workload: workload.map(str::to_string),
+        namespace: namespace.map(str::to_string),
+        all,
+        dry_run,
+        backup_registry: s.backup.host(),
+        backup_prefix: "backup".into(),
+    };
+    let dry = restore(s.client.clone(), &args(None, None, true, true)).await.unwrap();
+    assert_eq!((dry.restored, dry.lines.lines().count()), (0, 3), "{}", dry.lines);
+    assert_eq!(s.image_of("Deployment", "shop", "web").await, s.pinned(&web), "a dry run changes nothing");
+
+    let one = restore(s.client.clone(), &args(Some("deployment/web"), Some("shop"), false, false)).await.unwrap();
+    assert_eq!(one.restored, 1, "{}", one.lines);
+    assert_eq!(s.image_of("Deployment", "shop", "web").await, web.0);
+    assert_eq!(s.image_of("Deployment", "shop", "api").await, s.pinned(&api), "only the one named");
+    let shop = restore(s.client.clone(), &args(None, Some("shop"), false, false)).await.unwrap();
+    assert_eq!(shop.restored, 1, "web has nothing left to restore: {}", shop.lines);
+    assert_eq!(s.image_of("DaemonSet", "ops", "agent").await, s.pinned(&agent), "another namespace");
+    let all = restore(s.client.clone(), &args(None, None, true, false)).await.unwrap();
+    assert_eq!(all.restored, 1, "{}", all.lines);
+
+    for (kind, ns, name, image) in moved {
+        assert_eq!(s.image_of(kind, ns, name).await, image.0, "{name}");
+        assert_eq!(s.annotation(kind, ns, name, ORIGINAL_IMAGES_ANNOTATION).await, None);
+        assert_eq!(s.hold(kind, ns, name).await.map(|h| h.reason), Some(HoldReason::Restored), "{name}");
+        // The running coordinator looks again and leaves it there.
+        s.touch(kind, ns, name, "after-restore").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (kind, ns, name, image) in moved {
+        assert_eq!(s.image_of(kind, ns, name).await, image.0, "{name} stays restored");
+    }
+    let nothing = restore(s.client.clone(), &args(None, None, true, false)).await.unwrap();
+    assert_eq!(nothing.restored, 0);
+    let unnamed = restore(s.client.clone(), &args(None, None, false, false)).await.unwrap_err();
+    assert!(unnamed.to_string().contains("--all"), "{unnamed}");
+}
+on_both_api_servers!(restore_command: restore_moves_workloads_back_and_holds_them_on_the_emulator, restore_moves_workloads_back_and_holds_them_on_a_real_api_server);
