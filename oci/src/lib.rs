@@ -12,4 +12,4 @@ pub mod registry;
 pub mod target;
 
 pub use reference::{ImageRef, ParseRefError};
-pub use target::BackupTarget;
+pub use target::{BackupTarget, digest_tag};

@@ -4,6 +4,15 @@
 
 use crate::reference::{ImageRef, ParseRefError};
 
+/// The tag every backup also gets, derived from the digest it names:
+/// `backup-sha256-<hex>`. Nothing ever moves it, so the digest a workload is
+/// pinned to stays tagged when the source tag moves on, and a registry's
+/// cleanup of untagged manifests leaves it. Not `sha256-<hex>`, which the
+/// OCI referrers tag schema uses.
+pub fn digest_tag(digest: &str) -> String {
+    format!("backup-{}", digest.replacen(':', "-", 1))
+}
+
 /// Where backups go: a registry host and a path prefix in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupTarget {
@@ -52,6 +61,14 @@ impl BackupTarget {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_digest_tag_is_a_valid_tag_of_its_own() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let tag = super::digest_tag(&digest);
+        assert_eq!(tag, format!("backup-sha256-{}", "ab".repeat(32)));
+        assert!(tag.len() <= 128 && tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+    }
+
     use super::*;
 
     fn r(s: &str) -> ImageRef {

@@ -25,7 +25,7 @@ pub enum RegistryAuth {
 pub struct Registry {
     dir: TempDir,
     /// Held for its Drop, which stops the process.
-    _daemon: Daemon,
+    daemon: Option<Daemon>,
     port: u16,
     auth: RegistryAuth,
     http: reqwest::Client,
@@ -74,11 +74,26 @@ impl Registry {
             d = dir.path().display()
         );
         std::fs::write(dir.path().join("config.yml"), config)?;
-        let mut command = Command::new("docker-registry");
-        command.arg("serve").arg(dir.path().join("config.yml"));
-        let mut daemon = Daemon::spawn("docker-registry", command, &dir.path().join("registry.log"))?;
-        daemon.wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
-        Ok(Self { dir, _daemon: daemon, port, auth, http: http.build()? })
+        let daemon = serve(dir.path(), port)?;
+        Ok(Self { dir, daemon: Some(daemon), port, auth, http: http.build()? })
+    }
+
+    /// What a registry's cleanup of untagged manifests does: stops the
+    /// registry, runs its garbage collector with `--delete-untagged`, and
+    /// starts it again on the same port. The collector's report.
+    pub fn collect_untagged(&mut self) -> anyhow::Result<String> {
+        self.daemon = None;
+        let output = Command::new("docker-registry")
+            .args(["garbage-collect", "--delete-untagged"])
+            .arg(self.dir.path().join("config.yml"))
+            .output()
+            .context("running docker-registry garbage-collect")?;
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!("garbage-collect failed: {}{report}", String::from_utf8_lossy(&output.stderr));
+        }
+        self.daemon = Some(serve(self.dir.path(), self.port)?);
+        Ok(report)
     }
 
     /// `127.0.0.1:PORT`, as references name it.
@@ -264,4 +279,13 @@ fn tls_files() -> anyhow::Result<(String, String, String)> {
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// Starts `docker-registry serve` on the config in `dir`.
+fn serve(dir: &std::path::Path, port: u16) -> anyhow::Result<Daemon> {
+    let mut command = Command::new("docker-registry");
+    command.arg("serve").arg(dir.join("config.yml"));
+    let mut daemon = Daemon::spawn("docker-registry", command, &dir.join("registry.log"))?;
+    daemon.wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+    Ok(daemon)
 }

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::registry::RegistryConfig;
+use image_backup_oci::{digest_tag, registry::RegistryConfig};
 use image_backup_proto::v1::{GetJobRequest, ListJobsRequest, job_service_client::JobServiceClient};
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
@@ -304,7 +304,7 @@ async fn left_alone(kind: ApiServerKind) {
 on_both_api_servers!(left_alone: excluded_and_unready_workloads_are_left_alone_on_the_emulator, excluded_and_unready_workloads_are_left_alone_on_a_real_api_server);
 
 async fn moved_tag(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
+    let Some(mut s) = Setup::new(kind, &["shop", "image-backup"]).await else { return };
     let web = TestImage::single(MediaTypes::Oci, &[300 << 10], 51);
     let web_ref = s.source("library/web:1");
     web.import(&s.node_a, &web_ref, &[], &[]).await.unwrap();
@@ -336,6 +336,32 @@ async fn moved_tag(kind: ApiServerKind) {
     let status = backup.status.clone().unwrap_or_default();
     assert_eq!((backup.spec.digest.as_str(), status.phase), (next.digest(), Phase::Completed));
     assert_eq!(status.backup_reference, Some(s.pinned(&next, &web_ref)));
+
+    // The backup tag `1` names the new digest now; each digest also has a
+    // tag of its own that nothing moves, so a registry's cleanup of
+    // untagged manifests keeps what web is pinned to.
+    let tags = s.backup_registry.tags(&repository).await.unwrap();
+    for image in [&web, &next] {
+        assert!(tags.contains(&digest_tag(image.digest())), "{tags:?}");
+    }
+    // A control whose tag moved the same way, with no digest tag: the
+    // cleanup really deletes what it leaves untagged.
+    let (old, new) =
+        (TestImage::single(MediaTypes::Oci, &[8 << 10], 53), TestImage::single(MediaTypes::Oci, &[8 << 10], 54));
+    s.backup_registry.push("control/app", "1", &old).await.unwrap();
+    s.backup_registry.push("control/app", "1", &new).await.unwrap();
+    let report = s.backup_registry.collect_untagged().unwrap();
+    assert!(s.backup_registry.manifest("control/app", old.digest()).await.unwrap().is_none(), "{report}");
+    assert!(s.backup_registry.manifest("control/app", new.digest()).await.unwrap().is_some());
+    for image in [&web, &next] {
+        let served = s.backup_registry.manifest(&repository, image.digest()).await.unwrap();
+        assert_eq!(served.map(|m| m.digest).as_deref(), Some(image.digest()), "kept by its digest tag");
+        let platform = &image.platforms[0];
+        for blob in std::iter::once(&platform.config).chain(&platform.layers) {
+            let bytes = s.backup_registry.blob(&repository, &blob.digest).await.unwrap();
+            assert_eq!(bytes.as_deref(), Some(&blob.data[..]), "blob {}", blob.digest);
+        }
+    }
 }
 on_both_api_servers!(moved_tag: a_moved_tag_is_copied_again_on_the_emulator, a_moved_tag_is_copied_again_on_a_real_api_server);
 

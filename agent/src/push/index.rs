@@ -148,6 +148,7 @@ impl Job<'_> {
             && self.already_there(&root, target).await?
             && self.require_in_target(&root, children.iter(), &[]).await.is_ok()
         {
+            self.digest_tag(&root, bytes).await?;
             let manifests = wanted.iter().chain(&sourced).map(|c| platform_manifest(c)).collect();
             return Ok(Pushed { root: Some(root), manifests, ..Pushed::default() });
         }

@@ -20,7 +20,7 @@ use oci_spec::image::ImageManifest;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use image_backup_oci::{
-    ImageRef,
+    ImageRef, digest_tag,
     index::IndexError,
     media::{PlatformName, is_index, media_type_of, sha256_digest},
     registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy},
@@ -351,7 +351,9 @@ impl Job<'_> {
         if is_index(&root.media_type) {
             return self.push_index(root, bytes, target, scope).await;
         }
-        if !self.already_there(&root, target).await? {
+        if self.already_there(&root, target).await? {
+            self.digest_tag(&root, bytes).await?;
+        } else {
             let manifest = self.manifest_content(root.clone(), bytes.clone())?;
             self.push_blobs(&manifest.blobs, Origin::Node).await?;
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
@@ -378,12 +380,24 @@ impl Job<'_> {
     async fn tag_and_verify(&self, root: &Descriptor, bytes: Bytes, target: &ImageRef) -> Result<(), PushError> {
         let reference = target.tag().unwrap_or(&root.digest);
         if let Some(tag) = target.tag() {
-            self.registry.put_manifest(self.repository, tag, &root.media_type, bytes).await?;
+            self.registry.put_manifest(self.repository, tag, &root.media_type, bytes.clone()).await?;
         }
+        self.digest_tag(root, bytes).await?;
         let got = self.registry.manifest_digest(self.repository, reference).await?;
         if got.as_deref() != Some(root.digest.as_str()) {
             return Err(PushError::Verify { reference: target.to_string(), expected: root.digest.clone(), got });
         }
+        Ok(())
+    }
+
+    /// Tags the root with its [`digest_tag`] too, unless it is already: a
+    /// registry with immutable tags refuses even the same digest again.
+    async fn digest_tag(&self, root: &Descriptor, bytes: Bytes) -> Result<(), PushError> {
+        let tag = digest_tag(&root.digest);
+        if self.registry.manifest_digest(self.repository, &tag).await?.as_deref() == Some(root.digest.as_str()) {
+            return Ok(());
+        }
+        self.registry.put_manifest(self.repository, &tag, &root.media_type, bytes).await?;
         Ok(())
     }
 
