@@ -88,6 +88,16 @@ pub struct Cli {
     /// some node fails instead, and its workloads are left as they are.
     #[arg(long, env = "IMAGE_BACKUP_REQUIRE_COMPLETE_INDEX")]
     pub require_complete_index: bool,
+    /// How often every Completed backup is looked for in the backup
+    /// registry again (a HEAD of the pinned manifest); one found missing is
+    /// copied again. 0 never.
+    #[arg(long, env = "IMAGE_BACKUP_VERIFY_EVERY", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub verify_every: Duration,
+    /// How long an ImageBackup that no workload uses any more is kept
+    /// before it is deleted (the registry keeps what it copied). 0 keeps
+    /// them forever.
+    #[arg(long, env = "IMAGE_BACKUP_UNUSED_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub unused_grace: Duration,
     /// Reconciles run at once, per kind: bounds memory and API load when
     /// thousands of workloads change together (after a start, say).
     #[arg(long, env = "IMAGE_BACKUP_CONCURRENCY", default_value_t = 32)]
@@ -212,6 +222,8 @@ impl Cli {
             heartbeat_deadline: self.heartbeat_deadline,
             reduce_after: self.reduce_after,
             require_complete_index: self.require_complete_index,
+            verify_every: self.verify_every,
+            unused_grace: self.unused_grace,
             concurrency: self.concurrency.max(1),
             agents: AgentAccount {
                 namespace: self.namespace.clone(),

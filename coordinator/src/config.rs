@@ -21,6 +21,8 @@ pub struct CoordinatorConfig {
     pub namespace: String,
     /// Do everything but patch workloads.
     pub report_only: bool,
+    /// How long an ImageBackup no workload uses is kept; zero forever.
+    pub unused_grace: Duration,
     /// Rollouts to backups in flight at once, cluster wide.
     pub max_rollouts: usize,
     /// How long a rollout to backups may take before it is undone.
@@ -41,6 +43,9 @@ pub struct CoordinatorConfig {
     pub reduce_after: Duration,
     /// Fail such a backup instead of pushing a reduced index.
     pub require_complete_index: bool,
+    /// How often Completed backups are looked for in the registry again;
+    /// zero never.
+    pub verify_every: Duration,
     /// Reconciles run at once, per kind.
     pub concurrency: u16,
     /// Whose tokens open agent sessions.

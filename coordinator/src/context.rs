@@ -98,6 +98,10 @@ pub struct Context {
     /// Rollouts to backups in flight, cluster wide.
     pub rollouts: Rollouts,
     pub wakers: Wakers,
+    /// Unused ImageBackups are looked after (see `backups::unused`).
+    pub sweeping: std::sync::atomic::AtomicBool,
+    /// Every watched store has listed its objects once.
+    pub synced: std::sync::atomic::AtomicBool,
 }
 
 // === impl Context ===
@@ -133,6 +137,8 @@ impl Context {
             notes: Notes::default(),
             rollouts,
             wakers,
+            sweeping: Default::default(),
+            synced: Default::default(),
         }))
     }
 

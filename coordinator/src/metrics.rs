@@ -50,6 +50,8 @@ pub struct Metrics {
     push_seconds: Histogram,
     patches: Family<OutcomeLabel, Counter>,
     restores: Family<OutcomeLabel, Counter>,
+    verifications: Family<OutcomeLabel, Counter>,
+    deleted_unused: Counter,
     kube_requests: Family<RequestLabel, Counter>,
 }
 
@@ -102,6 +104,18 @@ impl Metrics {
             "Workloads the coordinator moved back to their original images, by reason",
             restores.clone(),
         );
+        let verifications = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "backup_verifications",
+            "Completed backups looked for in the registry again, by outcome (present, missing, error)",
+            verifications.clone(),
+        );
+        let deleted_unused = Counter::default();
+        registry.register(
+            "unused_imagebackups_deleted",
+            "ImageBackups deleted after no workload used them for the grace period",
+            deleted_unused.clone(),
+        );
         let kube_requests = Family::<RequestLabel, Counter>::default();
         registry.register("kube_requests", "Requests to the Kubernetes API, by verb", kube_requests.clone());
         Arc::new(Self {
@@ -116,6 +130,8 @@ impl Metrics {
             push_seconds,
             patches,
             restores,
+            verifications,
+            deleted_unused,
             kube_requests,
         })
     }
@@ -154,6 +170,8 @@ impl Metrics {
             Transition::Retry { .. } => "retry",
             Transition::Failed { .. } => "failed",
             Transition::Lost { .. } => "lost",
+            Transition::Verified => "verified",
+            Transition::Missing { .. } => "missing",
         };
         self.status_writes.get_or_create(&TransitionLabel { transition: name.into() }).inc();
     }
@@ -165,6 +183,14 @@ impl Metrics {
 
     pub fn patched(&self, outcome: &str) {
         self.patches.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+    }
+
+    pub fn deleted_unused(&self) {
+        self.deleted_unused.inc();
+    }
+
+    pub fn verified(&self, outcome: &str) {
+        self.verifications.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
     /// A workload moved back to its original images (`RolloutFailed`,

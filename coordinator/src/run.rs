@@ -231,11 +231,12 @@ pub async fn run(
         .graceful_shutdown_on(shutdown.clone());
     let synced = {
         let stores = (backup_store.clone(), deployments.store(), daemonsets.store());
-        let ready = ready.clone();
+        let (ready, ctx) = (ready.clone(), ctx.clone());
         async move {
             let (backups, deployments, daemonsets) = stores;
             let _ =
                 tokio::join!(backups.wait_until_ready(), deployments.wait_until_ready(), daemonsets.wait_until_ready());
+            ctx.synced.store(true, Ordering::Release);
             ready.store(true, Ordering::Release);
             info!("caches synced; ready");
         }
@@ -265,6 +266,7 @@ pub async fn run(
         () = async { tokio::join!(backup_controller, deployments, daemonsets, synced); } => {},
         () = backup_watch => {},
         () = expiry => {},
+        () = backups::unused::sweep(ctx.clone()) => {},
         () = certificates => {},
         // Another coordinator leads now: this one stops writing at once
         // (and its agents' sessions end with it).

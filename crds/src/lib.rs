@@ -107,6 +107,15 @@ pub struct ImageBackupStatus {
     /// What the job waits for, in words (`waiting for a free agent ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the coordinator last saw the backup in the registry (at its
+    /// copy, then on every re-verification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<Time>,
+    /// When a re-verification found the backup gone from the registry;
+    /// cleared once it is copied again. Workloads pinned to a lost backup
+    /// that cannot be copied again are moved back to their sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_at: Option<Time>,
     /// The spec generation this status describes; a newer spec (the digest
     /// moved) starts the job over.
     #[serde(default)]

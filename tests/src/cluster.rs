@@ -83,6 +83,8 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         heartbeat_deadline: Duration::from_secs(10),
         reduce_after: Duration::from_secs(3),
         require_complete_index: false,
+        verify_every: Duration::from_secs(3600),
+        unused_grace: Duration::ZERO,
         concurrency: 8,
         agents: AgentAccount {
             namespace: "image-backup".into(),

@@ -143,6 +143,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
         bail!("containerd closed the write of {} without committing it", blob.digest)
     }
 
+    /// Forgets every image whose target is `digest`, and the content only
+    /// they held (a node whose image GC removed it).
+    pub async fn forget(&self, digest: &str) -> anyhow::Result<()> {
+        use containerd_client::services::v1::{DeleteImageRequest, ListImagesRequest};
+        let mut images = ImagesClient::new(self.channel.clone());
+        let filter = format!("target.digest=={digest}");
+        let listed = images.list(self.request(ListImagesRequest { filters: vec![filter] }, None)).await?.into_inner();
+        for image in listed.images {
+            let request = DeleteImageRequest { name: image.name, sync: true, target: None };
+            images.delete(self.request(request, None)).await?;
+        }
+        Ok(())
+    }
+
     /// Removes a blob from the content store (a node whose GC took it).
     pub async fn delete_blob(&self, digest: &str) -> anyhow::Result<()> {
         let mut content = ContentClient::new(self.channel.clone());

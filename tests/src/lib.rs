@@ -11,6 +11,7 @@ pub mod containerd;
 pub mod identity;
 pub mod image;
 pub mod node;
+pub mod one_node;
 pub mod process;
 pub mod proxy;
 pub mod registry;

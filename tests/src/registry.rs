@@ -192,6 +192,17 @@ impl Registry {
         }
     }
 
+    /// Deletes a manifest by digest, and with it every tag that names it,
+    /// as someone cleaning up a registry by hand would (plain HTTP only).
+    pub async fn delete_manifest(&self, repository: &str, digest: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v2/{repository}/manifests/{digest}", self.base());
+        let response = self.http.delete(url).send().await?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            bail!("DELETE manifest {digest} in {repository}: {}", response.status());
+        }
+        Ok(())
+    }
+
     /// Tags of a repository (empty when it does not exist).
     pub async fn tags(&self, repository: &str) -> anyhow::Result<Vec<String>> {
         let response = self.read(format!("{}/v2/{repository}/tags/list", self.base()), None).await?;

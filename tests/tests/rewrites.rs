@@ -11,159 +11,23 @@ use image_backup_coordinator::{
     cli::RestoreArgs,
     config::CoordinatorConfig,
     restore::restore,
-    workloads::annotations::{
-        HOLD_ANNOTATION, Hold, HoldReason, ORIGINAL_IMAGES_ANNOTATION, REWRITE_ANNOTATION, REWRITTEN_AT_ANNOTATION,
-    },
+    workloads::annotations::{HoldReason, ORIGINAL_IMAGES_ANNOTATION, REWRITE_ANNOTATION, REWRITTEN_AT_ANNOTATION},
 };
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
-    Containerd, MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{
-        ApiServerKind, ClusterGuard, Placement, Workloads, agent_client, cluster, coordinator_client,
-        coordinator_config, eventually, metric, prepare,
-    },
-    init_tracing, on_both_api_servers,
-    run::{Coordinator, start_agent, start_coordinator},
+    cluster::{ApiServerKind, coordinator_config, eventually, metric},
+    on_both_api_servers,
+    one_node::{OneNode, WAIT},
 };
-use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment},
-    events::v1::Event,
-};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-/// One node whose containerd holds the images, a backup registry, and a
-/// source registry that is only a name.
-struct Setup {
-    kind: ApiServerKind,
-    _cluster: ClusterGuard,
-    client: Client,
-    w: Workloads,
-    src: String,
-    node: Containerd,
-    backup: Registry,
-}
-
-impl Setup {
-    async fn new(kind: ApiServerKind, namespaces: &[&str]) -> Option<Self> {
-        init_tracing();
-        let (cluster, client) = cluster(kind).await?;
-        prepare(&client, namespaces).await;
-        let source = Registry::start(RegistryAuth::None).await.unwrap();
-        let src = source.host();
-        drop(source);
-        Some(Self {
-            kind,
-            _cluster: cluster,
-            w: Workloads { client: client.clone() },
-            client,
-            src,
-            node: Containerd::start().await.unwrap(),
-            backup: Registry::start(RegistryAuth::None).await.unwrap(),
-        })
-    }
-
-    /// An image on the node, as `SRC/<path>`.
-    async fn image(&self, path: &str, seed: u64) -> (String, TestImage) {
-        let image = TestImage::single(MediaTypes::Oci, &[64 << 10], seed);
-        let reference = format!("{}/{path}", self.src);
-        image.import(&self.node, &reference, &[], &[]).await.unwrap();
-        (reference, image)
-    }
-
-    async fn deploy(&self, kind: &str, ns: &str, name: &str, labels: serde_json::Value, image: &(String, TestImage)) {
-        let spec = [(name, image.0.as_str(), image.1.digest(), false)];
-        self.w.deploy(kind, ns, name, labels, &spec, Placement { nodes: &["node-a"], ready: true }).await;
-    }
-
-    async fn start(&self, config: CoordinatorConfig) -> Coordinator {
-        let client = coordinator_client(self.kind, &self.client).await;
-        let coordinator = start_coordinator(&self.client, &client, config)
-            .await
-            .with_agents_client(agent_client(self.kind, &self.client).await);
-        let registry = RegistryConfig { insecure_hosts: vec![self.backup.host()], ..RegistryConfig::default() };
-        start_agent(&self.node, "node-a", &coordinator, registry).await;
-        coordinator
-    }
-
-    fn pinned(&self, image: &(String, TestImage)) -> String {
-        let (name, _) = image.0.rsplit_once(':').unwrap();
-        let path = name.replacen(&self.src, &self.src.replace(':', "_"), 1);
-        format!("{}/backup/{path}@{}", self.backup.host(), image.1.digest())
-    }
-
-    async fn image_of(&self, kind: &str, ns: &str, name: &str) -> String {
-        self.w.images(kind, ns, name).await.0.remove(0)
-    }
-
-    async fn runs(&self, kind: &str, ns: &str, name: &str, image: &str) {
-        eventually(&format!("{kind} {ns}/{name} runs {image}"), WAIT, || async {
-            let now = self.image_of(kind, ns, name).await;
-            if now == image { Ok(()) } else { Err(now) }
-        })
-        .await;
-    }
-
-    async fn annotation(&self, kind: &str, ns: &str, name: &str, key: &str) -> Option<String> {
-        let meta = match kind {
-            "Deployment" => Api::<Deployment>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata,
-            _ => Api::<DaemonSet>::namespaced(self.client.clone(), ns).get(name).await.unwrap().metadata,
-        };
-        meta.annotations.and_then(|a| a.get(key).cloned())
-    }
-
-    async fn hold(&self, kind: &str, ns: &str, name: &str) -> Option<Hold> {
-        let text = self.annotation(kind, ns, name, HOLD_ANNOTATION).await?;
-        Some(serde_json::from_str(&text).unwrap())
-    }
-
-    /// The reasons of Events about a workload.
-    async fn events(&self, ns: &str, name: &str) -> Vec<String> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), ns);
-        let list = events.list(&ListParams::default()).await.unwrap();
-        list.items
-            .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-            .filter_map(|e| e.reason)
-            .collect()
-    }
-
-    /// `(workload, reason)` of each note on the ImageBackup of `image`.
-    async fn notes(&self, image: &(String, TestImage)) -> Vec<(String, String)> {
-        let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&image.0).unwrap());
-        let backup = Api::<ImageBackup>::all(self.client.clone()).get_opt(&name).await.unwrap();
-        let notes = backup.and_then(|b| b.status).map(|s| s.workloads).unwrap_or_default();
-        notes.into_iter().map(|n| (n.workload, n.reason)).collect()
-    }
-
-    /// Makes the coordinator look at a workload again.
-    async fn touch(&self, kind: &str, ns: &str, name: &str, value: &str) {
-        let patch = Patch::Merge(json!({ "metadata": { "labels": { "touched": value } } }));
-        match kind {
-            "Deployment" => {
-                Api::<Deployment>::namespaced(self.client.clone(), ns)
-                    .patch(name, &PatchParams::default(), &patch)
-                    .await
-                    .unwrap();
-            }
-            _ => {
-                Api::<DaemonSet>::namespaced(self.client.clone(), ns)
-                    .patch(name, &PatchParams::default(), &patch)
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-}
-
 async fn managed_and_reverted(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, &["shop"]).await else { return };
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
     let web = s.image("shop/web:1", 71).await;
     s.deploy("Deployment", "shop", "web", json!({}), &web).await;
     s.deploy("Deployment", "shop", "flux", json!({ "kustomize.toolkit.fluxcd.io/name": "apps" }), &web).await;
@@ -173,7 +37,7 @@ async fn managed_and_reverted(kind: ApiServerKind) {
     let owner = json!({ "apiVersion": "example.com/v1", "kind": "Database", "name": "pg", "uid": "5f0c6b9e-0000-4000-8000-000000000001", "controller": true });
     let patch = Patch::Merge(json!({ "metadata": { "ownerReferences": [owner] } }));
     deployments.patch("owned", &PatchParams::default(), &patch).await.unwrap();
-    let coordinator = s.start(coordinator_config(&s.backup.host())).await;
+    let coordinator = s.start(coordinator_config(&s.backup_host())).await;
 
     s.runs("Deployment", "shop", "web", &s.pinned(&web)).await;
     eventually("the managed Deployments are noted on the ImageBackup", WAIT, || async {
@@ -226,13 +90,13 @@ async fn managed_and_reverted(kind: ApiServerKind) {
 on_both_api_servers!(managed_and_reverted: managed_workloads_are_left_alone_and_a_rollback_is_held_on_the_emulator, managed_workloads_are_left_alone_and_a_rollback_is_held_on_a_real_api_server);
 
 async fn one_rollout_at_a_time(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, &["shop"]).await else { return };
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
     let images = [s.image("shop/a:1", 81).await, s.image("shop/b:1", 82).await, s.image("shop/c:1", 83).await];
     for (name, image) in ["a", "b", "c"].iter().zip(&images) {
         s.deploy("Deployment", "shop", name, json!({}), image).await;
     }
     // Backed up first, so that all three are ready to move at once.
-    let config = coordinator_config(&s.backup.host());
+    let config = coordinator_config(&s.backup_host());
     let first = s.start(CoordinatorConfig { report_only: true, ..config.clone() }).await;
     eventually("every image is backed up", WAIT, || async {
         let list = Api::<ImageBackup>::all(s.client.clone()).list(&ListParams::default()).await.unwrap();
@@ -262,13 +126,13 @@ async fn one_rollout_at_a_time(kind: ApiServerKind) {
 on_both_api_servers!(one_rollout_at_a_time: rollouts_start_one_at_a_time_when_asked_on_the_emulator, rollouts_start_one_at_a_time_when_asked_on_a_real_api_server);
 
 async fn restore_command(kind: ApiServerKind) {
-    let Some(s) = Setup::new(kind, &["shop", "ops"]).await else { return };
+    let Some(s) = OneNode::new(kind, &["shop", "ops"]).await else { return };
     let (web, api, agent) =
         (s.image("shop/web:1", 91).await, s.image("shop/api:1", 92).await, s.image("ops/agent:1", 93).await);
     s.deploy("Deployment", "shop", "web", json!({}), &web).await;
     s.deploy("Deployment", "shop", "api", json!({}), &api).await;
     s.deploy("DaemonSet", "ops", "agent", json!({}), &agent).await;
-    let _coordinator = s.start(coordinator_config(&s.backup.host())).await;
+    let _coordinator = s.start(coordinator_config(&s.backup_host())).await;
     let moved = [
         ("Deployment", "shop", "web", &web),
         ("Deployment", "shop", "api", &api),
@@ -283,7 +147,7 @@ async fn restore_command(kind: ApiServerKind) {
         namespace: namespace.map(str::to_string),
         all,
         dry_run,
-        backup_registry: s.backup.host(),
+        backup_registry: s.backup_host(),
         backup_prefix: "backup".into(),
     };
     let dry = restore(s.client.clone(), &args(None, None, true, true)).await.unwrap();

@@ -6,6 +6,7 @@
 pub mod notes;
 pub mod pull_secret;
 mod status;
+pub mod unused;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +36,9 @@ const VERIFY_RETRY: Duration = Duration::from_secs(5);
 pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started("ImageBackup");
     let mut object = notes::write(&ctx, ctx.written.freshest(backup)).await?;
+    if let Some(action) = unused::check(&ctx, &object).await? {
+        return Ok(action);
+    }
     for _ in 0..CONFLICT_RETRIES {
         match step(&object, &ctx).await? {
             Some(action) => return Ok(action),
@@ -79,6 +83,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         holdings,
         target: pinned.as_deref(),
         since_transition: since(&status),
+        since_verified: since_verified(&status),
         since_report: live.as_ref().map(|l| l.updated.elapsed()),
         uptime: ctx.hub.uptime(),
     };
@@ -86,6 +91,10 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         Next::Idle => return Ok(Some(Action::await_change())),
         Next::After(wait) => return Ok(Some(Action::requeue(wait))),
         Next::Record(transition) => transition,
+        Next::Reverify => match reverify(ctx, backup, &target, &status).await {
+            Some(transition) => transition,
+            None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
+        },
         Next::Verify(success) => match verify(ctx, backup, &target, &status, &limits, &success).await {
             Some(transition) => transition,
             // The registry did not answer: the agent's result stays until
@@ -111,6 +120,10 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
             Action::requeue(Duration::ZERO)
         }
         Transition::Waiting { recheck: Some(after), .. } => Action::requeue(after),
+        Transition::Missing { .. } => Action::requeue(Duration::ZERO),
+        Transition::Verified | Transition::Completed { .. } if !limits.verify_every.is_zero() => {
+            Action::requeue(limits.verify_every)
+        }
         _ => Action::await_change(),
     }))
 }
@@ -122,6 +135,7 @@ fn limits(ctx: &Context) -> Limits {
         grace: ctx.config.heartbeat_deadline,
         reduce_after: ctx.config.reduce_after,
         require_complete: ctx.config.require_complete_index,
+        verify_every: ctx.config.verify_every,
     }
 }
 
@@ -210,6 +224,7 @@ async fn lost_race(ctx: &Context, backup: &ImageBackup, limits: &Limits) -> Resu
         holdings: ctx.hub.holdings(&backup.spec.digest),
         target: None,
         since_transition: since(&status),
+        since_verified: since_verified(&status),
         since_report: None,
         uptime: ctx.hub.uptime(),
     };
@@ -276,6 +291,35 @@ async fn verify(
         ))),
         Err(e) => {
             warn!(error = %e, "could not verify the backup in the registry; trying again");
+            None
+        }
+    }
+}
+
+/// Looks for a Completed backup in the registry again (a HEAD of the
+/// pinned manifest); `None` when the registry could not say.
+async fn reverify(
+    ctx: &Context,
+    backup: &ImageBackup,
+    target: &Result<ImageRef, String>,
+    status: &ImageBackupStatus,
+) -> Option<Transition> {
+    let Ok(target) = target else { return Some(Transition::Verified) };
+    let reference = status.backup_reference.clone().unwrap_or_else(|| target.pinned(&backup.spec.digest));
+    let digest = reference.rsplit_once('@').map_or(backup.spec.digest.as_str(), |(_, digest)| digest);
+    match ctx.registry.manifest_digest(target.repository(), digest).await {
+        Ok(found) if found.as_deref() == Some(digest) => {
+            ctx.metrics.verified("present");
+            debug!(%reference, "backup still in the registry");
+            Some(Transition::Verified)
+        }
+        Ok(_) => {
+            ctx.metrics.verified("missing");
+            Some(Transition::Missing { error: format!("the backup registry no longer serves {reference}") })
+        }
+        Err(e) => {
+            ctx.metrics.verified("error");
+            warn!(%reference, error = %e, "could not look for the backup in the registry; trying again");
             None
         }
     }
@@ -349,7 +393,23 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
             warn!(%error, "the source cannot provide what no node holds");
         }
         Transition::Copied { .. } => ctx.jobs.recorded(&name, status.attempts),
+        Transition::Missing { error } => {
+            ctx.jobs.forget(&name);
+            warn!(%error, "backup gone from the registry; copying it again");
+            let note = format!("{error}; copying {source} again from a node that holds it, or from the source");
+            ctx.event(&object, EventType::Warning, "BackupMissing", note).await;
+        }
+        Transition::Verified => {}
         Transition::Assigned { .. } | Transition::Progress { .. } => {}
+    }
+}
+
+/// Time since the backup was last seen in the registry: since it was
+/// Completed, for a status written before re-verification existed.
+fn since_verified(status: &ImageBackupStatus) -> Duration {
+    match &status.last_verified {
+        Some(t) => Timestamp::now().duration_since(t.0).try_into().unwrap_or(Duration::ZERO),
+        None => since(status),
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Limits {
     pub reduce_after: Duration,
     /// Fail rather than push a reduced index.
     pub require_complete: bool,
+    /// How often a Completed backup is looked for in the registry again;
+    /// zero never.
+    pub verify_every: Duration,
 }
 
 /// Where the agent that status names stands.
@@ -56,6 +59,8 @@ pub struct Observed<'a> {
     /// give now; `None` when the source is not a valid reference.
     pub target: Option<&'a str>,
     pub since_transition: Duration,
+    /// Since the backup was last seen in the registry.
+    pub since_verified: Duration,
     /// Since the agent last reported on the job, if it did.
     pub since_report: Option<Duration>,
     /// How long this coordinator has run: after a restart, agents get the
@@ -70,6 +75,8 @@ pub enum Next {
     Idle,
     /// Look again after this long.
     After(Duration),
+    /// Look for the Completed backup in the registry again.
+    Reverify,
     /// Hand the attempt to this agent, then record it.
     Assign {
         agent_id: String,
@@ -146,6 +153,13 @@ pub enum Transition {
     Lost {
         error: String,
     },
+    /// A Completed backup is still in the registry.
+    Verified,
+    /// A Completed backup is gone from the registry: copied again from the
+    /// start.
+    Missing {
+        error: String,
+    },
 }
 
 /// Backoff after `failures` failed attempts in a row, doubling per failure.
@@ -164,7 +178,10 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
         Phase::Completed if observed.target.is_some_and(|target| !made_for(status, target)) => {
             Next::Record(Transition::Restart { generation: observed.generation })
         }
-        Phase::Completed | Phase::Failed => Next::Idle,
+        Phase::Completed if limits.verify_every.is_zero() => Next::Idle,
+        Phase::Completed if observed.since_verified >= limits.verify_every => Next::Reverify,
+        Phase::Completed => Next::After(limits.verify_every - observed.since_verified),
+        Phase::Failed => Next::Idle,
         Phase::Pending => {
             // Right after a failure (a copied part clears the error, not
             // the count: a job that keeps failing where it last got to
@@ -204,6 +221,18 @@ pub fn pending(observed: &Observed<'_>, limits: &Limits) -> Next {
     let (left, platforms, finisher, in_use) = match plan::next(status, &observed.holdings, observed.digest) {
         Plan::Assign { agent_id, node, part } => return assign(agent_id, node, part),
         Plan::Wait(message) => return waiting(status, message, None),
+        // A backup gone from the registry that no node can copy again:
+        // once nodes had the time to connect, its workloads must move back
+        // to their sources before their pods next pull.
+        Plan::Absent(message) if status.lost_at.is_some() => {
+            let waited = observed.since_transition.min(observed.uptime);
+            if waited >= limits.reduce_after {
+                let error = format!("gone from the backup registry, and {message} to copy it again");
+                return Next::Record(Transition::Failed { error, absent: Vec::new() });
+            }
+            return waiting(status, message, Some(limits.reduce_after - waited));
+        }
+        Plan::Absent(message) => return waiting(status, message, None),
         Plan::Nowhere { left, platforms, finisher, in_use } => (left, platforms, finisher, in_use),
     };
     let list = platforms.join(", ");
@@ -460,6 +489,8 @@ impl Transition {
                 referrers_error,
             } => {
                 moved(&mut next, Phase::Completed);
+                next.last_verified = Some(Time(now));
+                next.lost_at = None;
                 next.backup_reference = Some(reference.clone());
                 next.bytes_done = next.bytes_total.max(*bytes);
                 next.bytes_total = next.bytes_done;
@@ -511,6 +542,21 @@ impl Transition {
                 next.failures += 1;
                 next.message = Some("the copy moves to another agent".into());
             }
+            Transition::Verified => next.last_verified = Some(Time(now)),
+            Transition::Missing { error } => {
+                // A new series of attempts, as for a new digest; what the
+                // workloads were told stays.
+                next = ImageBackupStatus {
+                    observed_generation: status.observed_generation,
+                    last_transition_time: Some(Time(now)),
+                    lost_at: Some(Time(now)),
+                    backup_reference: status.backup_reference.clone(),
+                    last_error: Some(error.clone()),
+                    message: Some("gone from the backup registry; copying it again".into()),
+                    workloads: status.workloads.clone(),
+                    ..ImageBackupStatus::default()
+                };
+            }
         }
         next
     }
@@ -531,6 +577,7 @@ mod tests {
             grace: Duration::from_secs(30),
             reduce_after: Duration::from_secs(60),
             require_complete: false,
+            verify_every: Duration::from_secs(3600),
         }
     }
 
@@ -556,6 +603,7 @@ mod tests {
             holdings: Holdings::default(),
             target: Some("r@sha256:x"),
             since_transition: Duration::from_secs(1),
+            since_verified: Duration::ZERO,
             since_report: None,
             uptime: Duration::from_secs(3600),
         }
@@ -611,6 +659,49 @@ mod tests {
         assert!(message.starts_with("no connected agent runs on a node that holds"), "{message}");
         let recorded = ImageBackupStatus { message: Some(message), ..pending.clone() };
         assert_eq!(next(&observed(&recorded, None), &limits()), Next::Idle, "the same reason is not written again");
+    }
+
+    #[test]
+    fn a_completed_backup_is_looked_for_again_on_schedule() {
+        let done = ImageBackupStatus { backup_reference: Some("r@sha256:x".into()), ..status(Phase::Completed, 1) };
+        let o = Observed { since_verified: Duration::from_secs(600), ..observed(&done, None) };
+        assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(3000)));
+        let o = Observed { since_verified: Duration::from_secs(3600), ..observed(&done, None) };
+        assert_eq!(next(&o, &limits()), Next::Reverify);
+        let never = Limits { verify_every: Duration::ZERO, ..limits() };
+        assert_eq!(next(&o, &never), Next::Idle);
+        let now = Timestamp::now();
+        assert_eq!(Transition::Verified.apply(&done, now).last_verified, Some(Time(now)));
+    }
+
+    #[test]
+    fn a_lost_backup_is_copied_again_or_fails_when_no_node_holds_it() {
+        let done = ImageBackupStatus { backup_reference: Some("r@sha256:x".into()), ..status(Phase::Completed, 1) };
+        let lost = Transition::Missing { error: "gone".into() }.apply(&done, Timestamp::now());
+        assert_eq!((lost.phase, lost.attempts, lost.lost_at.is_some()), (Phase::Pending, 0, true));
+        assert_eq!(lost.backup_reference, done.backup_reference, "workloads pinned to it are found by it");
+        // A node holds it: copied again.
+        let mut o = observed(&lost, None);
+        o.holdings = Holdings { children: vec![], agents: vec![holding("agent-a", true, &[])] };
+        assert!(matches!(next(&o, &limits()), Next::Assign { .. }));
+        // None does: nodes get the time to connect, then it fails.
+        o.holdings = Holdings::default();
+        let Next::Record(Transition::Waiting { recheck, .. }) = next(&o, &limits()) else { panic!() };
+        assert_eq!(recheck, Some(Duration::from_secs(59)));
+        o.since_transition = Duration::from_secs(60);
+        let Next::Record(Transition::Failed { error, .. }) = next(&o, &limits()) else { panic!() };
+        assert!(error.contains("gone from the backup registry"), "{error}");
+        let completed = Transition::Completed {
+            reference: "r@sha256:x".into(),
+            bytes: 0,
+            node: "node-a".into(),
+            manifests: vec![],
+            from_source: vec![],
+            reduced: false,
+            referrers: vec![],
+            referrers_error: None,
+        };
+        assert_eq!(completed.apply(&lost, Timestamp::now()).lost_at, None);
     }
 
     #[test]
@@ -674,10 +765,11 @@ mod tests {
         done.backup_reference = Some("old.registry/r@sha256:x".into());
         assert_eq!(next(&observed(&done, None), &limits()), Next::Record(Transition::Restart { generation: 1 }));
         done.backup_reference = Some("r@sha256:x".into());
-        assert_eq!(next(&observed(&done, None), &limits()), Next::Idle);
+        let verified_later = Next::After(Duration::from_secs(3600));
+        assert_eq!(next(&observed(&done, None), &limits()), verified_later);
         let reduced =
             ImageBackupStatus { reduced: true, backup_reference: Some("r@sha256:reduced".into()), ..done.clone() };
-        assert_eq!(next(&observed(&reduced, None), &limits()), Next::Idle, "a reduced index has its own digest");
+        assert_eq!(next(&observed(&reduced, None), &limits()), verified_later, "a reduced index has its own digest");
     }
 
     #[test]
@@ -686,6 +778,7 @@ mod tests {
         let o = Observed {
             holder: Holder::NotRunning,
             since_transition: Duration::from_secs(300),
+            since_verified: Duration::ZERO,
             since_report: Some(Duration::from_secs(10)),
             ..observed(&pushing, None)
         };

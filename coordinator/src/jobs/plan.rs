@@ -65,8 +65,10 @@ pub enum Plan {
         node: String,
         part: Part,
     },
-    /// Holders exist but none can take it now, or none is connected.
+    /// Holders exist but none can take it now.
     Wait(String),
+    /// No connected node holds the image.
+    Absent(String),
     /// The children left are on no connected node. `finisher` is a free
     /// agent that holds the index: it can copy them from the source and
     /// push the index, or push a reduced index of what is copied.
@@ -150,11 +152,11 @@ fn whole(holdings: &Holdings, digest: &str) -> Plan {
 
 fn busy_or_absent(holdings: &Holdings, digest: &str) -> Plan {
     let busy = holdings.agents.iter().filter(|h| h.root).count();
-    Plan::Wait(if busy > 0 {
-        format!("waiting for a free agent: the {busy} agent(s) on nodes that hold {digest} are busy")
+    if busy > 0 {
+        Plan::Wait(format!("waiting for a free agent: the {busy} agent(s) on nodes that hold {digest} are busy"))
     } else {
-        format!("no connected agent runs on a node that holds {digest}")
-    })
+        Plan::Absent(format!("no connected agent runs on a node that holds {digest}"))
+    }
 }
 
 fn assign(holder: &Holding, part: Part) -> Plan {

@@ -102,7 +102,13 @@ async fn reduced_index_of(
     }
 }
 
-async fn create(ctx: &Context, name: &str, source: &ImageRef, digest: &str, user: &WorkloadKey) -> Result<(), Error> {
+pub async fn create(
+    ctx: &Context,
+    name: &str,
+    source: &ImageRef,
+    digest: &str,
+    user: &WorkloadKey,
+) -> Result<(), Error> {
     // Workloads sharing an image are reconciled at once; one of them
     // creates its ImageBackup, the others wait for it to show in the store.
     if !ctx.creating.begin(name) {

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use image_backup_crds::ImageBackup;
+use image_backup_crds::{ImageBackup, Phase};
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     Api,
@@ -137,6 +137,27 @@ pub async fn reverted(
         Ok(Patched::Changed) => Ok(Action::requeue(Duration::from_secs(1))),
         Err(e) => Err(kube_err("holding workload", workload.key().to_string())(e)),
     }
+}
+
+/// Why the workload must leave its backups: one it is pinned to is gone
+/// from the registry and its ImageBackup could not copy it again.
+pub fn lost_backup(ctx: &Context, workload: &Workload, record: &Record) -> Option<String> {
+    workload.container_images().into_iter().find_map(|container| {
+        let source = record.originals.of(container.list, &container.name)?;
+        let source = image_backup_oci::ImageRef::parse(source).ok()?;
+        let backup = ctx.backups.get(&ObjectRef::<ImageBackup>::new(&image_backup_crds::name_for(&source)))?;
+        let status = backup.status.as_ref()?;
+        let lost = status.phase == Phase::Failed
+            && status.lost_at.is_some()
+            && status.backup_reference.as_deref() == Some(container.image.as_str());
+        lost.then(|| {
+            format!(
+                "its backup {} is gone from the registry and could not be copied again ({})",
+                container.image,
+                status.last_error.as_deref().unwrap_or("no node holds it and the source cannot provide it")
+            )
+        })
+    })
 }
 
 /// Queues a note on ImageBackup `name` about `workload`, unless it holds

@@ -34,12 +34,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, instrument, warn};
 
 use crate::context::{Context, Error, kube_err};
-use annotations::Record;
+use annotations::{HoldReason, Record};
 use ensure::{Backup, backup_for};
 use rewrite::{RewriteError, backup_patch};
 use rollout::Slot;
 use usage::{Use, WorkloadKey};
 use workload::{Patched, Workload};
+
+/// How soon a workload reconciled before the caches synced looks again.
+const SYNC_RETRY: Duration = Duration::from_millis(200);
 
 /// How soon a workload whose pods report no digest yet looks again.
 const DIGEST_RETRY: Duration = Duration::from_secs(2);
@@ -62,6 +65,11 @@ enum Waiting {
 
 #[instrument(skip_all, fields(workload = %workload.key()))]
 async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Decisions below read the ImageBackups: from a store that has them
+    // all, not one still filling after a start (each miss is a create).
+    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(Action::requeue(SYNC_RETRY));
+    }
     let _timer = ctx.metrics.reconcile_started(workload.kind());
     let key = workload.key();
     // Released when this reconcile ends, unless a rollout holds it.
@@ -88,6 +96,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     // and the references it runs them by.
     let mut pinned = BTreeMap::new();
     let mut pinned_refs = BTreeSet::new();
+    let mut pinned_sources = BTreeMap::new();
     let mut seen = HashSet::new();
     for container in workload.container_images() {
         if !seen.insert(container.image.clone()) {
@@ -97,7 +106,9 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
             Ok(backup) if ctx.config.backup.holds(&backup) => {
                 let source = record.originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
                 if let Some(source) = source.filter(|_| backup.digest().is_some()) {
-                    pinned.insert(image_backup_crds::name_for(&source), Use::Pinned);
+                    let name = image_backup_crds::name_for(&source);
+                    pinned.insert(name.clone(), Use::Pinned);
+                    pinned_sources.insert(name, (source, container.image.clone()));
                     pinned_refs.insert(container.image.clone());
                 }
             }
@@ -111,6 +122,20 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let reverted = restore::reverted_containers(&workload, &record);
     if !reverted.is_empty() {
         return follow::reverted(&ctx, &workload, &record, &reverted).await;
+    }
+    if let Some(why) = follow::lost_backup(&ctx, &workload, &record) {
+        let names: Vec<String> = pinned.keys().cloned().collect();
+        return follow::undo(&ctx, &workload, HoldReason::BackupLost, &why, &names).await;
+    }
+    // A pinned backup whose ImageBackup was deleted by hand gets one again,
+    // from the digest the workload runs: it is re-verified, and copied
+    // again only if the registry lacks it.
+    for (name, (source, image)) in &pinned_sources {
+        if ctx.backups.get(&ObjectRef::new(name)).is_none()
+            && let Some((_, digest)) = image.rsplit_once('@')
+        {
+            ensure::create(&ctx, name, source, digest, &key).await?;
+        }
     }
     if let Some(started) = record.rewritten_at {
         let names: Vec<String> = pinned.keys().cloned().collect();

@@ -1,0 +1,135 @@
+//! Backups that last, on the API server (the emulator, and a real one when
+//! IMAGE_BACKUP_TEST_KUBECONFIG gives it), real containerd and a real
+//! registry: a Completed backup is looked for again on schedule and copied
+//! again when it is gone; one that no node can copy again moves its
+//! workloads back to their sources; an ImageBackup deleted by hand while
+//! used comes back without a copy; one no workload uses goes after a grace
+//! period, and the registry keeps what it copied.
+
+use std::time::Duration;
+
+use image_backup_coordinator::{config::CoordinatorConfig, workloads::annotations::HoldReason};
+use image_backup_crds::Phase;
+use image_backup_tests::{
+    cluster::{ApiServerKind, coordinator_config, eventually, metric},
+    on_both_api_servers,
+    one_node::{OneNode, WAIT},
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::{
+    Api,
+    api::{DeleteParams, ResourceExt},
+};
+
+/// Completed backups looked for again every second.
+fn verifying(s: &OneNode) -> CoordinatorConfig {
+    CoordinatorConfig { verify_every: Duration::from_secs(1), ..coordinator_config(&s.backup_host()) }
+}
+
+async fn copied_again(kind: ApiServerKind) {
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
+    let web = s.image("shop/web:1", 101).await;
+    s.deploy("Deployment", "shop", "web", serde_json::json!({}), &web).await;
+    let coordinator = s.start(verifying(&s)).await;
+    s.runs("Deployment", "shop", "web", &s.pinned(&web)).await;
+    let uploads = s.proxy.uploads();
+
+    // Someone deletes the backup from the registry (its tags go with it).
+    s.backup.delete_manifest(&s.repository(&web), web.1.digest()).await.unwrap();
+    eventually("the backup is found missing and copied again", WAIT, || async {
+        let missing =
+            metric(&coordinator.metrics_url, "image_backup_backup_verifications_total{outcome=\"missing\"}").await?;
+        let served = s.backup.manifest(&s.repository(&web), web.1.digest()).await.map_err(|e| e.to_string())?;
+        let status = s.image_backup(&web).await.and_then(|b| b.status).unwrap_or_default();
+        if missing >= 1.0 && served.is_some() && status.phase == Phase::Completed && status.lost_at.is_none() {
+            Ok(())
+        } else {
+            Err(format!("{missing} found missing, served: {}, {:?}", served.is_some(), status.phase))
+        }
+    })
+    .await;
+    // The layers were still there: only the manifest and its tags came back.
+    assert_eq!(s.proxy.uploads(), uploads, "no blob uploaded again");
+    let tags = s.backup.tags(&s.repository(&web)).await.unwrap();
+    assert!(
+        tags.contains(&"1".to_string()) && tags.contains(&image_backup_oci::digest_tag(web.1.digest())),
+        "{tags:?}"
+    );
+    assert_eq!(s.image_of("Deployment", "shop", "web").await, s.pinned(&web), "the workload stays on its backup");
+    let status = s.image_backup(&web).await.unwrap().status.unwrap();
+    assert!(status.last_verified.is_some());
+}
+on_both_api_servers!(copied_again: a_backup_gone_from_the_registry_is_copied_again_on_the_emulator, a_backup_gone_from_the_registry_is_copied_again_on_a_real_api_server);
+
+async fn lost(kind: ApiServerKind) {
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
+    let web = s.image("shop/web:1", 102).await;
+    s.deploy("Deployment", "shop", "web", serde_json::json!({}), &web).await;
+    let coordinator = s.start(verifying(&s)).await;
+    s.runs("Deployment", "shop", "web", &s.pinned(&web)).await;
+
+    // The node no longer holds the image, the source is long gone, and
+    // then the backup goes too: nothing can copy it again.
+    s.node.forget(web.1.digest()).await.unwrap();
+    s.backup.delete_manifest(&s.repository(&web), web.1.digest()).await.unwrap();
+    s.runs("Deployment", "shop", "web", &web.0).await;
+    let hold = s.hold("Deployment", "shop", "web").await.expect("held on its source");
+    assert_eq!(hold.reason, HoldReason::BackupLost);
+    assert!(hold.message.contains("gone from the registry"), "{}", hold.message);
+    assert!(s.events("shop", "web").await.contains(&"BackupLost".to_string()));
+    let status = s.image_backup(&web).await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(status.lost_at.is_some(), "{status:?}");
+    let restored =
+        metric(&coordinator.metrics_url, "image_backup_workloads_restored_total{outcome=\"BackupLost\"}").await;
+    assert_eq!(restored, Ok(1.0));
+}
+on_both_api_servers!(lost: a_backup_no_node_can_copy_again_moves_its_workloads_back_on_the_emulator, a_backup_no_node_can_copy_again_moves_its_workloads_back_on_a_real_api_server);
+
+async fn deletions(kind: ApiServerKind) {
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
+    let (web, api) = (s.image("shop/web:1", 103).await, s.image("shop/api:1", 104).await);
+    s.deploy("Deployment", "shop", "web", serde_json::json!({}), &web).await;
+    s.deploy("Deployment", "shop", "api", serde_json::json!({}), &api).await;
+    let config = CoordinatorConfig { unused_grace: Duration::from_secs(2), ..coordinator_config(&s.backup_host()) };
+    let coordinator = s.start(config).await;
+    s.runs("Deployment", "shop", "web", &s.pinned(&web)).await;
+    s.runs("Deployment", "shop", "api", &s.pinned(&api)).await;
+    let uploads = s.proxy.uploads();
+
+    // Deleted by hand while web runs it: made again from what web runs,
+    // and nothing is copied again.
+    let first = s.image_backup(&web).await.unwrap();
+    let backups = Api::<image_backup_crds::ImageBackup>::all(s.client.clone());
+    backups.delete(&first.name_any(), &DeleteParams::default()).await.unwrap();
+    eventually("web's ImageBackup is made again and Completed", WAIT, || async {
+        match s.image_backup(&web).await {
+            Some(b) if b.uid() != first.uid() => {
+                let phase = b.status.map(|s| s.phase);
+                if phase == Some(Phase::Completed) { Ok(()) } else { Err(format!("{phase:?}")) }
+            }
+            other => Err(format!("{:?}", other.map(|b| b.uid()))),
+        }
+    })
+    .await;
+    assert_eq!(s.image_backup(&web).await.unwrap().spec.digest, web.1.digest());
+    assert_eq!(s.proxy.uploads(), uploads, "the registry held it: no blob uploaded again");
+
+    // api goes: its ImageBackup is deleted after the grace period, the
+    // registry keeps the copy, and web's stays.
+    Api::<Deployment>::namespaced(s.client.clone(), "shop").delete("api", &DeleteParams::default()).await.unwrap();
+    eventually("api's ImageBackup is deleted once unused", WAIT, || async {
+        match s.image_backup(&api).await {
+            None => Ok(()),
+            Some(b) => Err(format!("annotations {:?}", b.annotations())),
+        }
+    })
+    .await;
+    assert!(s.backup.manifest(&s.repository(&api), api.1.digest()).await.unwrap().is_some(), "the copy stays");
+    let deleted = metric(&coordinator.metrics_url, "image_backup_unused_imagebackups_deleted_total").await;
+    assert_eq!(deleted, Ok(1.0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept = s.image_backup(&web).await.expect("web's ImageBackup stays: web uses it");
+    assert!(!kept.annotations().contains_key("backup.k8slab.io/unused-since"));
+}
+on_both_api_servers!(deletions: imagebackups_deleted_by_hand_come_back_and_unused_ones_go_on_the_emulator, imagebackups_deleted_by_hand_come_back_and_unused_ones_go_on_a_real_api_server);
