@@ -54,6 +54,16 @@ pub struct Cli {
     /// How long a rollout to backups may take before it is undone.
     #[arg(long, env = "IMAGE_BACKUP_ROLLOUT_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
     pub rollout_timeout: Duration,
+    /// A pull Secret in this namespace with credentials for the backup
+    /// registry: added to a workload whose pods could not pull its backups
+    /// otherwise (the workload's namespace must hold a Secret of that name,
+    /// or --copy-pull-secret copies it there).
+    #[arg(long, env = "IMAGE_BACKUP_PULL_SECRET")]
+    pub backup_pull_secret: Option<String>,
+    /// Copy --backup-pull-secret into a workload's namespace that lacks it
+    /// (needs the RBAC of deploy/options/copy-pull-secret.yaml).
+    #[arg(long, env = "IMAGE_BACKUP_COPY_PULL_SECRET")]
+    pub copy_pull_secret: bool,
     /// Also move workloads another controller manages (an ownerReference,
     /// Argo CD, Flux or Helm markers); without it they are backed up only,
     /// unless annotated backup.k8slab.io/rewrite=true.
@@ -215,6 +225,8 @@ impl Cli {
             report_only: self.report_only,
             max_rollouts: self.max_rollouts.max(1),
             rollout_timeout: self.rollout_timeout,
+            backup_pull_secret: self.backup_pull_secret.clone().filter(|s| !s.is_empty()),
+            copy_pull_secret: self.copy_pull_secret,
             rewrite_managed: self.rewrite_managed,
             managed_markers: self.managed_markers.iter().filter(|m| !m.is_empty()).cloned().collect(),
             max_attempts: self.max_attempts.max(1),

@@ -27,6 +27,11 @@ pub struct CoordinatorConfig {
     pub max_rollouts: usize,
     /// How long a rollout to backups may take before it is undone.
     pub rollout_timeout: Duration,
+    /// A pull Secret (in the coordinator's namespace) for the backup
+    /// registry, added to workloads whose pods have no access of their own.
+    pub backup_pull_secret: Option<String>,
+    /// Copy that Secret into a workload's namespace that lacks it.
+    pub copy_pull_secret: bool,
     /// Move workloads another controller manages, too.
     pub rewrite_managed: bool,
     /// Label or annotation keys that mark a workload as managed by a tool,

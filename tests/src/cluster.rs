@@ -76,6 +76,8 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         report_only: false,
         max_rollouts: 5,
         rollout_timeout: Duration::from_secs(300),
+        backup_pull_secret: None,
+        copy_pull_secret: false,
         rewrite_managed: false,
         managed_markers: Vec::new(),
         max_attempts: 3,
@@ -220,8 +222,9 @@ async fn account_client(admin: &Client, account: &str) -> Client {
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     use kube::api::PostParams;
-    let rbac = include_str!("../../deploy/rbac.yaml");
-    for doc in serde_yaml::Deserializer::from_str(rbac) {
+    // The install's RBAC, and the option a test of copied pull secrets needs.
+    let rbac = [include_str!("../../deploy/rbac.yaml"), include_str!("../../deploy/options/copy-pull-secret.yaml")];
+    for doc in rbac.into_iter().flat_map(serde_yaml::Deserializer::from_str) {
         let object: Value = serde::Deserialize::deserialize(doc).expect("deploy/rbac.yaml parses");
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
         match object["kind"].as_str() {

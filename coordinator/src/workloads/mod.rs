@@ -8,6 +8,7 @@ pub mod digests;
 mod ensure;
 mod follow;
 pub mod owners;
+mod pullable;
 pub mod restore;
 pub mod rewrite;
 pub mod rollout;
@@ -43,6 +44,10 @@ use workload::{Patched, Workload};
 
 /// How soon a workload reconciled before the caches synced looks again.
 const SYNC_RETRY: Duration = Duration::from_millis(200);
+
+/// How soon a workload looks again when the backup registry could not say
+/// whether its pods can pull.
+const PULL_CHECK_RETRY: Duration = Duration::from_secs(30);
 
 /// How soon a workload whose pods report no digest yet looks again.
 const DIGEST_RETRY: Duration = Duration::from_secs(2);
@@ -208,13 +213,24 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     if let Some(why) = left_as_is(&ctx, &workload, &record) {
         return Ok(leave(&ctx, &workload, &names, why).await);
     }
+    let references: Vec<ImageRef> = backups.values().filter_map(|r| ImageRef::parse(r).ok()).collect();
+    let access = match pullable::check(&ctx, &workload, &references).await? {
+        pullable::Verdict::Pullable(access) => access,
+        pullable::Verdict::Refused(message) => {
+            return Ok(leave(&ctx, &workload, &names, LeftAsIs { reason: "NotPullable", message }).await);
+        }
+        pullable::Verdict::Unknown(why) => {
+            warn!(%why, "cannot tell now whether the pods could pull the backups; looking again soon");
+            return Ok(Action::requeue(PULL_CHECK_RETRY));
+        }
+    };
     if !slot.take() {
         // Woken when a rollout in flight ends.
         debug!(limit = ctx.config.max_rollouts, "waiting for a rollout to end before starting another");
         ctx.metrics.patched("waiting_for_slot");
         return Ok(Action::await_change());
     }
-    patch(&ctx, &workload, &backups, &reduced, &mut slot).await
+    patch(&ctx, &workload, &backups, &reduced, &access, &mut slot).await
 }
 
 /// Why a workload whose backups are all ready is not moved to them.
@@ -269,10 +285,15 @@ async fn patch(
     workload: &Workload,
     backups: &BTreeMap<String, String>,
     reduced: &[String],
+    access: &pullable::Access,
     slot: &mut Slot<'_>,
 ) -> Result<Action, Error> {
     let key = workload.key();
-    let patch = match backup_patch(workload, backups, Timestamp::now()) {
+    let secret = match access {
+        pullable::Access::AsIs => None,
+        pullable::Access::AddSecret(name) => Some(name.as_str()),
+    };
+    let patch = match backup_patch(workload, backups, secret, Timestamp::now()) {
         Ok(patch) => patch,
         Err(RewriteError::Nothing { .. }) => {
             slot.release();

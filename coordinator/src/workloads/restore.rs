@@ -140,7 +140,7 @@ mod tests {
     fn rewritten() -> Workload {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
-        apply(&workload, &backup_patch(&workload, &backups, Timestamp::now()).unwrap()).unwrap()
+        apply(&workload, &backup_patch(&workload, &backups, None, Timestamp::now()).unwrap()).unwrap()
     }
 
     #[test]

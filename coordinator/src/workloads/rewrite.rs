@@ -29,6 +29,7 @@ pub enum RewriteError {
 pub fn backup_patch(
     workload: &Workload,
     backups: &BTreeMap<String, String>,
+    pull_secret: Option<&str>,
     now: Timestamp,
 ) -> Result<Patch, RewriteError> {
     let record = Record::read(workload)?;
@@ -50,6 +51,22 @@ pub fn backup_patch(
     }
     if ops.is_empty() {
         return Err(RewriteError::Nothing { workload: workload.key().to_string() });
+    }
+    // The pull secret the backups need, unless the pods use it already.
+    if let Some(secret) = pull_secret {
+        let listed = workload.pod_spec().and_then(|spec| spec.image_pull_secrets.as_ref());
+        let entry = serde_json::json!({ "name": secret });
+        match listed {
+            None => ops.push(PatchOperation::Add(AddOperation {
+                path: pointer("/spec/template/spec/imagePullSecrets"),
+                value: Value::Array(vec![entry]),
+            })),
+            Some(list) if !list.iter().any(|r| r.name == secret) => ops.push(PatchOperation::Add(AddOperation {
+                path: pointer("/spec/template/spec/imagePullSecrets/-"),
+                value: entry,
+            })),
+            Some(_) => {}
+        }
     }
     let annotation = serde_json::to_string(&originals).unwrap_or_default();
     if workload.metadata().annotations.is_none() {
@@ -112,7 +129,7 @@ mod tests {
     fn patch_moves_containers_and_records_originals() {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
-        let patch = backup_patch(&workload, &backups, Timestamp::now()).unwrap();
+        let patch = backup_patch(&workload, &backups, None, Timestamp::now()).unwrap();
         let mut doc = as_json(&workload);
         json_patch::patch(&mut doc, &patch).unwrap();
         assert_eq!(doc["spec"]["template"]["spec"]["containers"][0]["image"], PINNED);
@@ -123,10 +140,26 @@ mod tests {
     }
 
     #[test]
+    fn the_pull_secret_the_backups_need_is_added_once() {
+        let workload = deployment(json!(null));
+        let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
+        let patch = backup_patch(&workload, &backups, Some("backup-pull"), Timestamp::now()).unwrap();
+        let mut doc = as_json(&workload);
+        json_patch::patch(&mut doc, &patch).unwrap();
+        assert_eq!(doc["spec"]["template"]["spec"]["imagePullSecrets"], json!([{ "name": "backup-pull" }]));
+        let again = Workload::Deployment(serde_json::from_value(doc).unwrap());
+        let init = BTreeMap::from([("quay.io/org/migrate:7".to_string(), PINNED.to_string())]);
+        let patch = backup_patch(&again, &init, Some("backup-pull"), Timestamp::now()).unwrap();
+        let mut doc = as_json(&again);
+        json_patch::patch(&mut doc, &patch).unwrap();
+        assert_eq!(doc["spec"]["template"]["spec"]["imagePullSecrets"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
     fn a_workload_changed_meanwhile_fails_the_whole_patch() {
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
-        let patch = backup_patch(&workload, &backups, Timestamp::now()).unwrap();
+        let patch = backup_patch(&workload, &backups, None, Timestamp::now()).unwrap();
         let mut changed = as_json(&workload);
         changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.27");
         let before = changed.clone();
@@ -138,7 +171,7 @@ mod tests {
     fn nothing_to_rewrite_is_an_error_not_an_empty_patch() {
         let workload = deployment(json!(null));
         assert!(matches!(
-            backup_patch(&workload, &BTreeMap::new(), Timestamp::now()),
+            backup_patch(&workload, &BTreeMap::new(), None, Timestamp::now()),
             Err(RewriteError::Nothing { .. })
         ));
     }

@@ -1,0 +1,233 @@
+//! Whether a workload's pods will be able to pull its backups, checked
+//! before the patch that would make them: a backup registry that needs
+//! credentials the pods lack would leave every new pod in ImagePullBackOff.
+//! The pods pull as the kubelet does: anonymously, or with the pull secrets
+//! of their spec and their ServiceAccount. Failing those, the pull Secret
+//! the install names (`--backup-pull-secret`) is added to the workload, if
+//! its namespace has it, or a copy is made there when `--copy-pull-secret`
+//! allows.
+
+use image_backup_oci::{
+    ImageRef,
+    registry::{Credentials, Registry, RegistryConfig, RegistryError, docker_config_credentials},
+};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Secret, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{Api, api::PostParams};
+use tracing::{debug, info};
+
+use super::workload::Workload;
+use crate::context::{Context, Error, MANAGER, kube_err};
+
+/// Where a kubelet finds registry credentials in a pull secret.
+const DOCKER_CONFIG_JSON: &str = ".dockerconfigjson";
+const DOCKER_CFG: &str = ".dockercfg";
+
+/// How the pods will pull the backups.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anonymously, or with a pull secret they use already.
+    AsIs,
+    /// With this pull Secret of their namespace, added to the pod spec.
+    AddSecret(String),
+}
+
+#[derive(Debug)]
+pub enum Verdict {
+    Pullable(Access),
+    /// They could not: why, for the user.
+    Refused(String),
+    /// The registry could not say now (it is down, say).
+    Unknown(String),
+}
+
+/// Whether pulls with `registry`'s credentials get every one of `backups`
+/// (pinned references in the backup registry): `Ok(false)` for a refusal
+/// or a manifest not served.
+async fn serves(registry: &Registry, backups: &[ImageRef]) -> Result<bool, RegistryError> {
+    for backup in backups {
+        let Some(digest) = backup.digest() else { continue };
+        match registry.manifest_digest(backup.repository(), digest).await {
+            Ok(Some(found)) if found == digest => {}
+            Ok(_) => return Ok(false),
+            Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// A reader of the backup registry with `credentials`, or none.
+fn reader(ctx: &Context, credentials: Option<Credentials>) -> Result<Registry, RegistryError> {
+    // Never the coordinator's own credentials: the pods do not have them.
+    let config = RegistryConfig { docker_config: None, ..ctx.config.registry.clone() };
+    Registry::reader(&ctx.config.backup.registry, &config, credentials)
+}
+
+/// Credentials for `host` in a pull secret, if it has some.
+fn credentials_in(secret: &Secret, host: &str) -> Option<Credentials> {
+    let data = secret.data.as_ref()?;
+    let config = match (data.get(DOCKER_CONFIG_JSON), data.get(DOCKER_CFG)) {
+        (Some(json), _) => json.0.clone(),
+        // The older format is the `auths` map alone.
+        (None, Some(cfg)) => format!("{{\"auths\":{}}}", String::from_utf8_lossy(&cfg.0)).into_bytes(),
+        (None, None) => return None,
+    };
+    docker_config_credentials(&config, host).ok().flatten()
+}
+
+/// Checks that the pods of `workload` can pull `backups`.
+pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> Result<Verdict, Error> {
+    let host = &ctx.config.backup.registry;
+    let unknown = |e: RegistryError| Verdict::Unknown(e.to_string());
+    let anonymous = match reader(ctx, None) {
+        Ok(registry) => registry,
+        Err(e) => return Ok(unknown(e)),
+    };
+    match serves(&anonymous, backups).await {
+        Ok(true) => return Ok(Verdict::Pullable(Access::AsIs)),
+        Ok(false) => {}
+        Err(e) => return Ok(unknown(e)),
+    }
+    let namespace = workload.namespace();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let tried = pod_secrets(ctx, workload).await?;
+    for name in &tried {
+        let secret =
+            secrets.get_opt(name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
+        let Some(credentials) = secret.as_ref().and_then(|s| credentials_in(s, host)) else { continue };
+        match reader(ctx, Some(credentials)) {
+            Ok(registry) => match serves(&registry, backups).await {
+                Ok(true) => {
+                    debug!(secret = %name, "the pods pull the backups with their own pull secret");
+                    return Ok(Verdict::Pullable(Access::AsIs));
+                }
+                Ok(false) => {}
+                Err(e) => return Ok(unknown(e)),
+            },
+            Err(e) => return Ok(unknown(e)),
+        }
+    }
+    let pods_use =
+        if tried.is_empty() { "no pull secret".to_string() } else { format!("pull secrets {}", tried.join(", ")) };
+    let refused =
+        format!("the backup registry {host} refuses the backups to anonymous pulls and to the {pods_use} the pods use");
+    let Some(install) = &ctx.config.backup_pull_secret else {
+        return Ok(Verdict::Refused(format!("{refused}; name a pull Secret for it with --backup-pull-secret")));
+    };
+    let own: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let own_secret = own
+        .get_opt(install)
+        .await
+        .map_err(kube_err("reading the backup pull secret", format!("{}/{install}", ctx.config.namespace)))?;
+    let Some(credentials) = own_secret.as_ref().and_then(|s| credentials_in(s, host)) else {
+        return Ok(Verdict::Refused(format!(
+            "{refused}, and Secret {}/{install} holds no credentials for {host}",
+            ctx.config.namespace
+        )));
+    };
+    match reader(ctx, Some(credentials)) {
+        Ok(registry) => match serves(&registry, backups).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(Verdict::Refused(format!(
+                    "{refused}, and to Secret {}/{install} as well",
+                    ctx.config.namespace
+                )));
+            }
+            Err(e) => return Ok(unknown(e)),
+        },
+        Err(e) => return Ok(unknown(e)),
+    }
+    if secrets
+        .get_opt(install)
+        .await
+        .map_err(kube_err("reading pull secret", format!("{namespace}/{install}")))?
+        .is_some()
+    {
+        return Ok(Verdict::Pullable(Access::AddSecret(install.clone())));
+    }
+    if !ctx.config.copy_pull_secret {
+        return Ok(Verdict::Refused(format!(
+            "{refused}; Secret {}/{install} can, but namespace {namespace} has no Secret {install} and copying it there is off (--copy-pull-secret)",
+            ctx.config.namespace
+        )));
+    }
+    let source = own_secret.unwrap_or_default();
+    copy(ctx, &source, namespace, install).await?;
+    Ok(Verdict::Pullable(Access::AddSecret(install.clone())))
+}
+
+/// The names of the pull secrets the workload's pods use: the pod spec's,
+/// then their ServiceAccount's.
+async fn pod_secrets(ctx: &Context, workload: &Workload) -> Result<Vec<String>, Error> {
+    let Some(spec) = workload.pod_spec() else { return Ok(Vec::new()) };
+    let mut names: Vec<String> = spec.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
+    let account = spec.service_account_name.as_deref().unwrap_or("default");
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), workload.namespace());
+    let account = accounts
+        .get_opt(account)
+        .await
+        .map_err(kube_err("reading ServiceAccount", format!("{}/{account}", workload.namespace())))?;
+    if let Some(account) = account {
+        names.extend(account.image_pull_secrets.iter().flatten().map(|r| r.name.clone()));
+    }
+    names.dedup();
+    Ok(names)
+}
+
+/// Copies the install's pull secret into `namespace`: its data as is, so
+/// that it stays a pull secret the kubelet reads, labelled as ours.
+async fn copy(ctx: &Context, source: &Secret, namespace: &str, name: &str) -> Result<(), Error> {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some([("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string())].into()),
+            annotations: Some(
+                [("backup.k8slab.io/copied-from".to_string(), format!("{}/{name}", ctx.config.namespace))].into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        type_: source.type_.clone(),
+        data: source.data.clone().or_else(|| Some([(DOCKER_CONFIG_JSON.to_string(), ByteString(Vec::new()))].into())),
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    match api.create(&params, &secret).await {
+        Ok(_) => {
+            info!(%namespace, secret = %name, "copied the backup pull secret into the workload's namespace");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(kube_err("copying the backup pull secret", format!("{namespace}/{name}"))(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn secret(key: &str, value: serde_json::Value) -> Secret {
+        Secret {
+            data: Some([(key.to_string(), ByteString(value.to_string().into_bytes()))].into()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn reads_both_pull_secret_formats() {
+        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "puller:s3cret");
+        let json = secret(DOCKER_CONFIG_JSON, json!({ "auths": { "backup.example:5000": { "auth": auth } } }));
+        let Some(Credentials::Basic { username, .. }) = credentials_in(&json, "backup.example:5000") else { panic!() };
+        assert_eq!(username, "puller");
+        let legacy = secret(DOCKER_CFG, json!({ "https://backup.example:5000": { "auth": auth } }));
+        assert!(credentials_in(&legacy, "backup.example:5000").is_some());
+        assert!(credentials_in(&json, "other.example").is_none());
+    }
+}
