@@ -92,6 +92,9 @@ pub struct Context {
     pub usage: Arc<Usage>,
     pub digests: DigestCache,
     pub registry: Registry,
+    /// The backup registry as a pod without credentials reads it.
+    pub anonymous: Registry,
+    pub open_backups: crate::workloads::pullable::OpenBackups,
     pub metrics: Arc<Metrics>,
     /// What workload reconciles have to say on ImageBackups.
     pub notes: Notes,
@@ -120,6 +123,7 @@ impl Context {
     ) -> Result<Arc<Self>, RegistryError> {
         // The coordinator only verifies: pull access is all it asks for.
         let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
+        let anonymous = crate::workloads::pullable::anonymous_or(&config.backup.registry, &config.registry, None)?;
         let rollouts = Rollouts::new(config.max_rollouts, Box::new(wakers.clone()));
         Ok(Arc::new(Self {
             client,
@@ -133,6 +137,8 @@ impl Context {
             usage,
             digests: DigestCache::default(),
             registry,
+            anonymous,
+            open_backups: Default::default(),
             metrics,
             notes: Notes::default(),
             rollouts,

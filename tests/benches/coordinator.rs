@@ -118,11 +118,23 @@ async fn main() -> anyhow::Result<()> {
         .env("IMAGE_BACKUP_GRPC_ADDR", &grpc)
         .env("IMAGE_BACKUP_METRICS_ADDR", &metrics)
         .env("IMAGE_BACKUP_TLS_NAMES", "127.0.0.1")
+        // Every workload may roll out at once: the bench measures the
+        // coordinator, not the pace a cluster's rollouts set (at the
+        // default of 5 in flight, 5,000 rollouts of a second each take
+        // over 1,000 s).
+        .env("IMAGE_BACKUP_MAX_ROLLOUTS", (workloads + 1).to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", coordinator.display()))?;
     let start = Instant::now();
+    // What the workload controllers write once a rollout completes (a
+    // second after the patch), where none runs.
+    // BENCH_ROLLOUTS=0 leaves them in flight, to measure without them.
+    let _rollouts = match std::env::var("BENCH_ROLLOUTS").as_deref() {
+        Ok("0") => None,
+        _ => image_backup_tests::rollouts::start(&client).await,
+    };
     // As agents in a cluster: each with its pod's token, trusting the CA
     // the coordinator publishes.
     let ca = image_backup_tests::run::published_ca(&client, "image-backup", "image-backup-ca").await;

@@ -275,10 +275,6 @@ pub async fn wipe(client: &Client) {
     use kube::api::{DeleteParams, ListParams};
     let all = ListParams::default();
     let now = DeleteParams::default().grace_period(0);
-    let backups: Api<ImageBackup> = Api::all(client.clone());
-    if backups.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
-        backups.delete_collection(&now, &all).await.expect("delete ImageBackups");
-    }
     // The CA an earlier coordinator published may not be the next one's
     // (a test serves a TLS Secret of its own): each coordinator publishes
     // its CA again when it starts.
@@ -302,6 +298,13 @@ pub async fn wipe(client: &Client) {
         pods.delete_collection(&now, &all).await.expect("delete Pods");
         let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
         events.delete_collection(&now, &all).await.expect("delete Events");
+    }
+    // Last: the previous test's coordinator may live a moment longer than
+    // its turn, and it makes an ImageBackup again for a workload still
+    // pinned to it.
+    let backups: Api<ImageBackup> = Api::all(client.clone());
+    if backups.list_metadata(&ListParams::default().limit(1)).await.is_ok() {
+        backups.delete_collection(&now, &all).await.expect("delete ImageBackups");
     }
 }
 

@@ -177,6 +177,7 @@ fn rbac_grants_only_what_the_coordinator_uses() {
             "authorization.k8s.io/subjectaccessreviews:create",
             "backup.k8slab.io/imagebackups/status:update",
             "backup.k8slab.io/imagebackups:create",
+            "backup.k8slab.io/imagebackups:delete",
             "backup.k8slab.io/imagebackups:get",
             "backup.k8slab.io/imagebackups:list",
             "backup.k8slab.io/imagebackups:patch",

@@ -42,7 +42,10 @@ async fn pull_secret(client: &Client, ns: &str, name: &str, host: &str) {
         "stringData": { ".dockerconfigjson": docker_config(host) },
     }))
     .unwrap();
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    // A real API server keeps Secrets from an earlier run.
+    let _ = api.delete(name, &Default::default()).await;
+    api.create(&PostParams::default(), &secret).await.unwrap();
 }
 
 async fn deployment(client: &Client, ns: &str, name: &str) -> Deployment {
@@ -62,6 +65,10 @@ async fn pullable(kind: ApiServerKind) {
     init_tracing();
     let Some((_cluster, client)) = cluster(kind).await else { return };
     prepare(&client, &["shop", "team"]).await;
+    // Copies an earlier run made on a real API server would be found.
+    for ns in ["shop", "team"] {
+        let _ = Api::<Secret>::namespaced(client.clone(), ns).delete("backup-pull", &Default::default()).await;
+    }
     let registry =
         Registry::start(RegistryAuth::TlsBasic { username: USER.into(), password: PASSWORD.into() }).await.unwrap();
     let host = registry.host();

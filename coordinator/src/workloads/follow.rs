@@ -43,9 +43,12 @@ pub async fn rollout(
     slot: &mut Slot<'_>,
 ) -> Result<Option<Action>, Error> {
     let elapsed = Duration::try_from(Timestamp::now().duration_since(started)).unwrap_or_default();
-    let verdict = if pinned.is_empty() {
-        // Nothing it moved runs a backup now: nothing left to follow.
+    let verdict = if pinned.is_empty() || workload.rollout_complete() {
+        // Done, or nothing it moved runs a backup now: nothing to follow.
         Verdict::Done
+    } else if !workload.generation_observed() {
+        // Its controller has not made the new pods yet: none to look at.
+        judge(workload, &[], pinned, elapsed, ctx.config.rollout_timeout)
     } else {
         let pods = pods_of(ctx, workload).await?;
         judge(workload, &pods, pinned, elapsed, ctx.config.rollout_timeout)

@@ -8,7 +8,7 @@ pub mod digests;
 mod ensure;
 mod follow;
 pub mod owners;
-mod pullable;
+pub mod pullable;
 pub mod restore;
 pub mod rewrite;
 pub mod rollout;
@@ -206,9 +206,12 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         return Ok(Action::await_change());
     }
     if ctx.config.report_only {
-        info!(images = backups.len(), "every image is backed up (report-only: workload left as is)");
-        ctx.metrics.patched("report_only");
-        return Ok(Action::await_change());
+        let message = format!(
+            "report-only: every image is backed up; would move {} image(s) to {}",
+            backups.len(),
+            ctx.config.backup.registry
+        );
+        return Ok(leave(&ctx, &workload, &names, LeftAsIs { reason: "ReportOnly", message }).await);
     }
     if let Some(why) = left_as_is(&ctx, &workload, &record) {
         return Ok(leave(&ctx, &workload, &names, why).await);

@@ -26,6 +26,38 @@ use crate::context::{Context, Error, MANAGER, kube_err};
 const DOCKER_CONFIG_JSON: &str = ".dockerconfigjson";
 const DOCKER_CFG: &str = ".dockercfg";
 
+/// Backups lately seen served to anonymous pulls: workloads sharing an
+/// image (hundreds, at times) then cost the registry one request, not one
+/// each.
+#[derive(Default)]
+pub struct OpenBackups(parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+/// How long an anonymous pull is trusted to go on working.
+const OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(300);
+/// Entries kept at most; the oldest go first.
+const OPEN_KEPT: usize = 10_000;
+
+impl OpenBackups {
+    fn all(&self, backups: &[ImageRef]) -> bool {
+        let seen = self.0.lock();
+        backups.iter().all(|b| seen.get(&b.to_string()).is_some_and(|at| at.elapsed() < OPEN_FOR))
+    }
+
+    fn insert(&self, backups: &[ImageRef]) {
+        let mut seen = self.0.lock();
+        if seen.len() + backups.len() > OPEN_KEPT {
+            seen.retain(|_, at| at.elapsed() < OPEN_FOR);
+        }
+        if seen.len() + backups.len() > OPEN_KEPT {
+            seen.clear();
+        }
+        let now = std::time::Instant::now();
+        for backup in backups {
+            seen.insert(backup.to_string(), now);
+        }
+    }
+}
+
 /// How the pods will pull the backups.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Access {
@@ -61,10 +93,19 @@ async fn serves(registry: &Registry, backups: &[ImageRef]) -> Result<bool, Regis
 }
 
 /// A reader of the backup registry with `credentials`, or none.
-fn reader(ctx: &Context, credentials: Option<Credentials>) -> Result<Registry, RegistryError> {
-    // Never the coordinator's own credentials: the pods do not have them.
-    let config = RegistryConfig { docker_config: None, ..ctx.config.registry.clone() };
-    Registry::reader(&ctx.config.backup.registry, &config, credentials)
+pub fn reader(ctx: &Context, credentials: Option<Credentials>) -> Result<Registry, RegistryError> {
+    anonymous_or(&ctx.config.backup.registry, &ctx.config.registry, credentials)
+}
+
+/// A reader of `host` with `credentials`, or none: never the coordinator's
+/// own credentials, which the pods do not have.
+pub fn anonymous_or(
+    host: &str,
+    config: &RegistryConfig,
+    credentials: Option<Credentials>,
+) -> Result<Registry, RegistryError> {
+    let config = RegistryConfig { docker_config: None, ..config.clone() };
+    Registry::reader(host, &config, credentials)
 }
 
 /// Credentials for `host` in a pull secret, if it has some.
@@ -83,12 +124,14 @@ fn credentials_in(secret: &Secret, host: &str) -> Option<Credentials> {
 pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> Result<Verdict, Error> {
     let host = &ctx.config.backup.registry;
     let unknown = |e: RegistryError| Verdict::Unknown(e.to_string());
-    let anonymous = match reader(ctx, None) {
-        Ok(registry) => registry,
-        Err(e) => return Ok(unknown(e)),
-    };
-    match serves(&anonymous, backups).await {
-        Ok(true) => return Ok(Verdict::Pullable(Access::AsIs)),
+    if ctx.open_backups.all(backups) {
+        return Ok(Verdict::Pullable(Access::AsIs));
+    }
+    match serves(&ctx.anonymous, backups).await {
+        Ok(true) => {
+            ctx.open_backups.insert(backups);
+            return Ok(Verdict::Pullable(Access::AsIs));
+        }
         Ok(false) => {}
         Err(e) => return Ok(unknown(e)),
     }

@@ -141,6 +141,15 @@ impl Workload {
         }
     }
 
+    /// Whether the workload's controller has seen its latest spec.
+    pub fn generation_observed(&self) -> bool {
+        let observed = match self {
+            Workload::Deployment(d) => d.status.as_ref().and_then(|s| s.observed_generation),
+            Workload::DaemonSet(d) => d.status.as_ref().and_then(|s| s.observed_generation),
+        };
+        observed.unwrap_or(0) >= self.metadata().generation.unwrap_or(0)
+    }
+
     /// Every container and init container with its image, init containers
     /// first, in pod-spec order.
     pub fn container_images(&self) -> Vec<ContainerImage> {
