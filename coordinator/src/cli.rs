@@ -108,6 +108,11 @@ pub struct Cli {
     /// them forever.
     #[arg(long, env = "IMAGE_BACKUP_UNUSED_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub unused_grace: Duration,
+    /// With an unused ImageBackup, also delete from the backup registry
+    /// the manifests it copied that no other ImageBackup or workload uses
+    /// (the coordinator's registry credentials must allow deletes).
+    #[arg(long, env = "IMAGE_BACKUP_PRUNE")]
+    pub prune: bool,
     /// Reconciles run at once, per kind: bounds memory and API load when
     /// thousands of workloads change together (after a start, say).
     #[arg(long, env = "IMAGE_BACKUP_CONCURRENCY", default_value_t = 32)]
@@ -236,6 +241,7 @@ impl Cli {
             require_complete_index: self.require_complete_index,
             verify_every: self.verify_every,
             unused_grace: self.unused_grace,
+            prune: self.prune,
             concurrency: self.concurrency.max(1),
             agents: AgentAccount {
                 namespace: self.namespace.clone(),

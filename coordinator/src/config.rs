@@ -23,6 +23,8 @@ pub struct CoordinatorConfig {
     pub report_only: bool,
     /// How long an ImageBackup no workload uses is kept; zero forever.
     pub unused_grace: Duration,
+    /// Delete from the registry what such an ImageBackup copied.
+    pub prune: bool,
     /// Rollouts to backups in flight at once, cluster wide.
     pub max_rollouts: usize,
     /// How long a rollout to backups may take before it is undone.

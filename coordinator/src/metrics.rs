@@ -52,6 +52,7 @@ pub struct Metrics {
     restores: Family<OutcomeLabel, Counter>,
     verifications: Family<OutcomeLabel, Counter>,
     deleted_unused: Counter,
+    pruned: Counter,
     kube_requests: Family<RequestLabel, Counter>,
 }
 
@@ -116,6 +117,12 @@ impl Metrics {
             "ImageBackups deleted after no workload used them for the grace period",
             deleted_unused.clone(),
         );
+        let pruned = Counter::default();
+        registry.register(
+            "pruned_manifests",
+            "Backup manifests deleted from the registry with their unused ImageBackup (--prune)",
+            pruned.clone(),
+        );
         let kube_requests = Family::<RequestLabel, Counter>::default();
         registry.register("kube_requests", "Requests to the Kubernetes API, by verb", kube_requests.clone());
         Arc::new(Self {
@@ -132,6 +139,7 @@ impl Metrics {
             restores,
             verifications,
             deleted_unused,
+            pruned,
             kube_requests,
         })
     }
@@ -183,6 +191,10 @@ impl Metrics {
 
     pub fn patched(&self, outcome: &str) {
         self.patches.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
+    }
+
+    pub fn pruned(&self) {
+        self.pruned.inc();
     }
 
     pub fn deleted_unused(&self) {

@@ -87,6 +87,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         require_complete_index: false,
         verify_every: Duration::from_secs(3600),
         unused_grace: Duration::ZERO,
+        prune: false,
         concurrency: 8,
         agents: AgentAccount {
             namespace: "image-backup".into(),

@@ -133,3 +133,48 @@ async fn deletions(kind: ApiServerKind) {
     assert!(!kept.annotations().contains_key("backup.k8slab.io/unused-since"));
 }
 on_both_api_servers!(deletions: imagebackups_deleted_by_hand_come_back_and_unused_ones_go_on_the_emulator, imagebackups_deleted_by_hand_come_back_and_unused_ones_go_on_a_real_api_server);
+
+async fn pruning(kind: ApiServerKind) {
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
+    // Two tags of one content: two ImageBackups, one digest in one
+    // repository.
+    let (one, web) = (s.image("shop/api:1", 105).await, s.image("shop/web:1", 106).await);
+    let two = (format!("{}/shop/api:2", s.src), one.1.clone());
+    let platform = &one.1.platforms[0];
+    let held: Vec<&str> =
+        platform.layers.iter().chain([&platform.config, &platform.manifest]).map(|b| b.digest.as_str()).collect();
+    two.1.import(&s.node, &two.0, &[], &held).await.unwrap();
+    for (name, image) in [("one", &one), ("two", &two), ("web", &web)] {
+        s.deploy("Deployment", "shop", name, serde_json::json!({}), image).await;
+    }
+    let config =
+        CoordinatorConfig { unused_grace: Duration::from_secs(2), prune: true, ..coordinator_config(&s.backup_host()) };
+    let coordinator = s.start(config).await;
+    for (name, image) in [("one", &one), ("two", &two), ("web", &web)] {
+        s.runs("Deployment", "shop", name, &s.pinned(image)).await;
+    }
+    let deployments = Api::<Deployment>::namespaced(s.client.clone(), "shop");
+    // one goes: its ImageBackup too, but the digest two uses stays.
+    deployments.delete("one", &DeleteParams::default()).await.unwrap();
+    eventually("one's ImageBackup is deleted", WAIT, || async {
+        if s.image_backup(&one).await.is_none() { Ok(()) } else { Err("still there".to_string()) }
+    })
+    .await;
+    assert!(served(&s, &two).await, "two's ImageBackup (and two) still use the digest");
+    // two goes: nothing uses the digest any more, and it leaves the registry.
+    deployments.delete("two", &DeleteParams::default()).await.unwrap();
+    eventually("the digest nobody uses is pruned", WAIT, || async {
+        if served(&s, &two).await { Err("still served".to_string()) } else { Ok(()) }
+    })
+    .await;
+    assert!(s.image_backup(&two).await.is_none());
+    assert!(served(&s, &web).await, "web's backup stays");
+    let pruned = metric(&coordinator.metrics_url, "image_backup_pruned_manifests_total").await;
+    assert_eq!(pruned, Ok(1.0));
+}
+on_both_api_servers!(pruning: unused_backups_are_pruned_from_the_registry_when_asked_on_the_emulator, unused_backups_are_pruned_from_the_registry_when_asked_on_a_real_api_server);
+
+/// Whether the backup registry serves the backup of `image`.
+async fn served(s: &OneNode, image: &(String, image_backup_tests::TestImage)) -> bool {
+    s.backup.manifest(&s.repository(image), image.1.digest()).await.unwrap().is_some()
+}

@@ -2,12 +2,14 @@
 //! moved to other images) are deleted once they have been unused for a
 //! grace period. The time one was first found unused is kept on it, in an
 //! annotation, so the grace survives a restart and a new leader; any use
-//! within it clears the mark. What the backup copied stays in the registry:
-//! a workload that comes back is pinned to it again without a copy.
+//! within it clears the mark. What the backup copied stays in the registry
+//! (a workload that comes back is pinned to it again without a copy),
+//! unless `--prune` asks to delete it with the ImageBackup.
 
 use std::{sync::Arc, time::Duration};
 
 use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::ImageRef;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     ResourceExt,
@@ -15,7 +17,7 @@ use kube::{
     runtime::controller::Action,
 };
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::context::{Context, Error, MANAGER, kube_err};
 
@@ -107,7 +109,12 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
             match ctx.backup_api().delete(&name, &params).await {
                 Ok(_) => {
                     ctx.metrics.deleted_unused();
-                    info!(source = %backup.spec.source, "deleted: no workload used it for the grace period; the registry keeps the copy");
+                    if ctx.config.prune {
+                        info!(source = %backup.spec.source, "deleted: no workload used it for the grace period");
+                        prune(ctx, backup).await;
+                    } else {
+                        info!(source = %backup.spec.source, "deleted: no workload used it for the grace period; the registry keeps the copy");
+                    }
                     return Ok(Some(Action::await_change()));
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {}
@@ -117,4 +124,52 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
         _ => {}
     }
     Ok(None)
+}
+
+/// Deletes from the registry the manifests `backup` copied (its digest,
+/// and a reduced index of it), each unless another ImageBackup stands for
+/// it in the same repository or a workload is pinned to it. Deleting a
+/// manifest drops its tags; the registry's garbage collection frees the
+/// blobs no manifest uses any more.
+async fn prune(ctx: &Context, backup: &ImageBackup) {
+    let Ok(source) = ImageRef::parse(&backup.spec.source) else { return };
+    let Ok(target) = ctx.config.backup.reference_for(&source) else { return };
+    let mut digests = vec![backup.spec.digest.clone()];
+    let reference = backup.status.as_ref().and_then(|s| s.backup_reference.as_deref());
+    if let Some((_, digest)) = reference.and_then(|r| r.rsplit_once('@'))
+        && !digests.iter().any(|d| d == digest)
+    {
+        digests.push(digest.to_string());
+    }
+    let name = backup.name_any();
+    for digest in digests {
+        let pinned = target.pinned(&digest);
+        if ctx.usage.pins(&pinned) || referenced_elsewhere(ctx, &name, target.repository(), &digest) {
+            info!(%pinned, "kept in the registry: still in use");
+            continue;
+        }
+        match ctx.registry.delete_manifest(target.repository(), &digest).await {
+            Ok(deleted) => {
+                if deleted {
+                    ctx.metrics.pruned();
+                }
+                info!(%pinned, "deleted from the registry (prune)");
+            }
+            Err(e) => warn!(%pinned, error = %e, "could not delete it from the registry (prune); it stays"),
+        }
+    }
+}
+
+/// Whether an ImageBackup other than `name` copied `digest` into
+/// `repository`.
+fn referenced_elsewhere(ctx: &Context, name: &str, repository: &str, digest: &str) -> bool {
+    ctx.backups.state().iter().filter(|other| other.name_any() != name).any(|other| {
+        let same_repository = ImageRef::parse(&other.spec.source)
+            .ok()
+            .and_then(|source| ctx.config.backup.reference_for(&source).ok())
+            .is_some_and(|target| target.repository() == repository);
+        let reference = other.status.as_ref().and_then(|s| s.backup_reference.as_deref());
+        let reduced = reference.and_then(|r| r.rsplit_once('@')).is_some_and(|(_, d)| d == digest);
+        same_repository && (other.spec.digest == digest || reduced)
+    })
 }

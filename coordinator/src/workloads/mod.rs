@@ -112,7 +112,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
                 let source = record.originals.of(container.list, &container.name).and_then(|o| ImageRef::parse(o).ok());
                 if let Some(source) = source.filter(|_| backup.digest().is_some()) {
                     let name = image_backup_crds::name_for(&source);
-                    pinned.insert(name.clone(), Use::Pinned);
+                    pinned.insert(name.clone(), Use::Pinned(container.image.clone()));
                     pinned_sources.insert(name, (source, container.image.clone()));
                     pinned_refs.insert(container.image.clone());
                 }

@@ -29,9 +29,9 @@ pub enum Use {
     /// It runs the source, at this digest (empty while its pods report
     /// none): the backup is for it.
     Runs(String),
-    /// It was patched to a backup (pinned by digest), whatever its source
-    /// runs now.
-    Pinned,
+    /// It was patched to this backup reference (pinned by digest),
+    /// whatever its source runs now.
+    Pinned(String),
 }
 
 #[derive(Default)]
@@ -89,6 +89,12 @@ impl Usage {
             .collect()
     }
 
+    /// Whether any workload is pinned to the backup `reference`.
+    pub fn pins(&self, reference: &str) -> bool {
+        let index = self.lock();
+        index.by_workload.values().flat_map(|uses| uses.values()).any(|u| matches!(u, Use::Pinned(r) if r == reference))
+    }
+
     /// The workloads that use the ImageBackup `name`, in order.
     pub fn workloads_of(&self, name: &str) -> Vec<WorkloadKey> {
         self.lock().by_backup.get(name).map(|users| users.iter().cloned().collect()).unwrap_or_default()
@@ -110,7 +116,8 @@ mod tests {
         let uses = |names: &[(&str, Use)]| names.iter().map(|(n, u)| (n.to_string(), u.clone())).collect();
         usage.set(&key("web"), uses(&[("nginx", runs("sha256:1")), ("busybox", runs(""))]));
         usage.set(&key("api"), uses(&[("nginx", runs("sha256:2"))]));
-        usage.set(&key("old"), uses(&[("nginx", Use::Pinned)]));
+        usage.set(&key("old"), uses(&[("nginx", Use::Pinned("b/nginx@sha256:0".into()))]));
+        assert!(usage.pins("b/nginx@sha256:0") && !usage.pins("b/nginx@sha256:1"));
         assert_eq!(usage.workloads_of("nginx"), [key("api"), key("old"), key("web")]);
         assert_eq!(usage.digests_of("nginx"), ["sha256:1".to_string(), "sha256:2".to_string()].into());
         assert!(usage.digests_of("busybox").is_empty(), "unknown digests are left out");

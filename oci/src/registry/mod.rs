@@ -344,6 +344,23 @@ impl Registry {
         .await
     }
 
+    /// Deletes a manifest by digest, and with it the tags that name it;
+    /// `false` when the registry did not hold it. A registry that does not
+    /// allow deletes answers 405, an error.
+    pub async fn delete_manifest(&self, repository: &str, digest: &str) -> Result<bool, RegistryError> {
+        let url = format!("{}/v2/{repository}/manifests/{digest}", self.inner.base);
+        let call = Call { operation: DELETE_MANIFEST, repository, object: digest, extra_pull: None };
+        self.retrying(&call, || async {
+            let response = self.send(&call, || self.inner.http.delete(&url)).await?;
+            match response.status() {
+                StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(true),
+                StatusCode::NOT_FOUND => Ok(false),
+                _ => Err(self.unexpected(&call, response).await),
+            }
+        })
+        .await
+    }
+
     /// The digest the registry reports for a manifest, or `None` when absent.
     pub async fn manifest_digest(&self, repository: &str, reference: &str) -> Result<Option<String>, RegistryError> {
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.inner.base);
@@ -413,7 +430,11 @@ impl Registry {
         call: &Call<'_>,
         mut build: impl FnMut() -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
-        let scope = scope(call.repository, call.extra_pull, self.inner.pull_only);
+        let scope = match call.operation {
+            // Token services grant deletes on an action of their own.
+            DELETE_MANIFEST => format!("repository:{}:delete", call.repository),
+            _ => scope(call.repository, call.extra_pull, self.inner.pull_only),
+        };
         let response = self.execute(call, build(), &scope).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
@@ -593,6 +614,8 @@ where
         }
     })
 }
+
+const DELETE_MANIFEST: &str = "DELETE manifest";
 
 fn scope(repository: &str, extra_pull: Option<&str>, pull_only: bool) -> String {
     let actions = if pull_only { "pull" } else { "pull,push" };
