@@ -112,3 +112,58 @@ fn in_namespace<T>(message: T) -> Request<T> {
     request.metadata_mut().insert("containerd-namespace", K8S_NAMESPACE.parse().expect("static namespace"));
     request
 }
+
+/// A runnable single-platform image of its own: busybox, and a file that
+/// makes every run's layer new (containerd skips fetching a layer whose
+/// snapshot it already has, so a layer an earlier run pulled and then
+/// forgot would be missing from the content store, and could not be copied
+/// from it).
+pub fn runnable_image() -> crate::image::PlatformImage {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static, tests/setup installs it)");
+    let run_id = format!("{:x}", rand::random::<u64>());
+    let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
+    crate::image::PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).expect("a runnable image")
+}
+
+/// A Deployment of one pod that sleeps in `image`, stopped at once.
+pub fn sleeper(ns: &str, name: &str, image: &str) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "namespace": ns },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{ "name": name, "image": image, "command": ["/bin/busybox", "sleep", "3600"] }],
+                },
+            },
+        },
+    }))
+    .expect("a Deployment")
+}
+
+/// The image of a Deployment's first container.
+pub fn image_of(deployment: &k8s_openapi::api::apps::v1::Deployment) -> String {
+    let spec = deployment.spec.template.spec.as_ref();
+    spec.and_then(|s| s.containers[0].image.clone()).unwrap_or_default()
+}
+
+/// Whether the one-replica Deployment `name` is rolled out, running
+/// `image` when given, as its controller reports it.
+pub async fn rolled_out(
+    deployments: &kube::Api<k8s_openapi::api::apps::v1::Deployment>,
+    name: &str,
+    image: Option<&str>,
+) -> Result<(), String> {
+    let d = deployments.get(name).await.map_err(|e| e.to_string())?;
+    let generation = d.metadata.generation.unwrap_or(0);
+    let runs = image_of(&d);
+    let s = d.status.unwrap_or_default();
+    let done = s.observed_generation.unwrap_or(0) >= generation
+        && s.updated_replicas == Some(1)
+        && s.available_replicas == Some(1)
+        && s.replicas == Some(1);
+    if done && image.is_none_or(|image| image == runs) { Ok(()) } else { Err(format!("runs {runs}: {s:?}")) }
+}

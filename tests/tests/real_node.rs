@@ -19,7 +19,7 @@ use image_backup_tests::{
     cluster::{coordinator_config, eventually, prepare},
     image::PlatformImage,
     init_tracing,
-    node::{K8S_NAMESPACE, RealNode},
+    node::{K8S_NAMESPACE, RealNode, rolled_out, runnable_image, sleeper},
     run::{start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
@@ -27,7 +27,6 @@ use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
 };
-use serde_json::json;
 
 /// One node, one coordinator at a time: a coordinator backs up every
 /// workload of the cluster.
@@ -59,13 +58,7 @@ async fn backup_then_pull_again(multi: bool) {
     let backup = Registry::start(RegistryAuth::None).await.unwrap();
     node.trust_plain_http(&source.host()).unwrap();
     node.trust_plain_http(&backup.host()).unwrap();
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static, tests/setup installs it)");
-    // A layer of its own: containerd skips fetching a layer whose snapshot
-    // it already has, so a layer an earlier run pulled and then forgot would
-    // be missing from the content store (and cannot be copied from it).
-    let run_id = format!("{:x}", rand::random::<u64>());
-    let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
-    let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
+    let platform = runnable_image();
     let image = if multi {
         // The arm64 part and the attestations stay in the source: the
         // kubelet pulls only its own platform.
@@ -79,23 +72,12 @@ async fn backup_then_pull_again(multi: bool) {
     let source_ref = format!("{}/e2e/sleeper:1", source.host());
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let deployment = serde_json::from_value(json!({
-        "metadata": { "name": "sleeper", "namespace": ns },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": "sleeper" } },
-            "template": {
-                "metadata": { "labels": { "app": "sleeper" } },
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{ "name": "sleeper", "image": source_ref, "command": ["/bin/busybox", "sleep", "3600"] }],
-                },
-            },
-        },
-    }))
-    .unwrap();
+    let deployment = sleeper(&ns, "sleeper", &source_ref);
     deployments.create(&PostParams::default(), &deployment).await.unwrap();
-    eventually("the kubelet runs the source image", Duration::from_secs(120), || rolled_out(&deployments)).await;
+    eventually("the kubelet runs the source image", Duration::from_secs(120), || {
+        rolled_out(&deployments, "sleeper", None)
+    })
+    .await;
 
     let source_host = source.host();
     let mut source = Some(source);
@@ -124,7 +106,10 @@ async fn backup_then_pull_again(multi: bool) {
         }
     })
     .await;
-    eventually("the patched Deployment rolls out", Duration::from_secs(120), || rolled_out(&deployments)).await;
+    eventually("the patched Deployment rolls out", Duration::from_secs(120), || {
+        rolled_out(&deployments, "sleeper", None)
+    })
+    .await;
     let backups: Api<ImageBackup> = Api::all(client.clone());
     let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&source_ref).unwrap());
     let status = backups.get(&name).await.unwrap().status.unwrap_or_default();
@@ -189,15 +174,4 @@ async fn backup_then_pull_again(multi: bool) {
     assert!(store.info(&digest).await.unwrap().is_some(), "the manifest is back, from the backup registry");
 
     deployments.delete("sleeper", &DeleteParams::default()).await.unwrap();
-}
-
-async fn rolled_out(deployments: &Api<Deployment>) -> Result<(), String> {
-    let d = deployments.get("sleeper").await.map_err(|e| e.to_string())?;
-    let generation = d.metadata.generation.unwrap_or(0);
-    let s = d.status.unwrap_or_default();
-    let done = s.observed_generation.unwrap_or(0) >= generation
-        && s.updated_replicas == Some(1)
-        && s.available_replicas == Some(1)
-        && s.replicas == Some(1);
-    if done { Ok(()) } else { Err(format!("{s:?}")) }
 }

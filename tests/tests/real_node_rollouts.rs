@@ -16,9 +16,8 @@ use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{coordinator_config, eventually, metric, prepare},
-    image::PlatformImage,
     init_tracing,
-    node::{K8S_NAMESPACE, RealNode},
+    node::{K8S_NAMESPACE, RealNode, image_of, rolled_out, runnable_image, sleeper},
     run::{Coordinator, start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
@@ -26,7 +25,6 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
 };
-use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -50,32 +48,15 @@ async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
     node.trust_plain_http(&source.host()).unwrap();
     node.trust_plain_http(&proxy.host()).unwrap();
 
-    // A runnable image of its own (see real_node.rs), in the source.
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static, tests/setup installs it)");
-    let run_id = format!("{:x}", rand::random::<u64>());
-    let files: [(&str, &[u8], u32); 2] = [("bin/busybox", &busybox, 0o755), ("etc/run-id", run_id.as_bytes(), 0o644)];
-    let platform = PlatformImage::runnable(&files, &["/bin/busybox", "sleep", "3600"]).unwrap();
-    let image = TestImage { media: MediaTypes::Oci, platforms: vec![platform], attestations: Vec::new(), index: None };
+    // A runnable image of its own, in the source.
+    let image =
+        TestImage { media: MediaTypes::Oci, platforms: vec![runnable_image()], attestations: Vec::new(), index: None };
     source.push("e2e/undo", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/undo:1", source.host());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let deployment = serde_json::from_value(json!({
-        "metadata": { "name": "undo", "namespace": ns },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": "undo" } },
-            "template": {
-                "metadata": { "labels": { "app": "undo" } },
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{ "name": "undo", "image": source_ref, "command": ["/bin/busybox", "sleep", "3600"] }],
-                },
-            },
-        },
-    }))
-    .unwrap();
+    let deployment = sleeper(&ns, "undo", &source_ref);
     deployments.create(&PostParams::default(), &deployment).await.unwrap();
-    eventually("the kubelet runs the source image", WAIT, || rolled_out(&deployments, &source_ref)).await;
+    eventually("the kubelet runs the source image", WAIT, || rolled_out(&deployments, "undo", Some(&source_ref))).await;
 
     // Backed up first (report-only), while the node holds the image.
     let config = coordinator_config(&proxy.host());
@@ -139,8 +120,10 @@ async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
     assert_eq!(restored, Ok(1.0));
 
     // The source pod runs on, ready, and the workload is not moved again.
-    eventually("the Deployment is rolled out on its source image", WAIT, || rolled_out(&deployments, &source_ref))
-        .await;
+    eventually("the Deployment is rolled out on its source image", WAIT, || {
+        rolled_out(&deployments, "undo", Some(&source_ref))
+    })
+    .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let running = pods.list(&ListParams::default().labels("app=undo")).await.unwrap();
     let ready = running.items.iter().filter(|pod| {
@@ -174,21 +157,4 @@ async fn hold(deployments: &Api<Deployment>) -> Option<Hold> {
     let now = deployments.get("undo").await.ok()?;
     let text = now.metadata.annotations?.get(HOLD_ANNOTATION)?.clone();
     serde_json::from_str(&text).ok()
-}
-
-fn image_of(deployment: &Deployment) -> String {
-    let spec = deployment.spec.template.spec.as_ref();
-    spec.and_then(|s| s.containers[0].image.clone()).unwrap_or_default()
-}
-
-async fn rolled_out(deployments: &Api<Deployment>, image: &str) -> Result<(), String> {
-    let d = deployments.get("undo").await.map_err(|e| e.to_string())?;
-    let generation = d.metadata.generation.unwrap_or(0);
-    let runs = image_of(&d);
-    let s = d.status.unwrap_or_default();
-    let done = s.observed_generation.unwrap_or(0) >= generation
-        && s.updated_replicas == Some(1)
-        && s.available_replicas == Some(1)
-        && s.replicas == Some(1);
-    if done && runs == image { Ok(()) } else { Err(format!("runs {runs}: {s:?}")) }
 }

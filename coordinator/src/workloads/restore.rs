@@ -6,14 +6,14 @@
 //! a workload changed meanwhile is refused whole, never overwritten.
 
 use image_backup_oci::{BackupTarget, ImageRef};
-use json_patch::{Patch, PatchOperation, ReplaceOperation};
+use json_patch::Patch;
 use serde_json::Value;
 
 use super::{
     annotations::{
         HOLD_ANNOTATION, Hold, HoldReason, ORIGINAL_IMAGES_ANNOTATION, OriginalImages, REWRITTEN_AT_ANNOTATION, Record,
     },
-    rewrite::{RewriteError, annotate, pointer, remove_annotation, test, test_annotation},
+    rewrite::{RewriteError, annotate, move_image, remove_annotation, test_annotation},
     workload::Workload,
 };
 
@@ -45,13 +45,7 @@ pub fn restore_patch(
         if !on_backup || original == container.image {
             continue;
         }
-        let base = format!("/spec/template/spec/{}/{}", container.list.field(), container.index);
-        ops.push(test(&format!("{base}/name"), Value::from(container.name.clone())));
-        ops.push(test(&format!("{base}/image"), Value::from(container.image.clone())));
-        ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: pointer(&format!("{base}/image")),
-            value: Value::from(original),
-        }));
+        ops.extend(move_image(&container, original));
         moves.push(format!("{}: {} -> {original}", container.name, container.image));
         after.list_mut(container.list).insert(container.name, original.to_string());
     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{
     annotations::{AnnotationError, HOLD_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_AT_ANNOTATION, Record},
-    workload::Workload,
+    workload::{ContainerImage, Workload},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +40,7 @@ pub fn backup_patch(
         if *backup == container.image {
             continue;
         }
-        let base = format!("/spec/template/spec/{}/{}", container.list.field(), container.index);
-        ops.push(test(&format!("{base}/name"), Value::from(container.name.clone())));
-        ops.push(test(&format!("{base}/image"), Value::from(container.image.clone())));
-        ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: pointer(&format!("{base}/image")),
-            value: Value::from(backup.clone()),
-        }));
+        ops.extend(move_image(&container, backup));
         originals.list_mut(container.list).entry(container.name).or_insert(container.image);
     }
     if ops.is_empty() {
@@ -81,6 +75,20 @@ pub fn backup_patch(
         ops.push(remove_annotation(HOLD_ANNOTATION));
     }
     Ok(Patch(ops))
+}
+
+/// The operations that move one container to `image`, guarded by its name
+/// and its image as read.
+pub(super) fn move_image(container: &ContainerImage, image: &str) -> [PatchOperation; 3] {
+    let base = format!("/spec/template/spec/{}/{}", container.list.field(), container.index);
+    [
+        test(&format!("{base}/name"), Value::from(container.name.clone())),
+        test(&format!("{base}/image"), Value::from(container.image.clone())),
+        PatchOperation::Replace(ReplaceOperation {
+            path: pointer(&format!("{base}/image")),
+            value: Value::from(image),
+        }),
+    ]
 }
 
 /// Sets an annotation (the annotations map exists).
