@@ -24,7 +24,8 @@ pub enum RewriteError {
 
 /// Builds the patch that points every container whose image is a key of
 /// `backups` at its value (a backup reference pinned by digest), records
-/// the originals in the annotation (keeping those of an earlier rewrite),
+/// the originals in the annotation (keeping those of containers an earlier
+/// rewrite moved),
 /// and when, so that the rollout it starts is watched; a stale hold goes.
 pub fn backup_patch(
     workload: &Workload,
@@ -41,7 +42,9 @@ pub fn backup_patch(
             continue;
         }
         ops.extend(move_image(&container, backup));
-        originals.list_mut(container.list).entry(container.name).or_insert(container.image);
+        // What it runs now is its source: a version deployed since an
+        // earlier rewrite replaces that rewrite's record.
+        originals.list_mut(container.list).insert(container.name, container.image);
     }
     if ops.is_empty() {
         return Err(RewriteError::Nothing { workload: workload.key().to_string() });
@@ -145,6 +148,23 @@ mod tests {
         let recorded: OriginalImages =
             serde_json::from_str(doc["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].as_str().unwrap()).unwrap();
         assert_eq!(recorded.containers, BTreeMap::from([("web".to_string(), "nginx:1.25".to_string())]));
+    }
+
+    #[test]
+    fn a_version_deployed_since_a_rewrite_is_the_new_original() {
+        let workload = deployment(json!(null));
+        let backups = BTreeMap::from([("nginx:1.25".to_string(), PINNED.to_string())]);
+        let mut doc = as_json(&workload);
+        json_patch::patch(&mut doc, &backup_patch(&workload, &backups, None, Timestamp::now()).unwrap()).unwrap();
+        // Someone deploys nginx:1.27; it is backed up and moved in turn.
+        doc["spec"]["template"]["spec"]["containers"][0]["image"] = json!("nginx:1.27");
+        let redeployed = Workload::Deployment(serde_json::from_value(doc).unwrap());
+        let backups = BTreeMap::from([("nginx:1.27".to_string(), PINNED.replace("0123", "4567"))]);
+        let mut doc = as_json(&redeployed);
+        json_patch::patch(&mut doc, &backup_patch(&redeployed, &backups, None, Timestamp::now()).unwrap()).unwrap();
+        let recorded: OriginalImages =
+            serde_json::from_str(doc["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].as_str().unwrap()).unwrap();
+        assert_eq!(recorded.containers["web"], "nginx:1.27");
     }
 
     #[test]
