@@ -167,3 +167,20 @@ pub async fn rolled_out(
         && s.replicas == Some(1);
     if done && image.is_none_or(|image| image == runs) { Ok(()) } else { Err(format!("runs {runs}: {s:?}")) }
 }
+
+/// Deletes every ImageBackup of the (throwaway) cluster: a coordinator
+/// works on every one, and an earlier test's, made for another backup
+/// registry, would be copied again beside the test's own, taking agent
+/// slots and retrying a source long gone.
+pub async fn forget_backups(client: &kube::Client) {
+    use kube::api::{DeleteParams, ListParams};
+    let backups: kube::Api<image_backup_crds::ImageBackup> = kube::Api::all(client.clone());
+    let all = ListParams::default();
+    backups.delete_collection(&DeleteParams::default(), &all).await.expect("delete ImageBackups");
+    for _ in 0..100 {
+        if backups.list_metadata(&all).await.is_ok_and(|list| list.items.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

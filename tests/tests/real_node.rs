@@ -19,7 +19,7 @@ use image_backup_tests::{
     cluster::{coordinator_config, eventually, prepare},
     image::PlatformImage,
     init_tracing,
-    node::{K8S_NAMESPACE, RealNode, rolled_out, runnable_image, sleeper},
+    node::{K8S_NAMESPACE, RealNode, forget_backups, rolled_out, runnable_image, sleeper},
     run::{start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
@@ -52,6 +52,7 @@ async fn backup_then_pull_again(multi: bool) {
     let client = node.client().await.expect("a client for the real cluster");
     let ns = format!("e2e-{:x}", rand::random::<u32>());
     prepare(&client, &[&ns]).await;
+    forget_backups(&client).await;
 
     // A runnable image in a source registry the node pulls from.
     let source = Registry::start(RegistryAuth::None).await.unwrap();

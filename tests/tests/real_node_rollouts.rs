@@ -17,7 +17,7 @@ use image_backup_tests::{
     Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{coordinator_config, eventually, metric, prepare},
     init_tracing,
-    node::{K8S_NAMESPACE, RealNode, image_of, rolled_out, runnable_image, sleeper},
+    node::{K8S_NAMESPACE, RealNode, forget_backups, image_of, rolled_out, runnable_image, sleeper},
     run::{Coordinator, start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
@@ -42,6 +42,7 @@ async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
     let client = node.client().await.expect("a client for the real cluster");
     let ns = format!("e2e-{:x}", rand::random::<u32>());
     prepare(&client, &[&ns]).await;
+    forget_backups(&client).await;
     let source = Registry::start(RegistryAuth::None).await.unwrap();
     let backup = Registry::start(RegistryAuth::None).await.unwrap();
     let proxy = Proxy::start(&backup.host(), Faults::default()).await.unwrap();
