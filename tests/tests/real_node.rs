@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use image_backup_agent::containerd::ContentStore;
 use image_backup_crds::{ImageBackup, Phase};
-use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{coordinator_config, eventually, prepare},
+    cluster::{coordinator_config, eventually, prepare, quick_retries},
     image::PlatformImage,
     init_tracing,
     node::{K8S_NAMESPACE, RealNode, forget_backups, rolled_out, runnable_image, sleeper},
@@ -88,7 +87,10 @@ async fn backup_then_pull_again(multi: bool) {
     }
     // The coordinator and an agent on the node's own containerd.
     let coordinator = start_coordinator(&client, &client, coordinator_config(&backup.host())).await;
-    let registry = RegistryConfig { insecure_hosts: vec![backup.host()], ..RegistryConfig::default() };
+    // Registries given up on after 10 s, not the agent's default 2 min: the
+    // gone source of the multi-platform case is tried before the index is
+    // reduced, and how long the agent retries is not what this tests.
+    let registry = quick_retries(&backup.host(), Duration::from_secs(10));
     // The agent proves who it is with the token the kubelet projects into
     // a real agent pod on this node.
     let token = node.agent_token(&client).await.expect("a projected agent token");
