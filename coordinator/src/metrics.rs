@@ -38,6 +38,19 @@ pub struct TransitionLabel {
     pub transition: String,
 }
 
+/// A reason as Events spell it (`NotPullable`), as outcome labels do
+/// (`not_pullable`).
+pub fn snake_case(reason: &str) -> String {
+    let mut outcome = String::with_capacity(reason.len() + 4);
+    for (i, c) in reason.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            outcome.push('_');
+        }
+        outcome.push(c.to_ascii_lowercase());
+    }
+    outcome
+}
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<KindLabel, Counter>,
@@ -205,10 +218,10 @@ impl Metrics {
         self.verifications.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
-    /// A workload moved back to its original images (`RolloutFailed`,
-    /// `BackupLost`).
+    /// A workload moved back to its original images, for a reason as
+    /// Events name it (`RolloutFailed`: outcome `rollout_failed`).
     pub fn restored(&self, reason: &str) {
-        self.restores.get_or_create(&OutcomeLabel { outcome: reason.into() }).inc();
+        self.restores.get_or_create(&OutcomeLabel { outcome: snake_case(reason) }).inc();
     }
 
     /// The exposition text, with the gauges read from the hub and the
@@ -237,5 +250,14 @@ fn phase_index(phase: Phase) -> usize {
         Phase::Pushing => 2,
         Phase::Completed => 3,
         Phase::Failed => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn outcomes_are_snake_case() {
+        assert_eq!(super::snake_case("NotPullable"), "not_pullable");
+        assert_eq!(super::snake_case("rewritten"), "rewritten");
     }
 }

@@ -113,6 +113,22 @@ fn in_namespace<T>(message: T) -> Request<T> {
     request
 }
 
+/// The real node, a client for its cluster and a fresh test namespace, with
+/// no ImageBackup left from an earlier test; `None` (and a line saying the
+/// test is skipped) without a real node. One test at a time per node.
+pub async fn scene() -> Option<(RealNode, kube::Client, String)> {
+    let Some(node) = RealNode::from_env() else {
+        eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
+        return None;
+    };
+    crate::init_tracing();
+    let client = node.client().await.expect("a client for the real cluster");
+    let ns = format!("e2e-{:x}", rand::random::<u32>());
+    crate::cluster::prepare(&client, &[&ns]).await;
+    forget_backups(&client).await;
+    Some((node, client, ns))
+}
+
 /// A runnable single-platform image of its own: busybox, and a file that
 /// makes every run's layer new (containerd skips fetching a layer whose
 /// snapshot it already has, so a layer an earlier run pulled and then

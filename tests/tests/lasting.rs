@@ -81,7 +81,7 @@ async fn lost(kind: ApiServerKind) {
     assert_eq!(status.phase, Phase::Failed);
     assert!(status.lost_at.is_some(), "{status:?}");
     let restored =
-        metric(&coordinator.metrics_url, "image_backup_workloads_restored_total{outcome=\"BackupLost\"}").await;
+        metric(&coordinator.metrics_url, "image_backup_workloads_restored_total{outcome=\"backup_lost\"}").await;
     assert_eq!(restored, Ok(1.0));
 }
 on_both_api_servers!(lost: a_backup_no_node_can_copy_again_moves_its_workloads_back_on_the_emulator, a_backup_no_node_can_copy_again_moves_its_workloads_back_on_a_real_api_server);

@@ -15,10 +15,9 @@ use image_backup_agent::containerd::ContentStore;
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
-    cluster::{coordinator_config, eventually, prepare, quick_retries},
+    cluster::{coordinator_config, eventually, quick_retries},
     image::PlatformImage,
-    init_tracing,
-    node::{K8S_NAMESPACE, RealNode, forget_backups, rolled_out, runnable_image, sleeper},
+    node::{K8S_NAMESPACE, rolled_out, runnable_image, scene, sleeper},
     run::{start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
@@ -42,16 +41,8 @@ async fn a_pod_runs_from_a_reduced_index_of_what_the_kubelet_pulled() {
 }
 
 async fn backup_then_pull_again(multi: bool) {
-    let Some(node) = RealNode::from_env() else {
-        eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
-        return;
-    };
     let _turn = NODE.lock().await;
-    init_tracing();
-    let client = node.client().await.expect("a client for the real cluster");
-    let ns = format!("e2e-{:x}", rand::random::<u32>());
-    prepare(&client, &[&ns]).await;
-    forget_backups(&client).await;
+    let Some((node, client, ns)) = scene().await else { return };
 
     // A runnable image in a source registry the node pulls from.
     let source = Registry::start(RegistryAuth::None).await.unwrap();

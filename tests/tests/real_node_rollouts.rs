@@ -1,6 +1,6 @@
 //! Rollouts to backups that fail on a real node, and are undone: the kubelet
-//! of the one-node cluster of `../shared/k8s` really pulls, really fails
-//! and reports ErrImagePull / ImagePullBackOff as a production node does.
+//! of the one-node cluster `.ci/run` starts really pulls, really fails and
+//! reports ErrImagePull / ImagePullBackOff as a production node does.
 //!
 //! Needs the real one-node cluster that `.ci/run` starts (KUBECONFIG,
 //! K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D); skipped without it.
@@ -15,9 +15,8 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
-    cluster::{coordinator_config, eventually, metric, prepare},
-    init_tracing,
-    node::{K8S_NAMESPACE, RealNode, forget_backups, image_of, rolled_out, runnable_image, sleeper},
+    cluster::{coordinator_config, eventually, metric},
+    node::{K8S_NAMESPACE, RealNode, image_of, rolled_out, runnable_image, scene, sleeper},
     run::{Coordinator, start_agent_on, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
@@ -34,15 +33,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// Deployment back to its source image, where the old pod still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
-    let Some(node) = RealNode::from_env() else {
-        eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
-        return;
-    };
-    init_tracing();
-    let client = node.client().await.expect("a client for the real cluster");
-    let ns = format!("e2e-{:x}", rand::random::<u32>());
-    prepare(&client, &[&ns]).await;
-    forget_backups(&client).await;
+    let Some((node, client, ns)) = scene().await else { return };
     let source = Registry::start(RegistryAuth::None).await.unwrap();
     let backup = Registry::start(RegistryAuth::None).await.unwrap();
     let proxy = Proxy::start(&backup.host(), Faults::default()).await.unwrap();
@@ -117,7 +108,7 @@ async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
     })
     .await;
     let restored =
-        metric(&coordinator.metrics_url, "image_backup_workloads_restored_total{outcome=\"RolloutFailed\"}").await;
+        metric(&coordinator.metrics_url, "image_backup_workloads_restored_total{outcome=\"rollout_failed\"}").await;
     assert_eq!(restored, Ok(1.0));
 
     // The source pod runs on, ready, and the workload is not moved again.

@@ -54,7 +54,7 @@ async fn managed_and_reverted(kind: ApiServerKind) {
         assert_eq!(s.image_of("Deployment", "shop", name).await, web.0, "{name} is left on its source");
         assert!(s.events("shop", name).await.contains(&"NotRewritten".to_string()), "{name}");
     }
-    let managed = metric(&coordinator.metrics_url, "image_backup_workload_patches_total{outcome=\"Managed\"}").await;
+    let managed = metric(&coordinator.metrics_url, "image_backup_workload_patches_total{outcome=\"managed\"}").await;
     assert!(managed.as_ref().is_ok_and(|n| *n >= 2.0), "{managed:?}");
 
     // Its owner opts the Flux one in.

@@ -181,7 +181,7 @@ async fn lost_agent(kind: ApiServerKind) {
     // Report-only: everything but the patch. The coordinator got as far as
     // the patch, left it out, and says so on the ImageBackup.
     eventually("the patch left out", Duration::from_secs(30), || async {
-        metric(&metrics_url, "image_backup_workload_patches_total{outcome=\"ReportOnly\"}").await.map(|_| ())
+        metric(&metrics_url, "image_backup_workload_patches_total{outcome=\"report_only\"}").await.map(|_| ())
     })
     .await;
     assert_eq!(w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));

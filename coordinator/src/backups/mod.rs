@@ -91,9 +91,13 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         Next::Idle => return Ok(Some(Action::await_change())),
         Next::After(wait) => return Ok(Some(Action::requeue(wait))),
         Next::Record(transition) => transition,
-        Next::Reverify => match reverify(ctx, backup, &target, &status).await {
-            Some(transition) => transition,
-            None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
+        Next::Reverify => match &target {
+            Ok(target) => match reverify(ctx, backup, target, &status).await {
+                Some(transition) => transition,
+                None => return Ok(Some(Action::requeue(VERIFY_RETRY))),
+            },
+            // Nowhere to look: no workload is pinned to it any more either.
+            Err(error) => Transition::Failed { error: error.clone(), absent: Vec::new() },
         },
         Next::Verify(success) => match verify(ctx, backup, &target, &status, &limits, &success).await {
             Some(transition) => transition,
@@ -301,10 +305,9 @@ async fn verify(
 async fn reverify(
     ctx: &Context,
     backup: &ImageBackup,
-    target: &Result<ImageRef, String>,
+    target: &ImageRef,
     status: &ImageBackupStatus,
 ) -> Option<Transition> {
-    let Ok(target) = target else { return Some(Transition::Verified) };
     let reference = status.backup_reference.clone().unwrap_or_else(|| target.pinned(&backup.spec.digest));
     let digest = reference.rsplit_once('@').map_or(backup.spec.digest.as_str(), |(_, digest)| digest);
     match ctx.registry.manifest_digest(target.repository(), digest).await {

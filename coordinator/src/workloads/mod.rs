@@ -238,6 +238,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
 
 /// Why a workload whose backups are all ready is not moved to them.
 struct LeftAsIs {
+    /// As Events and ImageBackup notes name it (`NotPullable`).
     reason: &'static str,
     message: String,
 }
@@ -271,7 +272,7 @@ fn left_as_is(ctx: &Context, workload: &Workload, record: &Record) -> Option<Lef
 /// Leaves the workload as it is, said once on each of its ImageBackups and
 /// in an Event.
 async fn leave(ctx: &Context, workload: &Workload, names: &[String], why: LeftAsIs) -> Action {
-    ctx.metrics.patched(why.reason);
+    ctx.metrics.patched(&crate::metrics::snake_case(why.reason));
     let mut new = false;
     for name in names {
         new |= follow::set_note(ctx, name, workload, why.reason, &why.message);
