@@ -38,6 +38,28 @@ pub struct TransitionLabel {
     pub transition: String,
 }
 
+/// Label values known up front: their series are exported at zero from the
+/// start, because one that first appears at 1 is invisible to `increase()`
+/// (the first workload restored would never alert), and absent series
+/// cannot be told from a typo in a rule.
+const KINDS: [&str; 3] = ["Deployment", "DaemonSet", "ImageBackup"];
+const PATCH_OUTCOMES: [&str; 11] = [
+    "rewritten",
+    "changed_meanwhile",
+    "waiting_for_slot",
+    "report_only",
+    "not_pullable",
+    "opted_out",
+    "managed",
+    // Held, for the hold's reason.
+    "rollout_failed",
+    "reverted",
+    "restored",
+    "backup_lost",
+];
+const RESTORE_OUTCOMES: [&str; 2] = ["rollout_failed", "backup_lost"];
+const VERIFICATION_OUTCOMES: [&str; 3] = ["present", "missing", "error"];
+
 /// A reason as Events spell it (`NotPullable`), as outcome labels do
 /// (`not_pullable`).
 pub fn snake_case(reason: &str) -> String {
@@ -138,6 +160,22 @@ impl Metrics {
         );
         let kube_requests = Family::<RequestLabel, Counter>::default();
         registry.register("kube_requests", "Requests to the Kubernetes API, by verb", kube_requests.clone());
+        let kind = |kind: &str| KindLabel { kind: kind.into() };
+        let outcome = |outcome: &str| OutcomeLabel { outcome: outcome.into() };
+        for name in KINDS {
+            let _ = reconciles.get_or_create(&kind(name));
+            let _ = reconcile_failures.get_or_create(&kind(name));
+            let _ = reconcile_seconds.get_or_create(&kind(name));
+        }
+        for name in PATCH_OUTCOMES {
+            let _ = patches.get_or_create(&outcome(name));
+        }
+        for name in RESTORE_OUTCOMES {
+            let _ = restores.get_or_create(&outcome(name));
+        }
+        for name in VERIFICATION_OUTCOMES {
+            let _ = verifications.get_or_create(&outcome(name));
+        }
         Arc::new(Self {
             registry,
             reconciles,
@@ -171,11 +209,13 @@ impl Metrics {
 
     /// Counts a reconcile of `kind` and times it until the guard drops.
     pub fn reconcile_started(&self, kind: &'static str) -> ReconcileTimer<'_> {
+        debug_assert!(KINDS.contains(&kind), "{kind} is in KINDS");
         self.reconciles.get_or_create(&KindLabel { kind: kind.into() }).inc();
         ReconcileTimer { metrics: self, kind, start: Instant::now() }
     }
 
     pub fn reconcile_failed(&self, kind: &str) {
+        debug_assert!(KINDS.contains(&kind), "{kind} is in KINDS");
         self.reconcile_failures.get_or_create(&KindLabel { kind: kind.into() }).inc();
     }
 
@@ -203,6 +243,7 @@ impl Metrics {
     }
 
     pub fn patched(&self, outcome: &str) {
+        debug_assert!(PATCH_OUTCOMES.contains(&outcome), "{outcome} is in PATCH_OUTCOMES");
         self.patches.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
@@ -215,13 +256,16 @@ impl Metrics {
     }
 
     pub fn verified(&self, outcome: &str) {
+        debug_assert!(VERIFICATION_OUTCOMES.contains(&outcome), "{outcome} is in VERIFICATION_OUTCOMES");
         self.verifications.get_or_create(&OutcomeLabel { outcome: outcome.into() }).inc();
     }
 
     /// A workload moved back to its original images, for a reason as
     /// Events name it (`RolloutFailed`: outcome `rollout_failed`).
     pub fn restored(&self, reason: &str) {
-        self.restores.get_or_create(&OutcomeLabel { outcome: snake_case(reason) }).inc();
+        let outcome = snake_case(reason);
+        debug_assert!(RESTORE_OUTCOMES.contains(&outcome.as_str()), "{outcome} is in RESTORE_OUTCOMES");
+        self.restores.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// The exposition text, with the gauges read from the hub and the

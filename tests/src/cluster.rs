@@ -562,7 +562,18 @@ impl Workloads {
     }
 }
 
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    if let Err(why) = within(timeout, check).await {
+        panic!("{what}: still not true after {timeout:?}: {why}")
+    }
+}
+
+/// Waits until `check` holds, or says why it did not within `timeout`.
+pub async fn within<F, Fut>(timeout: Duration, mut check: F) -> Result<(), String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
@@ -570,10 +581,8 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match check().await {
-            Ok(()) => return,
-            Err(why) if tokio::time::Instant::now() > deadline => {
-                panic!("{what}: still not true after {timeout:?}: {why}")
-            }
+            Ok(()) => return Ok(()),
+            Err(why) if tokio::time::Instant::now() > deadline => return Err(why),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }

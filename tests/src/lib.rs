@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod identity;
 pub mod image;
+pub mod install;
 pub mod node;
 pub mod one_node;
 pub mod process;

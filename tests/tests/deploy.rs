@@ -201,6 +201,26 @@ fn the_agent_runs_on_every_node_next_to_containerd() {
     assert_eq!(container.args.as_deref().map(|a| a[0].as_str()), Some("run"));
 }
 
+/// deploy/ runs the images `images/build` makes of this version, the tag
+/// the binaries' `--version` and the images' labels carry.
+#[test]
+fn the_images_are_pinned_to_the_workspace_version() {
+    let objects = manifests();
+    let version = env!("CARGO_PKG_VERSION");
+    let deployment: Deployment = find(&objects, "Deployment", "image-backup-coordinator");
+    let daemonset: DaemonSet = find(&objects, "DaemonSet", "image-backup-agent");
+    for (pod, binary) in [
+        (deployment.spec.template.spec.unwrap(), "image-backup-coordinator"),
+        (daemonset.spec.template.spec.unwrap(), "image-backup-agent"),
+    ] {
+        assert_eq!(pod.containers[0].image.as_deref(), Some(format!("ghcr.io/k8slab/{binary}:{version}").as_str()));
+    }
+    let coordinator = image_backup_coordinator::cli::Cli::command();
+    let agent = image_backup_agent::cli::Cli::command();
+    assert_eq!(coordinator.get_version(), Some(version));
+    assert_eq!(agent.get_version(), Some(version));
+}
+
 #[test]
 fn pods_run_hardened_and_only_the_coordinator_writes_imagebackups() {
     let objects = manifests();
