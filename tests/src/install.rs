@@ -26,9 +26,21 @@ pub fn checkout() -> PathBuf {
 }
 
 /// `images/build --push`: both images, from this checkout, into the
-/// plain-HTTP registry `registry`, with buildah in a store of the test's own.
-/// Returns the repository the images are in.
+/// plain-HTTP registry `registry`. Returns the repository the images are in.
 pub async fn build_and_push(registry: &str) -> anyhow::Result<String> {
+    let repository = format!("{registry}/{REPOSITORY}");
+    images_build(&["--push", &repository, "--insecure"]).await?;
+    Ok(repository)
+}
+
+/// `images/build --archive`: both images as OCI archives in `dir`, named
+/// as deploy/ names them.
+pub async fn build_archives(dir: &Path) -> anyhow::Result<()> {
+    images_build(&["--archive", &dir.display().to_string()]).await
+}
+
+/// `images/build ARGS` with buildah, in a store of the test's own.
+async fn images_build(args: &[&str]) -> anyhow::Result<()> {
     let store = tempfile::tempdir()?;
     let storage = store.path().join("storage.conf");
     std::fs::write(
@@ -42,16 +54,15 @@ pub async fn build_and_push(registry: &str) -> anyhow::Result<String> {
     // Nothing is looked up anywhere: FROM scratch names no registry.
     let registries = store.path().join("registries.conf");
     std::fs::write(&registries, "unqualified-search-registries = []\n")?;
-    let repository = format!("{registry}/{REPOSITORY}");
     let output = tokio::process::Command::new(checkout().join("images/build"))
-        .args(["--push", &repository, "--insecure", "--builder", "buildah"])
+        .args(args)
+        .args(["--builder", "buildah"])
         .env("CONTAINERS_STORAGE_CONF", &storage)
         .env("CONTAINERS_REGISTRIES_CONF", &registries)
         .output()
         .await
         .context("running images/build")?;
-    check("images/build", &output)?;
-    Ok(repository)
+    check("images/build", &output)
 }
 
 /// Where the installed pods reach what the test runs.

@@ -16,8 +16,8 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
     Registry, RegistryAuth, TestImage,
     cluster::{eventually, within},
-    install::{Install, Settings, build_and_push},
-    node::{rolled_out, runnable_image, scene, sleeper},
+    install::{Install, Settings, build_and_push, build_archives, checkout},
+    node::{K8S_NAMESPACE, RealNode, rolled_out, runnable_image, scene, sleeper},
 };
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
@@ -27,6 +27,7 @@ use kube::{
     Api,
     api::{ListParams, PostParams},
 };
+use serde_json::{Value, json};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -42,9 +43,20 @@ async fn deploy_runs_on_a_real_node_and_moves_a_workload_to_its_backup() {
 
     // The images, as a user builds them, with the workspace's version.
     let repository = build_and_push(&images.host()).await.unwrap();
-    for name in ["image-backup-coordinator", "image-backup-agent"] {
-        let manifest = images.manifest(&format!("k8slab/{name}"), VERSION).await.unwrap();
-        assert!(manifest.is_some(), "{repository}/{name}:{VERSION} pushed");
+    let mut pushed = Vec::new();
+    for (name, user) in [("image-backup-coordinator", "65532:65532"), ("image-backup-agent", "0:0")] {
+        pushed.push((name, looks_right(&images, name, user).await));
+    }
+    // Or as archives for nodes: the same images, which containerd loads.
+    let archives = tempfile::tempdir().unwrap();
+    build_archives(archives.path()).await.unwrap();
+    for (name, digest) in &pushed {
+        let file = archives.path().join(format!("{name}-{VERSION}.tar"));
+        assert_eq!(&archived_digest(&file), digest, "one commit, one image");
+        let reference = format!("ghcr.io/k8slab/{name}:{VERSION}");
+        let listed = ctr(&node, &["images", "import", &file.display().to_string()]);
+        assert!(listed.contains(&reference), "{listed}");
+        ctr(&node, &["images", "rm", &reference]);
     }
 
     // A workload the kubelet runs from its source, which is gone before
@@ -132,6 +144,73 @@ async fn deploy_runs_on_a_real_node_and_moves_a_workload_to_its_backup() {
     assert!(value("image_backup_jobs{phase=\"Completed\"}") >= Some(1.0), "{metrics}");
     drop(install);
     Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).delete(&ns, &Default::default()).await.unwrap();
+}
+
+/// What a user checks of a pushed image: the version, commit and source in
+/// its labels, the user it runs as, and that it holds its binary and
+/// nothing else. Returns its digest.
+async fn looks_right(images: &Registry, name: &str, user: &str) -> String {
+    let repository = format!("k8slab/{name}");
+    let manifest = images.manifest(&repository, VERSION).await.unwrap();
+    let manifest = manifest.unwrap_or_else(|| panic!("{repository}:{VERSION} pushed"));
+    let body: Value = serde_json::from_slice(&manifest.bytes).unwrap();
+    let config = images.blob(&repository, body["config"]["digest"].as_str().unwrap()).await.unwrap().unwrap();
+    let config: Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["config"]["User"], user, "{name}");
+    assert_eq!(config["config"]["Entrypoint"], json!([format!("/{name}")]));
+    let labels = &config["config"]["Labels"];
+    assert_eq!(labels["org.opencontainers.image.version"], VERSION);
+    assert_eq!(labels["org.opencontainers.image.revision"], revision());
+    assert_eq!(labels["org.opencontainers.image.source"], "https://github.com/k8slab/image-backup");
+    let mut files = Vec::new();
+    for layer in body["layers"].as_array().unwrap() {
+        let blob = images.blob(&repository, layer["digest"].as_str().unwrap()).await.unwrap().unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            if entry.header().entry_type().is_file() {
+                files.push(entry.path().unwrap().display().to_string());
+            }
+        }
+    }
+    assert_eq!(files, [name], "the image holds its binary alone");
+    manifest.digest
+}
+
+/// The commit `images/build` labels the images with.
+fn revision() -> String {
+    let output = std::process::Command::new("git").arg("-C").arg(checkout()).args(["rev-parse", "HEAD"]).output();
+    match output {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => "unknown".into(),
+    }
+}
+
+/// The manifest digest of the one image in an OCI archive.
+fn archived_digest(file: &std::path::Path) -> String {
+    let mut archive = tar::Archive::new(std::fs::File::open(file).unwrap());
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().unwrap().to_str() == Some("index.json") {
+            let index: Value = serde_json::from_reader(entry).unwrap();
+            return index["manifests"][0]["digest"].as_str().unwrap().to_string();
+        }
+    }
+    panic!("{} has no index.json", file.display())
+}
+
+/// `ctr ARGS` on the node's containerd, in the kubelet's namespace.
+fn ctr(node: &RealNode, args: &[&str]) -> String {
+    let output = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&node.containerd_socket)
+        .args(["--namespace", K8S_NAMESPACE])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "ctr {args:?}: {text}{}", String::from_utf8_lossy(&output.stderr));
+    text
 }
 
 /// A runnable image: busybox, sleeping.
