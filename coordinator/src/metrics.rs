@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Instant};
 
 use image_backup_crds::{ImageBackup, Phase};
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::Store;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -79,6 +80,7 @@ pub struct Metrics {
     reconcile_failures: Family<KindLabel, Counter>,
     reconcile_seconds: Family<KindLabel, Histogram>,
     jobs: Family<PhaseLabel, Gauge>,
+    oldest_unfinished: Gauge,
     agents: Gauge,
     status_writes: Family<TransitionLabel, Counter>,
     bytes_pushed: Counter,
@@ -124,6 +126,12 @@ impl Metrics {
         registry.register("reconcile_duration_seconds", "Duration of reconciles, by kind", reconcile_seconds.clone());
         let jobs = Family::<PhaseLabel, Gauge>::default();
         registry.register("jobs", "ImageBackups by phase", jobs.clone());
+        let oldest_unfinished = Gauge::default();
+        registry.register(
+            "oldest_unfinished_backup_seconds",
+            "Age of the oldest ImageBackup still Pending, Assigned or Pushing (0 when none)",
+            oldest_unfinished.clone(),
+        );
         let agents = Gauge::default();
         registry.register("connected_agents", "Agents with a live session", agents.clone());
         let status_writes = Family::<TransitionLabel, Counter>::default();
@@ -182,6 +190,7 @@ impl Metrics {
             reconcile_failures,
             reconcile_seconds,
             jobs,
+            oldest_unfinished,
             agents,
             status_writes,
             bytes_pushed,
@@ -273,9 +282,19 @@ impl Metrics {
     pub fn render(&self, hub: &AgentHub, backups: &Store<ImageBackup>) -> String {
         self.agents.set(i64::try_from(hub.count()).unwrap_or(i64::MAX));
         let mut counts = [0i64; 5];
+        let mut oldest = None;
         for backup in backups.state() {
-            counts[phase_index(backup.status.as_ref().map(|s| s.phase).unwrap_or_default())] += 1;
+            let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            counts[phase_index(phase)] += 1;
+            let created = backup.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            if let Some(created) = created.filter(|_| !matches!(phase, Phase::Completed | Phase::Failed)) {
+                oldest = Some(oldest.map_or(created, |o: Timestamp| o.min(created)));
+            }
         }
+        // A gauge of waits, not a count of waiting backups: an alert on the
+        // count would fire on any busy cluster where some copy always runs.
+        let age = oldest.map_or(0, |created| (Timestamp::now().as_second() - created.as_second()).max(0));
+        self.oldest_unfinished.set(age);
         for (phase, count) in ["Pending", "Assigned", "Pushing", "Completed", "Failed"].into_iter().zip(counts) {
             self.jobs.get_or_create(&PhaseLabel { phase: phase.into() }).set(count);
         }

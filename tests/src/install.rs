@@ -89,8 +89,6 @@ impl Install {
     pub async fn apply(node: &RealNode, settings: &Settings<'_>) -> anyhow::Result<Self> {
         let config = crate::kube_config(&node.kubeconfig).await?;
         let api_port = config.cluster_url.port_u16().context("the API server's port")?;
-        let content_dir = std::env::var("K8S_CONTAINERD_CONTENT_DIR")
-            .context("K8S_CONTAINERD_CONTENT_DIR (what the cluster script's env prints)")?;
         let grpc_port = crate::process::free_port()?;
         let metrics_port = crate::process::free_port()?;
 
@@ -100,7 +98,7 @@ impl Install {
             settings,
             Ports { api: api_port, grpc: grpc_port, metrics: metrics_port },
             &node.containerd_socket,
-            Path::new(&content_dir),
+            &node.content_dir,
         );
         std::fs::write(overlay.path().join("kustomization.yaml"), serde_yaml::to_string(&kustomization)?)?;
 

@@ -18,6 +18,8 @@ pub struct RealNode {
     pub kubeconfig: PathBuf,
     pub node_name: String,
     pub containerd_socket: PathBuf,
+    /// containerd's content directory, as containerd reports it.
+    pub content_dir: PathBuf,
     certs_d: PathBuf,
     /// The cluster's state directory: the kubelet's pod volumes are under it.
     cluster_dir: PathBuf,
@@ -25,8 +27,9 @@ pub struct RealNode {
 }
 
 impl RealNode {
-    /// The cluster from `KUBECONFIG`, `K8S_NODE_NAME`, `K8S_CONTAINERD_SOCKET`
-    /// and `K8S_CERTS_D`, as the cluster script's `env` prints them; `None`
+    /// The cluster from `KUBECONFIG`, `K8S_NODE_NAME`, `K8S_CONTAINERD_SOCKET`,
+    /// `K8S_CONTAINERD_CONTENT_DIR`, `K8S_CERTS_D`, `K8S_CLUSTER_DIR` and
+    /// `K8S_PAUSE_IMAGE`, as the cluster script's `env` prints them; `None`
     /// when any is unset.
     pub fn from_env() -> Option<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -34,6 +37,7 @@ impl RealNode {
             kubeconfig: var("KUBECONFIG")?.into(),
             node_name: var("K8S_NODE_NAME")?,
             containerd_socket: var("K8S_CONTAINERD_SOCKET")?.into(),
+            content_dir: var("K8S_CONTAINERD_CONTENT_DIR")?.into(),
             certs_d: var("K8S_CERTS_D")?.into(),
             cluster_dir: var("K8S_CLUSTER_DIR")?.into(),
             pause_image: var("K8S_PAUSE_IMAGE")?,
@@ -118,15 +122,44 @@ fn in_namespace<T>(message: T) -> Request<T> {
 /// test is skipped) without a real node. One test at a time per node.
 pub async fn scene() -> Option<(RealNode, kube::Client, String)> {
     let Some(node) = RealNode::from_env() else {
-        eprintln!("skipped: no real node (KUBECONFIG, K8S_NODE_NAME, K8S_CONTAINERD_SOCKET, K8S_CERTS_D unset)");
+        eprintln!("skipped: no real node (what the cluster script's env prints: KUBECONFIG, K8S_NODE_NAME, ... unset)");
         return None;
     };
     crate::init_tracing();
     let client = node.client().await.expect("a client for the real cluster");
     let ns = format!("e2e-{:x}", rand::random::<u32>());
     crate::cluster::prepare(&client, &[&ns]).await;
+    stop_installed(&client).await;
     forget_backups(&client).await;
     Some((node, client, ns))
+}
+
+/// Stops a coordinator and agents that `tests/tests/install.rs` installed
+/// and could not remove (a killed run): they would take over this test's
+/// workloads.
+async fn stop_installed(client: &kube::Client) {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    use kube::api::DeleteParams;
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), "image-backup");
+    let daemonsets: kube::Api<DaemonSet> = kube::Api::namespaced(client.clone(), "image-backup");
+    // Foreground: the objects stay until their pods are gone.
+    let params = DeleteParams::foreground();
+    let name = "image-backup-coordinator";
+    let coordinator = deployments.delete(name, &params).await.is_ok();
+    let agent = daemonsets.delete("image-backup-agent", &params).await.is_ok();
+    if !(coordinator || agent) {
+        return;
+    }
+    crate::cluster::eventually(
+        "the installed coordinator and agents stopped",
+        std::time::Duration::from_secs(120),
+        || async {
+            let left = deployments.get_opt(name).await.map_err(|e| e.to_string())?.is_some()
+                || daemonsets.get_opt("image-backup-agent").await.map_err(|e| e.to_string())?.is_some();
+            if left { Err("still there".to_string()) } else { Ok(()) }
+        },
+    )
+    .await;
 }
 
 /// A runnable single-platform image of its own: busybox, and a file that

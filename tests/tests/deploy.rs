@@ -219,6 +219,10 @@ fn the_images_are_pinned_to_the_workspace_version() {
     let agent = image_backup_agent::cli::Cli::command();
     assert_eq!(coordinator.get_version(), Some(version));
     assert_eq!(agent.get_version(), Some(version));
+    // A `docker build` that names no VERSION labels the images with this.
+    let containerfile =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Containerfile")).unwrap();
+    assert!(containerfile.lines().any(|l| l == format!("ARG VERSION={version}")), "Containerfile's ARG VERSION");
 }
 
 #[test]

@@ -53,6 +53,28 @@ async fn the_rules_read_only_metrics_the_coordinator_exports() {
         let known = exported.contains(name) || recorded.contains(name) || EXTERNAL.contains(&name.as_str());
         assert!(known, "the rules read {name}, which nothing exports; the coordinator exports {exported:?}");
     }
+    // And every value they match on the coordinator's metrics is one it
+    // exports (known values are exported at zero from the start).
+    let samples = sample_labels(&text);
+    for group in rules["spec"]["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            for (name, matchers) in selectors(rule["expr"].as_str().unwrap()) {
+                if !name.starts_with("image_backup_") {
+                    continue;
+                }
+                for (label, op, value) in matchers {
+                    let values: Vec<&str> = if op == "=~" { value.split('|').collect() } else { vec![&value] };
+                    for value in values {
+                        let known = samples.contains(&(name.clone(), label.clone(), value.to_string()));
+                        assert!(
+                            known,
+                            "the rules match {name}{{{label}{op}\"{value}\"}}, which the coordinator never exports"
+                        );
+                    }
+                }
+            }
+        }
+    }
     // Each of the coordinator's metrics a team needs an alert on is read.
     for name in [
         "image_backup_jobs",
@@ -109,10 +131,19 @@ fn sample_names(text: &str) -> BTreeSet<String> {
 /// The metric names a PromQL expression reads: identifiers that are not
 /// functions, aggregations, keywords, label names or durations.
 fn metric_names(expr: &str) -> BTreeSet<String> {
+    selectors(expr).into_iter().map(|(name, _)| name).collect()
+}
+
+/// A label matcher: label, operator, value.
+type Matcher = (String, String, String);
+
+/// The series selectors of a PromQL expression: each metric name with the
+/// label matchers that follow it.
+fn selectors(expr: &str) -> Vec<(String, Vec<Matcher>)> {
     const KEYWORDS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     const OPERATORS: &[&str] = &["and", "or", "unless", "bool", "offset"];
     let chars: Vec<char> = expr.chars().collect();
-    let mut names = BTreeSet::new();
+    let mut names = Vec::new();
     let mut i = 0;
     // Skips from an opening bracket to just past its closing one (label
     // matchers, ranges and grouping lists do not nest).
@@ -147,7 +178,14 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                     i = skip_to(open, ')');
                 }
             } else if !called && !OPERATORS.contains(&word.as_str()) {
-                names.insert(word);
+                let mut matchers = Vec::new();
+                if chars.get(i) == Some(&'{') {
+                    let end = skip_to(i, '}');
+                    let inside: String = chars[i + 1..end - 1].iter().collect();
+                    matchers = inside.split(',').filter_map(matcher).collect();
+                    i = end;
+                }
+                names.push((word, matchers));
             }
         } else {
             i += 1;
@@ -156,9 +194,37 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
+/// `label="value"`, `label=~"a|b"` and the negated forms.
+fn matcher(text: &str) -> Option<Matcher> {
+    let op_at = text.find(['=', '!'])?;
+    let label = text[..op_at].trim();
+    let rest = &text[op_at..];
+    let op_len = if rest.starts_with("=~") || rest.starts_with("!=") || rest.starts_with("!~") { 2 } else { 1 };
+    let value = rest[op_len..].trim().trim_matches('"');
+    Some((label.to_string(), rest[..op_len].to_string(), value.to_string()))
+}
+
+/// `(name, label, value)` of every sample in the exposition.
+fn sample_labels(text: &str) -> BTreeSet<(String, String, String)> {
+    let mut labels = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, rest)) = line.split_once('{') else { continue };
+        let Some((inside, _)) = rest.split_once('}') else { continue };
+        for pair in inside.split(',') {
+            if let Some((label, value)) = pair.split_once('=') {
+                labels.insert((name.to_string(), label.to_string(), value.trim_matches('"').to_string()));
+            }
+        }
+    }
+    labels
+}
+
 #[test]
 fn metric_names_skip_functions_labels_and_durations() {
     let expr = "histogram_quantile(0.99, sum by (kind, le) (rate(a_bucket{x=\"y\"}[5m]))) - on() b > 0 and c:d";
     let names: Vec<String> = metric_names(expr).into_iter().collect();
     assert_eq!(names, ["a_bucket", "b", "c:d"]);
+    let with_matchers = selectors("sum(m{phase=~\"A|B\", kind=\"X\"})");
+    let matchers = vec![("phase".into(), "=~".into(), "A|B".into()), ("kind".into(), "=".into(), "X".into())];
+    assert_eq!(with_matchers, [("m".to_string(), matchers)]);
 }
