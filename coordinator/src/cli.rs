@@ -29,8 +29,10 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Backup registry host (host[:port]).
-    #[arg(long, env = "IMAGE_BACKUP_REGISTRY")]
-    pub backup_registry: String,
+    // An Option that clap requires unless a subcommand is given: a plain
+    // String is demanded by the derive even when `restore` negated it.
+    #[arg(long, env = "IMAGE_BACKUP_REGISTRY", required = true)]
+    pub backup_registry: Option<String>,
     /// Repository prefix in the backup registry.
     #[arg(long, env = "IMAGE_BACKUP_PREFIX", default_value = "backup")]
     pub backup_prefix: String,
@@ -221,7 +223,11 @@ impl TrustArgs {
 impl Cli {
     pub fn config(&self) -> CoordinatorConfig {
         CoordinatorConfig {
-            backup: BackupTarget { registry: self.backup_registry.clone(), prefix: self.backup_prefix.clone() },
+            // Present whenever the coordinator runs (clap requires it).
+            backup: BackupTarget {
+                registry: self.backup_registry.clone().unwrap_or_default(),
+                prefix: self.backup_prefix.clone(),
+            },
             registry: self
                 .registry
                 .config(RetryPolicy { max_elapsed: Duration::from_secs(20), ..RetryPolicy::default() }),
@@ -256,5 +262,29 @@ impl Cli {
                 duration: self.lease_duration,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn restore_needs_only_its_own_flags() {
+        let args = ["image-backup-coordinator", "restore", "--backup-registry", "backup.example", "--all"];
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+        let Some(Command::Restore(restore)) = cli.command else { panic!("restore") };
+        assert_eq!(restore.backup_registry, "backup.example");
+        assert!(restore.all);
+    }
+
+    #[test]
+    fn running_needs_the_backup_registry() {
+        let error = Cli::try_parse_from(["image-backup-coordinator"]).map(|_| ()).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli = Cli::try_parse_from(["image-backup-coordinator", "--backup-registry", "backup.example"]).unwrap();
+        assert_eq!(cli.config().backup.registry, "backup.example");
     }
 }
