@@ -281,20 +281,12 @@ impl Metrics {
     /// ImageBackup store now.
     pub fn render(&self, hub: &AgentHub, backups: &Store<ImageBackup>) -> String {
         self.agents.set(i64::try_from(hub.count()).unwrap_or(i64::MAX));
+        let state = backups.state();
         let mut counts = [0i64; 5];
-        let mut oldest = None;
-        for backup in backups.state() {
-            let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
-            counts[phase_index(phase)] += 1;
-            let created = backup.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            if let Some(created) = created.filter(|_| !matches!(phase, Phase::Completed | Phase::Failed)) {
-                oldest = Some(oldest.map_or(created, |o: Timestamp| o.min(created)));
-            }
+        for backup in &state {
+            counts[phase_index(phase_of(backup))] += 1;
         }
-        // A gauge of waits, not a count of waiting backups: an alert on the
-        // count would fire on any busy cluster where some copy always runs.
-        let age = oldest.map_or(0, |created| (Timestamp::now().as_second() - created.as_second()).max(0));
-        self.oldest_unfinished.set(age);
+        self.oldest_unfinished.set(oldest_unfinished(&state, Timestamp::now()));
         for (phase, count) in ["Pending", "Assigned", "Pushing", "Completed", "Failed"].into_iter().zip(counts) {
             self.jobs.get_or_create(&PhaseLabel { phase: phase.into() }).set(count);
         }
@@ -304,6 +296,24 @@ impl Metrics {
         }
         text
     }
+}
+
+fn phase_of(backup: &ImageBackup) -> Phase {
+    backup.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+/// Seconds since the oldest ImageBackup not yet Completed or Failed was
+/// made, 0 when none: a gauge of waits, not a count of waiting backups,
+/// since an alert on the count would fire on any busy cluster where some
+/// copy always runs.
+fn oldest_unfinished(backups: &[Arc<ImageBackup>], now: Timestamp) -> i64 {
+    backups
+        .iter()
+        .filter(|b| !matches!(phase_of(b), Phase::Completed | Phase::Failed))
+        .filter_map(|b| b.metadata.creation_timestamp.as_ref())
+        .map(|created| (now.as_second() - created.0.as_second()).max(0))
+        .max()
+        .unwrap_or(0)
 }
 
 fn phase_index(phase: Phase) -> usize {
@@ -318,6 +328,33 @@ fn phase_index(phase: Phase) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, Phase};
+    use k8s_openapi::{
+        apimachinery::pkg::apis::meta::v1::Time,
+        jiff::{SignedDuration, Timestamp},
+    };
+
+    #[test]
+    fn the_oldest_unfinished_backup_is_timed_from_its_creation() {
+        let now: Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let backup = |minutes_ago: i64, phase: Phase| {
+            let spec = ImageBackupSpec { source: "docker.io/library/nginx:1.25".into(), digest: "sha256:0".into() };
+            let mut backup = ImageBackup::new("b", spec);
+            let created = now.checked_sub(SignedDuration::from_mins(minutes_ago)).unwrap();
+            backup.metadata.creation_timestamp = Some(Time(created));
+            backup.status = Some(ImageBackupStatus { phase, ..Default::default() });
+            Arc::new(backup)
+        };
+        assert_eq!(super::oldest_unfinished(&[], now), 0);
+        let finished = [backup(300, Phase::Completed), backup(200, Phase::Failed)];
+        assert_eq!(super::oldest_unfinished(&finished, now), 0, "finished backups wait for nothing");
+        let waiting =
+            [finished[0].clone(), backup(30, Phase::Pending), backup(90, Phase::Pushing), backup(5, Phase::Assigned)];
+        assert_eq!(super::oldest_unfinished(&waiting, now), 90 * 60);
+    }
+
     #[test]
     fn outcomes_are_snake_case() {
         assert_eq!(super::snake_case("NotPullable"), "not_pullable");

@@ -216,8 +216,12 @@ pub struct TestImage {
 
 impl TestImage {
     pub fn single(media: MediaTypes, layer_sizes: &[usize], seed: u64) -> Self {
-        let platforms = vec![PlatformImage::build(media, layer_sizes, "linux", "amd64", seed)];
-        Self { media, platforms, attestations: Vec::new(), index: None }
+        Self::of(media, PlatformImage::build(media, layer_sizes, "linux", "amd64", seed))
+    }
+
+    /// One platform's image alone, no index.
+    pub fn of(media: MediaTypes, platform: PlatformImage) -> Self {
+        Self { media, platforms: vec![platform], attestations: Vec::new(), index: None }
     }
 
     /// An index over `architectures`, each with its own random layers.

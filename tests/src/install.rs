@@ -250,10 +250,6 @@ fn check(what: &str, output: &Output) -> anyhow::Result<()> {
     if output.status.success() {
         return Ok(());
     }
-    let tail = |bytes: &[u8]| {
-        let text = String::from_utf8_lossy(bytes);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    };
+    let tail = |bytes: &[u8]| crate::process::last_lines(&String::from_utf8_lossy(bytes), 40);
     bail!("{what} failed ({}):\n{}\n{}", output.status, tail(&output.stdout), tail(&output.stderr))
 }

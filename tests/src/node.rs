@@ -226,10 +226,9 @@ pub async fn forget_backups(client: &kube::Client) {
     let backups: kube::Api<image_backup_crds::ImageBackup> = kube::Api::all(client.clone());
     let all = ListParams::default();
     backups.delete_collection(&DeleteParams::default(), &all).await.expect("delete ImageBackups");
-    for _ in 0..100 {
-        if backups.list_metadata(&all).await.is_ok_and(|list| list.items.is_empty()) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    crate::cluster::eventually("every ImageBackup gone", std::time::Duration::from_secs(10), || async {
+        let left = backups.list_metadata(&all).await.map_err(|e| e.to_string())?.items.len();
+        if left == 0 { Ok(()) } else { Err(format!("{left} left")) }
+    })
+    .await;
 }

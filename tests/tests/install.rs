@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
-    Registry, RegistryAuth, TestImage,
+    MediaTypes, Registry, RegistryAuth, TestImage,
     cluster::{eventually, within},
     install::{Install, Settings, build_and_push, build_archives, checkout},
     node::{K8S_NAMESPACE, RealNode, rolled_out, runnable_image, scene, sleeper},
@@ -61,7 +61,8 @@ async fn deploy_runs_on_a_real_node_and_moves_a_workload_to_its_backup() {
 
     // A workload the kubelet runs from its source, which is gone before
     // anything is installed: the agent can only copy from the node.
-    source.push("e2e/sleeper", "1", &sleeper_image()).await.unwrap();
+    let image = TestImage::of(MediaTypes::Oci, runnable_image());
+    source.push("e2e/sleeper", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/sleeper:1", source.host());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     deployments.create(&PostParams::default(), &sleeper(&ns, "sleeper", &source_ref)).await.unwrap();
@@ -69,7 +70,7 @@ async fn deploy_runs_on_a_real_node_and_moves_a_workload_to_its_backup() {
         rolled_out(&deployments, "sleeper", None)
     })
     .await;
-    let digest = running_digest(&client, &ns).await;
+    let digest = image.digest();
     let source_host = source.host();
     drop(source);
 
@@ -104,7 +105,7 @@ async fn deploy_runs_on_a_real_node_and_moves_a_workload_to_its_backup() {
     if let Err(why) = moved {
         panic!("the workload was not moved to {pinned} ({why}):\n{}", install.diagnose());
     }
-    let stored = backup.manifest(&backup_path, &digest).await.unwrap();
+    let stored = backup.manifest(&backup_path, digest).await.unwrap();
     assert!(stored.is_some(), "{pinned} is in the backup registry");
     let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&source_ref).unwrap());
     let status = Api::<ImageBackup>::all(client.clone()).get(&name).await.unwrap().status.unwrap();
@@ -211,22 +212,4 @@ fn ctr(node: &RealNode, args: &[&str]) -> String {
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "ctr {args:?}: {text}{}", String::from_utf8_lossy(&output.stderr));
     text
-}
-
-/// A runnable image: busybox, sleeping.
-fn sleeper_image() -> TestImage {
-    TestImage {
-        media: image_backup_tests::MediaTypes::Oci,
-        platforms: vec![runnable_image()],
-        attestations: Vec::new(),
-        index: None,
-    }
-}
-
-/// The digest the workload's pod runs, as its kubelet reports it.
-async fn running_digest(client: &kube::Client, ns: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels("app=sleeper")).await.unwrap();
-    let status = list.items[0].status.clone().unwrap().container_statuses.unwrap().remove(0);
-    status.image_id.rsplit_once('@').unwrap().1.to_string()
 }

@@ -33,11 +33,10 @@ async fn the_rules_read_only_metrics_the_coordinator_exports() {
 
     let rules = component("rules.yaml");
     let mut recorded = BTreeSet::new();
-    let mut read = BTreeSet::new();
+    let mut selected = Vec::new();
     for group in rules["spec"]["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
-            let expr = rule["expr"].as_str().unwrap();
-            read.extend(metric_names(expr));
+            selected.extend(selectors(rule["expr"].as_str().unwrap()));
             if let Some(name) = rule["record"].as_str() {
                 recorded.insert(name.to_string());
             } else {
@@ -49,29 +48,20 @@ async fn the_rules_read_only_metrics_the_coordinator_exports() {
             }
         }
     }
-    for name in &read {
-        let known = exported.contains(name) || recorded.contains(name) || EXTERNAL.contains(&name.as_str());
+    let read: BTreeSet<&str> = selected.iter().map(|(name, _)| name.as_str()).collect();
+    for &name in &read {
+        let known = exported.contains(name) || recorded.contains(name) || EXTERNAL.contains(&name);
         assert!(known, "the rules read {name}, which nothing exports; the coordinator exports {exported:?}");
     }
     // And every value they match on the coordinator's metrics is one it
     // exports (known values are exported at zero from the start).
     let samples = sample_labels(&text);
-    for group in rules["spec"]["groups"].as_array().unwrap() {
-        for rule in group["rules"].as_array().unwrap() {
-            for (name, matchers) in selectors(rule["expr"].as_str().unwrap()) {
-                if !name.starts_with("image_backup_") {
-                    continue;
-                }
-                for (label, op, value) in matchers {
-                    let values: Vec<&str> = if op == "=~" { value.split('|').collect() } else { vec![&value] };
-                    for value in values {
-                        let known = samples.contains(&(name.clone(), label.clone(), value.to_string()));
-                        assert!(
-                            known,
-                            "the rules match {name}{{{label}{op}\"{value}\"}}, which the coordinator never exports"
-                        );
-                    }
-                }
+    for (name, matchers) in selected.iter().filter(|(name, _)| name.starts_with("image_backup_")) {
+        for (label, op, value) in matchers {
+            let values: Vec<&str> = if op == "=~" { value.split('|').collect() } else { vec![value] };
+            for value in values {
+                let known = samples.contains(&(name.clone(), label.clone(), value.to_string()));
+                assert!(known, "the rules match {name}{{{label}{op}\"{value}\"}}, which the coordinator never exports");
             }
         }
     }
@@ -128,17 +118,12 @@ fn sample_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// The metric names a PromQL expression reads: identifiers that are not
-/// functions, aggregations, keywords, label names or durations.
-fn metric_names(expr: &str) -> BTreeSet<String> {
-    selectors(expr).into_iter().map(|(name, _)| name).collect()
-}
-
 /// A label matcher: label, operator, value.
 type Matcher = (String, String, String);
 
-/// The series selectors of a PromQL expression: each metric name with the
-/// label matchers that follow it.
+/// The series selectors of a PromQL expression: each metric name (an
+/// identifier that is not a function, aggregation, keyword, label name or
+/// duration) with the label matchers that follow it.
 fn selectors(expr: &str) -> Vec<(String, Vec<Matcher>)> {
     const KEYWORDS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     const OPERATORS: &[&str] = &["and", "or", "unless", "bool", "offset"];
@@ -222,7 +207,7 @@ fn sample_labels(text: &str) -> BTreeSet<(String, String, String)> {
 #[test]
 fn metric_names_skip_functions_labels_and_durations() {
     let expr = "histogram_quantile(0.99, sum by (kind, le) (rate(a_bucket{x=\"y\"}[5m]))) - on() b > 0 and c:d";
-    let names: Vec<String> = metric_names(expr).into_iter().collect();
+    let names: Vec<String> = selectors(expr).into_iter().map(|(name, _)| name).collect();
     assert_eq!(names, ["a_bucket", "b", "c:d"]);
     let with_matchers = selectors("sum(m{phase=~\"A|B\", kind=\"X\"})");
     let matchers = vec![("phase".into(), "=~".into(), "A|B".into()), ("kind".into(), "=".into(), "X".into())];

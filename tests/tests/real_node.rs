@@ -57,7 +57,7 @@ async fn backup_then_pull_again(multi: bool) {
         let attestation = |seed| PlatformImage::build(MediaTypes::Oci, &[1 << 10], "unknown", "unknown", seed);
         TestImage::indexed(MediaTypes::Oci, vec![platform, arm64], vec![attestation(62), attestation(63)])
     } else {
-        TestImage { media: MediaTypes::Oci, platforms: vec![platform], attestations: Vec::new(), index: None }
+        TestImage::of(MediaTypes::Oci, platform)
     };
     source.push("e2e/sleeper", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/sleeper:1", source.host());

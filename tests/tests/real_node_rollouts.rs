@@ -41,8 +41,7 @@ async fn a_rollout_whose_pods_cannot_pull_the_backup_is_undone() {
     node.trust_plain_http(&proxy.host()).unwrap();
 
     // A runnable image of its own, in the source.
-    let image =
-        TestImage { media: MediaTypes::Oci, platforms: vec![runnable_image()], attestations: Vec::new(), index: None };
+    let image = TestImage::of(MediaTypes::Oci, runnable_image());
     source.push("e2e/undo", "1", &image).await.unwrap();
     let source_ref = format!("{}/e2e/undo:1", source.host());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
