@@ -239,15 +239,11 @@ impl ContentStore {
 
     /// Every image record in the namespace.
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
-        self.list_images_filtered(Vec::new()).await
-    }
-
-    async fn list_images_filtered(&self, filters: Vec<String>) -> Result<Vec<ImageRecord>, ContainerdError> {
         let mut images = ImagesClient::new(self.channel.clone());
         let reply = images
-            .list(self.request(ListImagesRequest { filters: filters.clone() }))
+            .list(self.request(ListImagesRequest { filters: Vec::new() }))
             .await
-            .map_err(|status| call_error("Images.List", &filters.join(","), status))?;
+            .map_err(|status| call_error("Images.List", "every image", status))?;
         Ok(reply
             .into_inner()
             .images
@@ -257,9 +253,11 @@ impl ContentStore {
     }
 
     /// Finds the image the kubelet ran under `reference`. The CRI plugin
-    /// records a pulled image under its tag and under `name@digest`; a
-    /// reference with a digest also matches any record whose target has that
-    /// digest, since the pods' `imageID` names the digest, not the tag.
+    /// records a pulled image under its tag and under `name@digest`; only
+    /// those records count, never another repository's with the same
+    /// digest: an agent publishes only what its node pulled as the source
+    /// it was asked for, so no assignment can make it publish an image
+    /// another tenant pulled, under this source's name.
     pub async fn resolve(&self, reference: &ImageRef) -> Result<ImageRecord, ContainerdError> {
         let mut names = vec![reference.to_string()];
         if let Some(digest) = reference.digest() {
@@ -271,12 +269,6 @@ impl ContentStore {
             if let Some(record) = self.get_image(&name).await?
                 && reference.digest().is_none_or(|d| d == record.target.digest)
             {
-                return Ok(record);
-            }
-        }
-        if let Some(digest) = reference.digest() {
-            let filter = format!("target.digest=={digest}");
-            if let Some(record) = self.list_images_filtered(vec![filter]).await?.into_iter().next() {
                 return Ok(record);
             }
         }

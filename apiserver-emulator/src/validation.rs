@@ -16,16 +16,23 @@ const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case a
                          must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used \
                          for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
 
-fn is_label(s: &str) -> bool {
+/// A DNS-1123 label's regex: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`.
+fn matches_label_regex(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
 
+fn is_label(s: &str) -> bool {
+    s.len() <= 63 && matches_label_regex(s)
+}
+
+/// As the server's IsDNS1123Subdomain: at most 253 characters matching its
+/// regex, which limits the length of no dot-separated part (a 70-character
+/// name without dots is valid).
 pub fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_label)
+    s.len() <= 253 && s.split('.').all(matches_label_regex)
 }
 
 /// `metadata.name` must be a DNS subdomain.
@@ -518,5 +525,22 @@ fn walk(schema: &Value, value: &mut Value, path: &str, warnings: &mut Vec<String
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_subdomains_of_any_part_length_up_to_253() {
+        let long = format!("registry-example-team-{}", "a".repeat(60));
+        assert!(is_subdomain(&long), "a part longer than a label's 63");
+        assert!(is_subdomain("a.b-c.d"));
+        assert!(!is_subdomain(&"a".repeat(254)));
+        for bad in ["", "-a", "a-", "a..b", "A", "a_b"] {
+            assert!(!is_subdomain(bad), "{bad:?}");
+        }
+        assert!(!is_label(&"a".repeat(64)), "a label stays at 63");
     }
 }

@@ -82,12 +82,18 @@ pub struct Cli {
     /// HTTP address for /metrics, /healthz and /readyz.
     #[arg(long, env = "IMAGE_BACKUP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
-    /// Attempts before a job stays Failed.
+    /// Failed attempts in a row after which a job is marked Stalled: it
+    /// keeps retrying a transient failure (network, 5xx, 429, timeouts)
+    /// for as long as it lasts. A copy lost this many times in a row (its
+    /// agent gone each time) fails.
     #[arg(long, env = "IMAGE_BACKUP_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
     /// Wait after the first failed attempt; doubles per attempt.
     #[arg(long, env = "IMAGE_BACKUP_RETRY_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_backoff: Duration,
+    /// The longest wait between attempts of a job that keeps failing.
+    #[arg(long, env = "IMAGE_BACKUP_MAX_RETRY_BACKOFF", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub max_retry_backoff: Duration,
     /// An agent silent this long loses its jobs to another node.
     #[arg(long, env = "IMAGE_BACKUP_HEARTBEAT_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat_deadline: Duration,
@@ -242,6 +248,7 @@ impl Cli {
             managed_markers: self.managed_markers.iter().filter(|m| !m.is_empty()).cloned().collect(),
             max_attempts: self.max_attempts.max(1),
             retry_backoff: self.retry_backoff,
+            max_retry_backoff: self.max_retry_backoff.max(self.retry_backoff),
             heartbeat_deadline: self.heartbeat_deadline,
             reduce_after: self.reduce_after,
             require_complete_index: self.require_complete_index,

@@ -39,10 +39,14 @@ pub struct CoordinatorConfig {
     /// Label or annotation keys that mark a workload as managed by a tool,
     /// beyond the known ones.
     pub managed_markers: Vec<String>,
-    /// Attempts before a job stays Failed.
+    /// Failed attempts in a row after which a job is marked Stalled (it
+    /// keeps retrying transient failures), and lost copies in a row after
+    /// which it fails.
     pub max_attempts: u32,
     /// Backoff after the first failed attempt; doubles per attempt.
     pub retry_backoff: Duration,
+    /// The longest backoff between attempts.
+    pub max_retry_backoff: Duration,
     /// An agent silent for this long loses its jobs.
     pub heartbeat_deadline: Duration,
     /// How long children of an index that no connected node holds are

@@ -81,6 +81,7 @@ pub struct Metrics {
     reconcile_seconds: Family<KindLabel, Histogram>,
     jobs: Family<PhaseLabel, Gauge>,
     oldest_unfinished: Gauge,
+    stalled: Gauge,
     agents: Gauge,
     status_writes: Family<TransitionLabel, Counter>,
     bytes_pushed: Counter,
@@ -131,6 +132,12 @@ impl Metrics {
             "oldest_unfinished_backup_seconds",
             "Age of the oldest ImageBackup still Pending, Assigned or Pushing (0 when none)",
             oldest_unfinished.clone(),
+        );
+        let stalled = Gauge::default();
+        registry.register(
+            "stalled_jobs",
+            "ImageBackups retrying a transient failure past the attempt limit (condition Stalled)",
+            stalled.clone(),
         );
         let agents = Gauge::default();
         registry.register("connected_agents", "Agents with a live session", agents.clone());
@@ -191,6 +198,7 @@ impl Metrics {
             reconcile_seconds,
             jobs,
             oldest_unfinished,
+            stalled,
             agents,
             status_writes,
             bytes_pushed,
@@ -287,6 +295,8 @@ impl Metrics {
             counts[phase_index(phase_of(backup))] += 1;
         }
         self.oldest_unfinished.set(oldest_unfinished(&state, Timestamp::now()));
+        let stalled = state.iter().filter(|b| is_stalled(b)).count();
+        self.stalled.set(i64::try_from(stalled).unwrap_or(i64::MAX));
         for (phase, count) in ["Pending", "Assigned", "Pushing", "Completed", "Failed"].into_iter().zip(counts) {
             self.jobs.get_or_create(&PhaseLabel { phase: phase.into() }).set(count);
         }
@@ -296,6 +306,11 @@ impl Metrics {
         }
         text
     }
+}
+
+fn is_stalled(backup: &ImageBackup) -> bool {
+    let conditions = backup.status.iter().flat_map(|s| &s.conditions);
+    conditions.into_iter().any(|c| c.type_ == crate::jobs::machine::STALLED && c.status == "True")
 }
 
 fn phase_of(backup: &ImageBackup) -> Phase {

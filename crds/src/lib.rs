@@ -89,6 +89,10 @@ pub struct ImageBackupStatus {
     /// platform cannot run it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reduced: bool,
+    /// The attempt in flight was planned to push a reduced index: only its
+    /// result may name a digest other than the source's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reducing: bool,
     /// Platforms of the source index the backup leaves out, because no
     /// node held them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

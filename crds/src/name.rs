@@ -7,12 +7,14 @@ use sha2::{Digest, Sha256};
 
 /// Longest object name the API server accepts (a DNS-1123 subdomain).
 const MAX_NAME: usize = 253;
-/// Hex digits of the source hash kept in a name: enough that two images whose
-/// readable parts sanitize alike never share a name.
-const HASH_HEX: usize = 12;
+/// Hex digits of the source hash kept in a name: 128 bits, so that no one
+/// can make up an image whose ImageBackup would be another's (a birthday
+/// search over 48 bits took an afternoon); the coordinator still compares
+/// `spec.source` before it uses one.
+const HASH_HEX: usize = 32;
 
 /// Name of the ImageBackup for a normalized source reference, e.g.
-/// `docker-io-library-nginx-1-25-3f2a9c1b7d4e`: readable in `kubectl get
+/// `docker-io-library-nginx-1-25-3f2a9c1b7d4e…` (32 hex digits): readable in `kubectl get
 /// ib`, valid as a DNS-1123 subdomain, and unique through a hash of the whole
 /// normalized reference.
 pub fn name_for(source: &ImageRef) -> String {
@@ -61,5 +63,11 @@ mod tests {
     #[test]
     fn same_readable_name_from_different_references_does_not_collide() {
         assert_ne!(name_for(&r("example.com/a-b:1")), name_for(&r("example.com/a_b:1")));
+    }
+
+    #[test]
+    fn names_carry_128_bits_of_the_normalized_reference() {
+        let hash = hex::encode(Sha256::digest(b"docker.io/library/nginx:1.25"));
+        assert_eq!(name_for(&r("nginx:1.25")), format!("docker-io-library-nginx-1-25-{}", &hash[..32]));
     }
 }

@@ -82,6 +82,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         managed_markers: Vec::new(),
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
+        max_retry_backoff: Duration::from_secs(5),
         heartbeat_deadline: Duration::from_secs(10),
         reduce_after: Duration::from_secs(3),
         require_complete_index: false,

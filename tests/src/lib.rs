@@ -19,6 +19,7 @@ pub mod registry;
 pub mod rollouts;
 pub mod run;
 pub mod service;
+pub mod session;
 pub mod token;
 
 pub use containerd::Containerd;

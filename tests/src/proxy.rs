@@ -28,6 +28,9 @@ pub struct Faults {
     /// Answer 403 to every blob read (GET …/blobs/sha256:…): a registry
     /// that serves manifests, but not layers, to these credentials.
     pub refuse_blob_reads: bool,
+    /// Answer 403 to every blob upload start (POST …/blobs/uploads/): a
+    /// registry whose policy refuses these pushes.
+    pub refuse_uploads: bool,
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +173,14 @@ async fn handle(state: Arc<State>, request: Request<hyper::body::Incoming>) -> R
             StatusCode::FORBIDDEN,
             &[],
             "{\"errors\":[{\"code\":\"DENIED\",\"message\":\"injected fault: no layers for these credentials\"}]}",
+        ));
+    }
+    if faults.refuse_uploads && method == hyper::Method::POST && path.contains("/blobs/uploads/") {
+        state.counters.faults.fetch_add(1, Relaxed);
+        return Ok(full(
+            StatusCode::FORBIDDEN,
+            &[],
+            "{\"errors\":[{\"code\":\"DENIED\",\"message\":\"injected fault: pushes refused by policy\"}]}",
         ));
     }
     let is_upload_put = method == hyper::Method::PUT && path.contains("/blobs/uploads/");

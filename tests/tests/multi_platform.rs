@@ -12,7 +12,7 @@ use base64::Engine as _;
 use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
 use image_backup_oci::{
-    index::{LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION},
+    index::{LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION, SOURCE_INDEX_BYTES_ANNOTATION},
     registry::{RegistryConfig, RetryPolicy},
 };
 use image_backup_tests::{
@@ -247,6 +247,10 @@ async fn reduced(kind: ApiServerKind) {
     let platforms: Vec<&str> = image.platforms.iter().map(|p| p.manifest.digest.as_str()).collect();
     assert_eq!(children, platforms);
     assert_eq!(index["annotations"][SOURCE_INDEX_ANNOTATION], image.digest());
+    // It carries its proof: the source index's own bytes.
+    let carried = index["annotations"][SOURCE_INDEX_BYTES_ANNOTATION].as_str().unwrap_or_default();
+    let carried = base64::engine::general_purpose::STANDARD.decode(carried).unwrap();
+    assert_eq!(carried, image.index.as_ref().unwrap().data);
     assert_eq!(
         index["annotations"][LEFT_OUT_ANNOTATION],
         "unknown/unknown (attestation),unknown/unknown (attestation)"

@@ -1,5 +1,6 @@
-//! The loop when things go wrong: a backup registry that refuses every
-//! copy, an agent lost in the middle of one, and report-only mode.
+//! The loop when things go wrong: a backup registry down for a while (waited
+//! out) or refusing by policy (a failure), an agent lost in the middle of a
+//! copy, and report-only mode.
 
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ async fn start(
         report_only,
         max_attempts,
         retry_backoff: Duration::from_millis(200),
+        max_retry_backoff: Duration::from_secs(1),
         ..coordinator_config(backup_host)
     };
     start_coordinator(client, &coordinator_client(kind, client).await, config)
@@ -46,38 +48,109 @@ async fn the_backup(backups: &Api<ImageBackup>) -> Result<ImageBackup, String> {
     list.items.into_iter().find(|b| b.spec.source == SOURCE).ok_or_else(|| "no ImageBackup yet".to_string())
 }
 
+/// A workload on node-a running SOURCE, an agent there, and the coordinator
+/// (giving up on a job after `max_attempts`), with the backup registry
+/// behind a proxy with `faults`.
+struct Scene {
+    _cluster: image_backup_tests::cluster::ClusterGuard,
+    client: kube::Client,
+    w: Workloads,
+    image: TestImage,
+    _registry: Registry,
+    proxy: Proxy,
+    _node: Containerd,
+    coordinator: Coordinator,
+}
+
+impl Scene {
+    async fn new(kind: ApiServerKind, faults: Faults, max_attempts: u32) -> Option<Self> {
+        init_tracing();
+        let (cluster, client) = cluster(kind).await?;
+        prepare(&client, &["shop", "image-backup"]).await;
+        let registry = Registry::start(RegistryAuth::None).await.unwrap();
+        let proxy = Proxy::start(&registry.host(), faults).await.unwrap();
+        let node = Containerd::start().await.unwrap();
+        let image = TestImage::single(MediaTypes::Oci, &[256 << 10], 41);
+        image.import(&node, SOURCE, &[], &[]).await.unwrap();
+        let w = Workloads { client: client.clone() };
+        let spec = [("web", SOURCE, image.digest(), false)];
+        w.deploy("Deployment", "shop", "web", json!({}), &spec, Placement { nodes: &["node-a"], ready: true }).await;
+        let coordinator = start(kind, &client, &proxy.host(), false, max_attempts).await;
+        start_agent(&node, "node-a", &coordinator, quick_retries(&proxy.host(), Duration::from_millis(300))).await;
+        Some(Self { _cluster: cluster, client, w, image, _registry: registry, proxy, _node: node, coordinator })
+    }
+
+    async fn backup(&self) -> Result<ImageBackup, String> {
+        the_backup(&Api::all(self.client.clone())).await
+    }
+
+    /// Notes of BackupFailed events on the ImageBackup.
+    async fn failed_events(&self, name: &str) -> Result<Vec<String>, String> {
+        let events =
+            Api::<Event>::all(self.client.clone()).list(&Default::default()).await.map_err(|e| e.to_string())?;
+        Ok(events
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("BackupFailed"))
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.note)
+            .collect())
+    }
+}
+
+on_both_api_servers!(outage: a_registry_outage_is_waited_out_on_the_emulator, a_registry_outage_is_waited_out_on_a_real_api_server);
+
+/// A backup registry that answers 503 to everything, for as long as it
+/// takes: the job retries past its attempt limit under a Stalled condition
+/// saying why, never fails, and completes once the registry is back, with
+/// no one touching it.
+async fn outage(kind: ApiServerKind) {
+    let down = Faults { unavailable_every: Some(1), ..Faults::default() };
+    let Some(s) = Scene::new(kind, down, 2).await else { return };
+    eventually("the job is stalled, still retrying", Duration::from_secs(60), || async {
+        let status = s.backup().await?.status.unwrap_or_default();
+        let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled" && c.status == "True");
+        match stalled {
+            Some(c) if status.failures >= 4 && c.message.contains("503") => Ok(()),
+            _ => Err(format!("{:?} after {} failure(s): {:?}", status.phase, status.failures, status.conditions)),
+        }
+    })
+    .await;
+    let backup = s.backup().await.unwrap();
+    let status = backup.status.clone().unwrap_or_default();
+    assert_ne!(status.phase, Phase::Failed, "an outage is no reason to give up");
+    assert!(status.attempts > 2, "past the attempt limit: {}", status.attempts);
+    assert!(status.message.unwrap_or_default().contains("retrying in"));
+    let name = backup.metadata.name.clone().unwrap();
+    assert_eq!(s.failed_events(&name).await.unwrap(), Vec::<String>::new());
+    assert_eq!(s.w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));
+    let stalled = || metric(&s.coordinator.metrics_url, "image_backup_stalled_jobs");
+    assert_eq!(stalled().await, Ok(1.0), "the alert's series");
+
+    // The registry is back: the copy completes, the mark goes, the workload
+    // moves to its backup.
+    s.proxy.set_faults(Faults::default());
+    let pinned = format!("{}/backup/quay.io/team/web@{}", s.proxy.host(), s.image.digest());
+    eventually("the workload runs its backup", Duration::from_secs(60), || async {
+        let (images, _) = s.w.images("Deployment", "shop", "web").await;
+        if images == [pinned.clone()] { Ok(()) } else { Err(format!("{images:?}")) }
+    })
+    .await;
+    let status = s.backup().await.unwrap().status.unwrap_or_default();
+    assert_eq!(status.phase, Phase::Completed);
+    assert!(status.conditions.iter().all(|c| c.type_ != "Stalled"), "{:?}", status.conditions);
+    assert_eq!(stalled().await, Ok(0.0));
+}
+
 on_both_api_servers!(refusing_registry: a_refusing_registry_fails_the_job_on_the_emulator, a_refusing_registry_fails_the_job_on_a_real_api_server);
 
-/// A registry that refuses leaves the job Failed with the reason, and the
-/// workload untouched.
+/// A registry whose policy refuses the push (403) fails the job at once,
+/// with the reason and an Event, and the workload stays as it is.
 async fn refusing_registry(kind: ApiServerKind) {
-    init_tracing();
-    let Some((_cluster, client)) = cluster(kind).await else { return };
-    prepare(&client, &["shop", "image-backup"]).await;
-    let registry = Registry::start(RegistryAuth::None).await.unwrap();
-    let proxy =
-        Proxy::start(&registry.host(), Faults { unavailable_every: Some(1), ..Faults::default() }).await.unwrap();
-    let node = Containerd::start().await.unwrap();
-    let image = TestImage::single(MediaTypes::Oci, &[256 << 10], 41);
-    image.import(&node, SOURCE, &[], &[]).await.unwrap();
-    let w = Workloads { client: client.clone() };
-    w.deploy(
-        "Deployment",
-        "shop",
-        "web",
-        json!({}),
-        &[("web", SOURCE, image.digest(), false)],
-        Placement { nodes: &["node-a"], ready: true },
-    )
-    .await;
-
-    let coordinator = start(kind, &client, &proxy.host(), false, 2).await;
-    start_agent(&node, "node-a", &coordinator, quick_retries(&proxy.host(), Duration::from_millis(300))).await;
-
-    let backups: Api<ImageBackup> = Api::all(client.clone());
+    let refusing = Faults { refuse_uploads: true, ..Faults::default() };
+    let Some(s) = Scene::new(kind, refusing, 5).await else { return };
     eventually("the job fails for good", Duration::from_secs(60), || async {
-        let backup = the_backup(&backups).await?;
-        let status = backup.status.unwrap_or_default();
+        let status = s.backup().await?.status.unwrap_or_default();
         if status.phase == Phase::Failed {
             Ok(())
         } else {
@@ -85,28 +158,23 @@ async fn refusing_registry(kind: ApiServerKind) {
         }
     })
     .await;
-    let backup = the_backup(&backups).await.unwrap();
+    let backup = s.backup().await.unwrap();
     let status = backup.status.clone().unwrap();
-    assert_eq!(status.attempts, 2, "retried up to the limit");
+    assert_eq!(status.attempts, 1, "a refusal is not retried");
     let error = status.last_error.unwrap_or_default();
-    assert!(error.contains("503") && error.contains(&proxy.host()), "the reason is in the status: {error}");
+    assert!(error.contains("403") && error.contains(&s.proxy.host()), "the reason is in the status: {error}");
     assert!(status.backup_reference.is_none());
 
     // An Event says so where `kubectl describe` looks.
     let name = backup.metadata.name.clone().unwrap();
     eventually("a BackupFailed event", Duration::from_secs(10), || async {
-        let events = Api::<Event>::all(client.clone()).list(&Default::default()).await.map_err(|e| e.to_string())?;
-        let found = events.items.iter().any(|e| {
-            e.reason.as_deref() == Some("BackupFailed")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
-                && e.note.as_deref().is_some_and(|n| n.contains("503"))
-        });
-        if found { Ok(()) } else { Err(format!("{} events, none BackupFailed for {name}", events.items.len())) }
+        let notes = s.failed_events(&name).await?;
+        if notes.iter().any(|n| n.contains("403")) { Ok(()) } else { Err(format!("{notes:?}")) }
     })
     .await;
 
     // No workload is ever patched to an image the backup registry lacks.
-    assert_eq!(w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));
+    assert_eq!(s.w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));
 }
 
 on_both_api_servers!(lost_agent: a_lost_agent_loses_its_job_on_the_emulator, a_lost_agent_loses_its_job_on_a_real_api_server);

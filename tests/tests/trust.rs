@@ -14,64 +14,28 @@ use image_backup_coordinator::{
     trust::agents::AgentAuthenticator,
 };
 use image_backup_proto::v1::{
-    AgentMessage, Assignment, CoordinatorMessage, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress,
-    JobResult, JobSuccess, ListJobsRequest, Register, agent_message, agent_service_client::AgentServiceClient,
-    agent_service_server::AgentServiceServer, coordinator_message, job_result, job_service_client::JobServiceClient,
+    Assignment, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress, JobResult, JobSuccess, ListJobsRequest,
+    agent_message, agent_service_server::AgentServiceServer, coordinator_message, job_result,
+    job_service_client::JobServiceClient,
 };
 use image_backup_tests::{
     cluster::{ApiServerKind, ClusterGuard, cluster, coordinator_client, coordinator_config, eventually, prepare},
     identity::{self, agent_token, bound_token},
     init_tracing, on_both_api_servers,
     run::{Coordinator, reader_token, start_coordinator, with_token},
+    session::{Session, message},
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, api::DeleteParams};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic::{Code, Status, transport::Channel};
 
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 /// The API server's own audience, which agent sessions must not accept.
 const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
-fn message(message: agent_message::Message) -> AgentMessage {
-    AgentMessage { message: Some(message) }
-}
-
-/// A session opened by hand, as a rogue or a real agent could.
-struct Session {
-    tx: mpsc::Sender<AgentMessage>,
-    replies: Streaming<CoordinatorMessage>,
-}
-
-impl Session {
-    async fn send(&self, m: agent_message::Message) {
-        self.tx.send(message(m)).await.expect("the session is open");
-    }
-
-    /// The next message from the coordinator.
-    async fn next(&mut self) -> Option<coordinator_message::Message> {
-        tokio::time::timeout(Duration::from_secs(10), self.replies.message())
-            .await
-            .expect("the coordinator answers")
-            .ok()
-            .flatten()
-            .and_then(|m| m.message)
-    }
-}
-
 /// Opens a session as the agent of `node` presenting `token`.
 async fn open(channel: &Channel, token: Option<&str>, node: &str) -> Result<Session, Status> {
-    let (tx, rx) = mpsc::channel(16);
-    let register =
-        Register { node_name: node.into(), agent_id: "whoever".into(), max_concurrent_jobs: 2, ..Default::default() };
-    tx.send(message(agent_message::Message::Register(register))).await.expect("queued");
-    let request = match token {
-        Some(token) => with_token(ReceiverStream::new(rx), token),
-        None => tonic::Request::new(ReceiverStream::new(rx)),
-    };
-    let replies = AgentServiceClient::new(channel.clone()).session(request).await?.into_inner();
-    Ok(Session { tx, replies })
+    Session::open(channel, token, node).await
 }
 
 fn refused(result: Result<Session, Status>) -> Status {
@@ -291,10 +255,8 @@ async fn an_oversized_message_ends_the_session(kind: ApiServerKind) {
     assert!(matches!(a.next().await, Some(coordinator_message::Message::Registered(_))));
     assert_eq!(hub.count(), 1);
     let huge = InventoryImage { name: "x".repeat(MAX_AGENT_MESSAGE + 1), digest: DIGEST.into(), ..Default::default() };
-    let _ = a
-        .tx
-        .send(message(agent_message::Message::Inventory(Inventory { full: true, added: vec![huge], removed: vec![] })))
-        .await;
+    let inventory = Inventory { full: true, added: vec![huge], removed: vec![] };
+    let _ = a.sender().send(message(agent_message::Message::Inventory(inventory))).await;
     eventually("the session ends", Duration::from_secs(10), || {
         std::future::ready(if hub.count() == 0 { Ok(()) } else { Err(format!("{:?}", hub.agents())) })
     })

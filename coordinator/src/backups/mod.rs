@@ -4,6 +4,7 @@
 //! step, performs it, and records it with optimistic concurrency.
 
 pub mod notes;
+pub mod proof;
 pub mod pull_secret;
 mod status;
 pub mod unused;
@@ -11,7 +12,7 @@ pub mod unused;
 use std::{sync::Arc, time::Duration};
 
 use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
-use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
+use image_backup_oci::ImageRef;
 use image_backup_proto::v1::{Assignment, Finish, JobFailure, JobSuccess};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
@@ -118,7 +119,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         // survives a coordinator restart.
         Transition::Retry { .. } | Transition::Lost { .. } => {
             let failures = written.status.as_ref().map_or(1, |s| s.failures);
-            Action::requeue(machine::backoff(&limits, failures).max(Duration::from_millis(100)))
+            Action::requeue(machine::backoff(&limits, failures, &backup.spec.digest).max(Duration::from_millis(100)))
         }
         Transition::Restart { .. } | Transition::Copied { .. } | Transition::SourceFailed { .. } => {
             Action::requeue(Duration::ZERO)
@@ -136,6 +137,7 @@ fn limits(ctx: &Context) -> Limits {
     Limits {
         max_attempts: ctx.config.max_attempts,
         retry_backoff: ctx.config.retry_backoff,
+        max_backoff: ctx.config.max_retry_backoff,
         grace: ctx.config.heartbeat_deadline,
         reduce_after: ctx.config.reduce_after,
         require_complete: ctx.config.require_complete_index,
@@ -265,12 +267,24 @@ async fn verify(
         Err(error) => return Some(Transition::Failed { error: error.clone(), absent: Vec::new() }),
     };
     let failure = |message: String| {
-        machine::failed(status, limits, &JobFailure { message, retryable: true, ..JobFailure::default() })
+        let failure = JobFailure { message, retryable: true, ..JobFailure::default() };
+        machine::failed(status, limits, &failure, &backup.spec.digest)
     };
     let source = &backup.spec.digest;
     let reduced = success.digest != *source;
     let found = if reduced {
-        reduced_index(ctx, target, &success.digest, source).await
+        // The machine let it through only for an attempt planned to push a
+        // reduced index; the registry must prove it one.
+        match proof::reduction(&ctx.registry, target.repository(), &success.digest, source).await {
+            Ok(Ok(())) => Ok(Some(success.digest.clone())),
+            Ok(Err(why)) => {
+                let node = status.node.as_deref().unwrap_or("?");
+                warn!(digest = %success.digest, %node, why, "a reduced index that is not the source's refused");
+                let error = format!("node {node} pushed a reduced index that is refused: {why}");
+                return Some(Transition::Failed { error, absent: Vec::new() });
+            }
+            Err(e) => Err(e),
+        }
     } else {
         ctx.registry.manifest_digest(target.repository(), source).await.map(|d| d.filter(|d| d == source))
     };
@@ -301,24 +315,37 @@ async fn verify(
 }
 
 /// Looks for a Completed backup in the registry again (a HEAD of the
-/// pinned manifest); `None` when the registry could not say.
+/// pinned manifest; for a reduced index, its proof read again); `None`
+/// when the registry could not say.
 async fn reverify(
     ctx: &Context,
     backup: &ImageBackup,
     target: &ImageRef,
     status: &ImageBackupStatus,
 ) -> Option<Transition> {
-    let reference = status.backup_reference.clone().unwrap_or_else(|| target.pinned(&backup.spec.digest));
-    let digest = reference.rsplit_once('@').map_or(backup.spec.digest.as_str(), |(_, digest)| digest);
-    match ctx.registry.manifest_digest(target.repository(), digest).await {
-        Ok(found) if found.as_deref() == Some(digest) => {
+    let source = backup.spec.digest.as_str();
+    let reference = status.backup_reference.clone().unwrap_or_else(|| target.pinned(source));
+    let digest = reference.rsplit_once('@').map_or(source, |(_, digest)| digest);
+    let found = if digest != source && status.reduced {
+        // One made before reduced indexes carried their proof, or altered
+        // since, is copied again like a lost one.
+        proof::reduction(&ctx.registry, target.repository(), digest, source).await
+    } else {
+        let served = ctx.registry.manifest_digest(target.repository(), digest).await;
+        served.map(|found| match found.as_deref() == Some(digest) {
+            true => Ok(()),
+            false => Err(format!("the backup registry no longer serves {reference}")),
+        })
+    };
+    match found {
+        Ok(Ok(())) => {
             ctx.metrics.verified("present");
             debug!(%reference, "backup still in the registry");
             Some(Transition::Verified)
         }
-        Ok(_) => {
+        Ok(Err(error)) => {
             ctx.metrics.verified("missing");
-            Some(Transition::Missing { error: format!("the backup registry no longer serves {reference}") })
+            Some(Transition::Missing { error })
         }
         Err(e) => {
             ctx.metrics.verified("error");
@@ -326,25 +353,6 @@ async fn reverify(
             None
         }
     }
-}
-
-/// `digest` when the backup registry serves it as a reduced index of the
-/// index `source`.
-async fn reduced_index(
-    ctx: &Context,
-    target: &ImageRef,
-    digest: &str,
-    source: &str,
-) -> Result<Option<String>, image_backup_oci::registry::RegistryError> {
-    #[derive(serde::Deserialize)]
-    struct Annotated {
-        #[serde(default)]
-        annotations: std::collections::BTreeMap<String, String>,
-    }
-    let Some((_, bytes)) = ctx.registry.manifest(target.repository(), digest).await? else { return Ok(None) };
-    let of_source = serde_json::from_slice::<Annotated>(&bytes)
-        .is_ok_and(|index| index.annotations.get(SOURCE_INDEX_ANNOTATION).map(String::as_str) == Some(source));
-    Ok(of_source.then(|| digest.to_string()))
 }
 
 /// Events and bookkeeping once a transition is recorded.

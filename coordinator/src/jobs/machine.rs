@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use image_backup_crds::{ImageBackupStatus, Phase, PlatformCopy};
 use image_backup_proto::v1::{Finish, JobFailure, JobSuccess};
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
 
 use super::{
     live::{LiveJob, Outcome},
@@ -17,10 +20,14 @@ use super::{
 /// The limits the machine keeps to.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Attempts before a job stays Failed.
+    /// Failed attempts in a row after which a job is marked Stalled (a
+    /// transient failure is retried for as long as it lasts), and lost
+    /// copies in a row after which it fails.
     pub max_attempts: u32,
     /// Wait after the first failed attempt; doubles per attempt.
     pub retry_backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
     /// How long an agent may be silent about a job it was given.
     pub grace: Duration,
     /// How long children of an index that no connected node holds are
@@ -138,13 +145,18 @@ pub enum Transition {
     SourceFailed {
         error: String,
     },
-    /// The attempt failed; another follows after the backoff. `absent`
-    /// are children the backup registry turned out not to hold.
+    /// The attempt failed, and retrying can help; another follows after
+    /// `retry_in`. `absent` are children the backup registry turned out
+    /// not to hold. `stalled` once it has failed `max_attempts` times in a
+    /// row: it still retries, under a condition people see.
     Retry {
         error: String,
         absent: Vec<String>,
+        stalled: bool,
+        retry_in: Duration,
     },
-    /// No attempt is left, or none could succeed.
+    /// Retrying cannot help (refused, a digest mismatch), or the copy was
+    /// lost too many times in a row.
     Failed {
         error: String,
         absent: Vec<String>,
@@ -162,9 +174,22 @@ pub enum Transition {
     },
 }
 
-/// Backoff after `failures` failed attempts in a row, doubling per failure.
-pub fn backoff(limits: &Limits, failures: u32) -> Duration {
-    limits.retry_backoff.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(10)))
+/// The condition a job that keeps failing is marked with.
+pub const STALLED: &str = "Stalled";
+
+/// Backoff after `failures` failed attempts in a row: doubling per failure
+/// up to `max_backoff`, less up to a fifth by a jitter fixed per job
+/// (`seed`) and failure count, so that jobs failing together (a registry
+/// down) do not all retry together; fixed, so that the decision and the
+/// requeue agree and the machine stays pure.
+pub fn backoff(limits: &Limits, failures: u32, seed: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let doubled = limits.retry_backoff.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)));
+    let capped = doubled.min(limits.max_backoff.max(limits.retry_backoff));
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (seed, failures).hash(&mut hasher);
+    let per_mille = 1000 - u32::try_from(hasher.finish() % 200).unwrap_or(0);
+    capped.mul_f64(f64::from(per_mille) / 1000.0)
 }
 
 pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
@@ -187,7 +212,7 @@ pub fn next(observed: &Observed<'_>, limits: &Limits) -> Next {
             // the count: a job that keeps failing where it last got to
             // still runs out of attempts).
             if status.failures > 0 && status.last_error.is_some() {
-                let wait = backoff(limits, status.failures);
+                let wait = backoff(limits, status.failures, observed.digest);
                 if observed.since_transition < wait {
                     return Next::After(wait - observed.since_transition);
                 }
@@ -318,7 +343,12 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
             Some(Outcome::Success(success)) if success.digest.is_empty() => {
                 return Next::Record(if success.pushed_manifests.is_empty() {
                     let message = format!("agent {agent} on node {node} reported a copy of nothing");
-                    failed(status, limits, &JobFailure { message, retryable: true, ..JobFailure::default() })
+                    failed(
+                        status,
+                        limits,
+                        &JobFailure { message, retryable: true, ..JobFailure::default() },
+                        observed.digest,
+                    )
                 } else {
                     Transition::Copied {
                         node: node.to_string(),
@@ -327,12 +357,22 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
                     }
                 });
             }
+            // Only a reduced index has a digest of its own, and only an
+            // attempt planned to push one may report it: the agent does not
+            // choose what a backup is.
+            Some(Outcome::Success(success)) if success.digest != observed.digest && !status.reducing => {
+                let error = format!(
+                    "agent {agent} on node {node} reported {} pushed where the plan was the source's own {}: refused",
+                    success.digest, observed.digest
+                );
+                return Next::Record(Transition::Failed { error, absent: Vec::new() });
+            }
             Some(Outcome::Success(success)) => return Next::Verify(success.clone()),
             Some(Outcome::Failure(failure)) if failure.source_failed => {
                 return Next::Record(Transition::SourceFailed { error: failure.message.clone() });
             }
-            Some(Outcome::Failure(failure)) => return Next::Record(failed(status, limits, failure)),
-            Some(Outcome::Lost(reason)) => return Next::Record(Transition::Lost { error: reason.clone() }),
+            Some(Outcome::Failure(failure)) => return Next::Record(failed(status, limits, failure, observed.digest)),
+            Some(Outcome::Lost(reason)) => return Next::Record(lost(status, limits, reason.clone())),
             None if live.bytes_total > 0
                 && (status.phase != Phase::Pushing
                     || (live.bytes_done, live.bytes_total) != (status.bytes_done, status.bytes_total)) =>
@@ -354,23 +394,38 @@ fn in_flight(observed: &Observed<'_>, limits: &Limits) -> Next {
         // A result may still be on its way: give it the grace.
         Holder::NotRunning if quiet < grace => Next::After(grace - quiet),
         Holder::NotRunning => {
-            Next::Record(Transition::Lost { error: format!("agent {agent} on node {node} no longer runs the copy") })
+            Next::Record(lost(status, limits, format!("agent {agent} on node {node} no longer runs the copy")))
         }
         Holder::Absent if observed.uptime < grace => Next::After(grace - observed.uptime),
-        Holder::Absent => {
-            Next::Record(Transition::Lost { error: format!("agent {agent} on node {node} is not connected") })
-        }
+        Holder::Absent => Next::Record(lost(status, limits, format!("agent {agent} on node {node} is not connected"))),
     }
 }
 
-/// A failed attempt: retried while attempts remain and retrying can help.
-pub fn failed(status: &ImageBackupStatus, limits: &Limits, failure: &JobFailure) -> Transition {
+/// A failed attempt: retried, with a backoff, whenever retrying can help;
+/// marked stalled once it has failed `max_attempts` times in a row.
+pub fn failed(status: &ImageBackupStatus, limits: &Limits, failure: &JobFailure, digest: &str) -> Transition {
     let (error, absent) = (failure.message.clone(), failure.absent_manifests.clone());
-    if failure.retryable && status.failures + 1 < limits.max_attempts {
-        Transition::Retry { error, absent }
-    } else {
-        Transition::Failed { error, absent }
+    if !failure.retryable {
+        return Transition::Failed { error, absent };
     }
+    let failures = status.failures + 1;
+    Transition::Retry {
+        error,
+        absent,
+        stalled: failures >= limits.max_attempts,
+        retry_in: backoff(limits, failures, digest),
+    }
+}
+
+/// The agent went away mid-copy: another takes it, unless copies were lost
+/// `max_attempts` times in a row, which says the copy is what stops agents.
+pub fn lost(status: &ImageBackupStatus, limits: &Limits, error: String) -> Transition {
+    let failures = status.failures + 1;
+    if failures >= limits.max_attempts {
+        let error = format!("{error}; the copy was lost {failures} times in a row, so it is not tried again");
+        return Transition::Failed { error, absent: Vec::new() };
+    }
+    Transition::Lost { error }
 }
 
 /// Records where each child of `manifests` came from: the source for
@@ -415,6 +470,23 @@ fn describe(part: &Part, platforms: &[PlatformCopy]) -> String {
     }
 }
 
+/// Marks the job stalled with `message`, or clears the mark (`None`).
+fn set_stalled(status: &mut ImageBackupStatus, message: Option<String>, now: Timestamp) {
+    let since = status.conditions.iter().find(|c| c.type_ == STALLED).map(|c| c.last_transition_time.clone());
+    status.conditions.retain(|c| c.type_ != STALLED);
+    if let Some(message) = message {
+        status.conditions.push(Condition {
+            type_: STALLED.into(),
+            status: "True".into(),
+            reason: "RetryingTransientFailure".into(),
+            message,
+            // When it started stalling, not its latest attempt.
+            last_transition_time: since.unwrap_or(Time(now)),
+            observed_generation: Some(status.observed_generation),
+        });
+    }
+}
+
 // === impl Transition ===
 
 impl Transition {
@@ -445,6 +517,7 @@ impl Transition {
                 next.agent = Some(agent_id.clone());
                 next.node = Some(node.clone());
                 next.attempts = *attempt;
+                next.reducing = part.finish == Finish::Reduced;
                 next.bytes_done = 0;
                 next.bytes_total = 0;
                 next.progress = None;
@@ -476,6 +549,7 @@ impl Transition {
                 next.last_transition_time = Some(Time(now));
                 mark_copied(&mut next, manifests, from_source, node);
                 next.last_error = None;
+                set_stalled(&mut next, None, now);
                 next.message = Some(format!("copied {} from node {node}", platforms_of(manifests, &next.platforms)));
             }
             Transition::Completed {
@@ -497,6 +571,7 @@ impl Transition {
                 next.progress = Some("100%".into());
                 next.failures = 0;
                 next.last_error = None;
+                set_stalled(&mut next, None, now);
                 mark_copied(&mut next, manifests, from_source, node);
                 next.reduced = *reduced;
                 next.referrers = referrers.clone();
@@ -517,7 +592,7 @@ impl Transition {
                 next.message =
                     reduced.then(|| format!("reduced index: {} left out (on no node)", next.left_out.join(", ")));
             }
-            Transition::Retry { error, absent } | Transition::Failed { error, absent } => {
+            Transition::Retry { error, absent, .. } | Transition::Failed { error, absent } => {
                 let phase = if matches!(self, Transition::Retry { .. }) { Phase::Pending } else { Phase::Failed };
                 moved(&mut next, phase);
                 next.last_transition_time = Some(Time(now));
@@ -526,7 +601,19 @@ impl Transition {
                 for platform in next.platforms.iter_mut().filter(|p| absent.contains(&p.digest)) {
                     platform.copied_from = None;
                 }
-                next.message = (phase == Phase::Pending).then(|| format!("retrying after attempt {}", next.attempts));
+                next.message = None;
+                if let Transition::Retry { stalled, retry_in, .. } = self {
+                    let retry_in = humantime::format_duration(Duration::from_secs(retry_in.as_secs().max(1)));
+                    let message = if *stalled {
+                        let stalled =
+                            format!("{} attempts in a row failed; retrying in {retry_in}: {error}", next.failures);
+                        set_stalled(&mut next, Some(stalled.clone()), now);
+                        stalled
+                    } else {
+                        format!("attempt {} failed; retrying in {retry_in}", next.attempts)
+                    };
+                    next.message = Some(message);
+                }
             }
             Transition::SourceFailed { error } => {
                 moved(&mut next, Phase::Pending);
@@ -574,6 +661,7 @@ mod tests {
         Limits {
             max_attempts: 3,
             retry_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
             grace: Duration::from_secs(30),
             reduce_after: Duration::from_secs(60),
             require_complete: false,
@@ -705,15 +793,78 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_attempt_backs_off_doubling_then_stays_failed() {
+    fn backoff_doubles_to_its_cap_less_a_jitter_fixed_per_job() {
+        let l = limits();
+        let secs = |failures| backoff(&l, failures, DIGEST).as_secs_f64();
+        for (failures, full) in [(1, 10.0), (2, 20.0), (3, 40.0), (4, 60.0), (30, 60.0)] {
+            let wait = secs(failures);
+            assert!(wait <= full && wait > full * 0.8, "{failures} failure(s): {wait} s, not within 80-100% of {full}");
+        }
+        assert_eq!(backoff(&l, 3, DIGEST), backoff(&l, 3, DIGEST), "the decision and the requeue agree");
+        let spread: std::collections::HashSet<_> = (0..20).map(|i| backoff(&l, 3, &format!("sha256:{i}"))).collect();
+        assert!(spread.len() > 10, "jobs that failed together retry apart: {spread:?}");
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_for_as_long_as_it_lasts_stalled_after_the_limit() {
         let retried = ImageBackupStatus { failures: 2, last_error: Some("500".into()), ..status(Phase::Pending, 2) };
         let o = Observed { since_transition: Duration::from_secs(5), ..observed(&retried, None) };
-        assert_eq!(next(&o, &limits()), Next::After(Duration::from_secs(15)), "20 s backoff after attempt 2");
+        let wait = backoff(&limits(), 2, DIGEST);
+        assert_eq!(next(&o, &limits()), Next::After(wait - Duration::from_secs(5)), "the backoff after attempt 2");
+
         let failure = JobFailure { message: "registry said 500".into(), retryable: true, ..JobFailure::default() };
-        assert!(matches!(failed(&status(Phase::Pushing, 2), &limits(), &failure), Transition::Retry { .. }));
-        assert!(matches!(failed(&status(Phase::Pushing, 3), &limits(), &failure), Transition::Failed { .. }));
+        let first = failed(&status(Phase::Pushing, 1), &limits(), &failure, DIGEST);
+        assert!(matches!(first, Transition::Retry { stalled: false, .. }));
+        let after = first.apply(&status(Phase::Pushing, 1), Timestamp::now());
+        assert_eq!(after.phase, Phase::Pending);
+        assert!(after.conditions.is_empty());
+        assert!(after.message.as_deref().is_some_and(|m| m.starts_with("attempt 1 failed; retrying in")));
+
+        // Past the limit: still retried, never Failed, and marked Stalled
+        // with the reason; the mark stays dated from when it began.
+        let mut pushing = status(Phase::Pushing, 40);
+        for _ in 0..2 {
+            let retry = failed(&pushing, &limits(), &failure, DIGEST);
+            let Transition::Retry { stalled: true, retry_in, .. } = retry else { panic!("{retry:?}") };
+            assert!(retry_in <= limits().max_backoff, "capped: {retry_in:?}");
+            let since = pushing.conditions.first().map(|c| c.last_transition_time.clone());
+            pushing = retry.apply(&pushing, Timestamp::now());
+            assert_eq!(pushing.phase, Phase::Pending);
+            let stalled = &pushing.conditions[0];
+            assert_eq!((stalled.type_.as_str(), stalled.status.as_str()), (STALLED, "True"));
+            assert!(stalled.message.contains("registry said 500"), "{}", stalled.message);
+            if let Some(since) = since {
+                assert_eq!(stalled.last_transition_time, since);
+            }
+            pushing.phase = Phase::Pushing;
+        }
+        // It heals: the mark goes with the first success.
+        let copied = Transition::Copied { node: "node-a".into(), manifests: vec![], from_source: vec![] };
+        assert!(copied.apply(&pushing, Timestamp::now()).conditions.is_empty());
+
+        // What retrying cannot heal fails at once.
         let refused = JobFailure { retryable: false, ..failure };
-        assert!(matches!(failed(&status(Phase::Pushing, 1), &limits(), &refused), Transition::Failed { .. }));
+        assert!(matches!(failed(&status(Phase::Pushing, 1), &limits(), &refused, DIGEST), Transition::Failed { .. }));
+    }
+
+    #[test]
+    fn a_copy_lost_too_many_times_in_a_row_fails() {
+        let mut pushing = status(Phase::Pushing, 1);
+        pushing.failures = 1;
+        let lost_once = live(Some(Outcome::Lost("agent gone".into())));
+        assert_eq!(
+            next(&observed(&pushing, Some(&lost_once)), &limits()),
+            Next::Record(Transition::Lost { error: "agent gone".into() })
+        );
+        pushing.failures = 2;
+        let Next::Record(Transition::Failed { error, .. }) = next(&observed(&pushing, Some(&lost_once)), &limits())
+        else {
+            panic!("the third loss in a row ends it")
+        };
+        assert!(error.contains("lost 3 times in a row"), "{error}");
+        let absent =
+            Observed { holder: Holder::Absent, since_transition: Duration::from_secs(60), ..observed(&pushing, None) };
+        assert!(matches!(next(&absent, &limits()), Next::Record(Transition::Failed { .. })), "an agent gone too");
     }
 
     #[test]
@@ -743,6 +894,31 @@ mod tests {
             next(&observed(&pushing, Some(&lost)), &limits()),
             Next::Record(Transition::Lost { error: "gone".into() })
         );
+    }
+
+    #[test]
+    fn a_digest_of_its_own_is_accepted_for_verification_only_from_a_planned_reduced_index() {
+        let pushing = ImageBackupStatus { platforms: index_status(&["a"]).platforms, ..status(Phase::Pushing, 2) };
+        let forged = JobSuccess { digest: "sha256:forged".into(), ..JobSuccess::default() };
+        let report = live(Some(Outcome::Success(forged.clone())));
+        let Next::Record(Transition::Failed { error, .. }) = next(&observed(&pushing, Some(&report)), &limits()) else {
+            panic!("a digest of the agent's choosing is refused")
+        };
+        assert!(error.contains("sha256:forged") && error.contains("refused"), "{error}");
+
+        let whole = Part { finish: Finish::Index, ..Part::default() };
+        let reduce = Part { finish: Finish::Reduced, keep: vec!["a".into()], ..Part::default() };
+        let assigned = |part: Part| Transition::Assigned {
+            agent_id: "agent-a".into(),
+            node: "node-a".into(),
+            attempt: 3,
+            children: vec![],
+            part,
+        };
+        let planned = assigned(reduce).apply(&pushing, Timestamp::now());
+        assert!(planned.reducing);
+        assert_eq!(next(&observed(&planned, Some(&report)), &limits()), Next::Verify(forged));
+        assert!(!assigned(whole).apply(&planned, Timestamp::now()).reducing, "the next attempt plans anew");
     }
 
     #[test]
@@ -933,7 +1109,7 @@ mod tests {
     fn an_index_the_registry_lost_children_of_copies_them_again() {
         let pushing = ImageBackupStatus { phase: Phase::Pushing, ..index_status(&["a", "b"]) };
         let failure = JobFailure { retryable: true, absent_manifests: vec!["b".into()], ..JobFailure::default() };
-        let retry = failed(&pushing, &limits(), &failure);
+        let retry = failed(&pushing, &limits(), &failure, DIGEST);
         let after = retry.apply(&pushing, Timestamp::now());
         assert_eq!(after.platforms[1].copied_from, None);
         assert_eq!(after.platforms[0].copied_from.as_deref(), Some("node/node-a"));

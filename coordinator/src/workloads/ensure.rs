@@ -3,7 +3,7 @@
 //! backup reference once Completed and verified.
 
 use image_backup_crds::{ImageBackup, ImageBackupSpec, Phase};
-use image_backup_oci::{ImageRef, index::SOURCE_INDEX_ANNOTATION};
+use image_backup_oci::ImageRef;
 use json_patch::{Patch as JsonPatch, PatchOperation, ReplaceOperation, TestOperation, jsonptr::PointerBuf};
 use kube::{
     Resource, ResourceExt,
@@ -37,6 +37,12 @@ pub async fn backup_for(
         return Ok(None);
     };
     let backup = ctx.written.freshest(backup);
+    if backup.spec.source != source.to_string() {
+        // Names hash the source; an ImageBackup of that name made for
+        // another source is never shared, nor changed.
+        warn!(imagebackup = %name, %source, other = %backup.spec.source, workload = %user, "the ImageBackup named for this source is another source's; not backed up");
+        return Ok(None);
+    }
     let status = backup.status.clone().unwrap_or_default();
     if backup.spec.digest != digest {
         retarget(ctx, &backup, digest, user).await?;
@@ -50,16 +56,16 @@ pub async fn backup_for(
     // from status alone: for a whole copy it is the source digest in the
     // backup repository, and status only confirms the copy was verified
     // there. A reduced index has a digest of its own, which status names;
-    // it is used only if the backup registry (which only agents' push
-    // credentials write) holds it in that repository as a reduced index of
-    // exactly this source index.
+    // it is used only if the backup registry (which every node's push
+    // credentials write) holds it in that repository as a proven reduction
+    // of exactly this source index (`backups::proof`).
     let Ok(target) = ctx.config.backup.reference_for(source) else { return Ok(None) };
     let reference = match status.backup_reference {
         Some(reference) if reference == target.pinned(digest) => reference,
         Some(reference) if status.reduced => match reduced_index_of(ctx, &target, &reference, digest).await {
             Ok(reference) => reference,
             Err(Some(why)) => {
-                warn!(%reference, why, "a reduced backup recorded in status is not used");
+                warn!(%reference, %why, "a reduced backup recorded in status is not used");
                 let note = format!("status names {reference}, but {why}: no workload is patched to it");
                 ctx.event(&backup.object_ref(&()), EventType::Warning, "UnverifiedBackup", note).await;
                 return Ok(None);
@@ -72,33 +78,25 @@ pub async fn backup_for(
 }
 
 /// `reference` if it names, in the backup repository of `target`, a reduced
-/// index the registry serves with `source_index` as its source; else why
-/// not (`None` when the registry could not say now).
+/// index the registry serves as a proven reduction of `source_index`; else
+/// why not (`None` when the registry could not say now).
 async fn reduced_index_of(
     ctx: &Context,
     target: &ImageRef,
     reference: &str,
     source_index: &str,
-) -> Result<String, Option<&'static str>> {
+) -> Result<String, Option<String>> {
     let digest = reference
         .strip_prefix(&target.name())
         .and_then(|rest| rest.strip_prefix('@'))
-        .ok_or(Some("it is not in the backup repository of the source"))?;
-    let bytes = match ctx.registry.manifest(target.repository(), digest).await {
-        Ok(Some((_, bytes))) => bytes,
-        Ok(None) => return Err(Some("the backup registry does not hold it")),
+        .ok_or_else(|| Some("it is not in the backup repository of the source".to_string()))?;
+    match crate::backups::proof::reduction(&ctx.registry, target.repository(), digest, source_index).await {
+        Ok(Ok(())) => Ok(target.pinned(digest)),
+        Ok(Err(why)) => Err(Some(why)),
         Err(e) => {
             debug!(%reference, error = %e, "cannot read the reduced index now");
-            return Err(None);
+            Err(None)
         }
-    };
-    let annotated = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|index| index["annotations"][SOURCE_INDEX_ANNOTATION].as_str().map(str::to_string));
-    if annotated.as_deref() == Some(source_index) {
-        Ok(target.pinned(digest))
-    } else {
-        Err(Some("the backup registry does not hold it as a reduced index of the source's index"))
     }
 }
 
