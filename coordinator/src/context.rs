@@ -105,6 +105,8 @@ pub struct Context {
     pub sweeping: std::sync::atomic::AtomicBool,
     /// Every watched store has listed its objects once.
     pub synced: std::sync::atomic::AtomicBool,
+    /// Failed reconciles in a row, per object: their retry delays.
+    pub failures: crate::backoff::FailureBackoff,
 }
 
 // === impl Context ===
@@ -145,6 +147,7 @@ impl Context {
             wakers,
             sweeping: Default::default(),
             synced: Default::default(),
+            failures: Default::default(),
         }))
     }
 

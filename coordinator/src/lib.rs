@@ -11,6 +11,7 @@
 //! - [`restore`]: the `restore` command, the way back
 
 pub mod agents;
+pub mod backoff;
 pub mod backups;
 pub mod cli;
 pub mod config;

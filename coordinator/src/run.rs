@@ -199,16 +199,19 @@ pub async fn run(
     // Agent reports and freed slots wake exactly the jobs they concern.
     let wakes = UnboundedReceiverStream::new(woken).map(|name| ObjectRef::<ImageBackup>::new(&name));
     let limits = controller::Config::default().concurrency(ctx.config.concurrency);
-    let backup_controller = Controller::for_shared_stream(for_backups, backup_store.clone())
-        .with_config(limits.clone())
-        .reconcile_on(wakes)
-        .graceful_shutdown_on(shutdown.clone())
-        .run(
-            |backup, ctx| async move { contained(&*backup.clone(), backups::reconcile(backup, ctx)).await },
-            error_policy,
-            ctx.clone(),
-        )
-        .for_each(|result| async move { log_result("ImageBackup", result) });
+    let backup_controller =
+        Controller::for_shared_stream(for_backups, backup_store.clone())
+            .with_config(limits.clone())
+            .reconcile_on(wakes)
+            .graceful_shutdown_on(shutdown.clone())
+            .run(
+                |backup, ctx| async move {
+                    reconciled(&ctx.clone(), &*backup.clone(), backups::reconcile(backup, ctx)).await
+                },
+                error_policy,
+                ctx.clone(),
+            )
+            .for_each(|result| async move { log_result("ImageBackup", result) });
 
     // Workloads wake up when one of their ImageBackups finishes.
     let (deployment_watch, deployment_store) = workload_watch::<Deployment>(&client, &ctx);
@@ -244,7 +247,7 @@ pub async fn run(
     let deployments = deployments
         .run(
             |deployment, ctx| async move {
-                contained(&*deployment.clone(), workloads::reconcile_deployment(deployment, ctx)).await
+                reconciled(&ctx.clone(), &*deployment.clone(), workloads::reconcile_deployment(deployment, ctx)).await
             },
             error_policy,
             ctx.clone(),
@@ -253,7 +256,7 @@ pub async fn run(
     let daemonsets = daemonsets
         .run(
             |daemonset, ctx| async move {
-                contained(&*daemonset.clone(), workloads::reconcile_daemonset(daemonset, ctx)).await
+                reconciled(&ctx.clone(), &*daemonset.clone(), workloads::reconcile_daemonset(daemonset, ctx)).await
             },
             error_policy,
             ctx.clone(),
@@ -370,8 +373,36 @@ where
     ctx.metrics.reconcile_failed(&kind);
     let name = object.meta().name.clone().unwrap_or_default();
     let namespace = object.meta().namespace.clone().unwrap_or_default();
-    warn!(%kind, %namespace, %name, %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let retry_in = ctx.failures.failed(&object_key(&*object), error);
+    warn!(%kind, %namespace, %name, %error, ?retry_in, "reconcile failed; retrying");
+    Action::requeue(retry_in)
+}
+
+/// `Kind/namespace/name` of an object, the key of its failures in a row.
+fn object_key<K: Resource>(object: &K) -> String
+where
+    K::DynamicType: Default,
+{
+    let meta = object.meta();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    format!("{kind}/{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// Runs a reconcile (a panic in it becomes an error); a success ends the
+/// object's failures in a row.
+async fn reconciled<K: Resource>(
+    ctx: &Context,
+    object: &K,
+    reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error>
+where
+    K::DynamicType: Default,
+{
+    let result = contained(object, reconcile).await;
+    if result.is_ok() {
+        ctx.failures.succeeded(&object_key(object));
+    }
+    result
 }
 
 fn log_result<T>(kind: &str, result: Result<T, controller::Error<Error, watcher::Error>>) {

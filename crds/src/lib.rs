@@ -140,7 +140,8 @@ pub struct ImageBackupStatus {
 pub struct WorkloadNote {
     /// `Deployment/shop/web`.
     pub workload: String,
-    /// `RolloutFailed`, `NotPullable`, `Managed`, `Reverted`, `Restored`.
+    /// `RolloutFailed`, `HeldOnBackup`, `NotPullable`, `Managed`, `Reverted`,
+    /// `Restored`.
     pub reason: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -49,6 +49,11 @@ pub async fn start(client: &Client) -> Option<RolloutController> {
 /// together overlap, as real ones do.
 const ROLLOUT_TAKES: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A workload labelled so never rolls out again: its controller never
+/// observes a new generation, as when it cannot make the new pods (quota,
+/// scheduling), which the pods do not show.
+pub const STUCK_LABEL: &str = "test.k8slab.io/rollout-stuck";
+
 /// Moves `observedGeneration` up to the generation of every workload that
 /// had been rolled out before, [`ROLLOUT_TAKES`] after it changed; the
 /// replica counts stay as they were.
@@ -66,6 +71,9 @@ where
             continue;
         }
         let meta = object.meta();
+        if meta.labels.as_ref().is_some_and(|labels| labels.contains_key(STUCK_LABEL)) {
+            continue;
+        }
         let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else { continue };
         let (api, name) = (Api::<K>::namespaced(client.clone(), ns), name.to_string());
         tokio::spawn(async move {

@@ -2,8 +2,9 @@
 //! IMAGE_BACKUP_TEST_KUBECONFIG gives it), real containerd and a real
 //! registry: workloads another controller manages are backed up but not
 //! moved, a rollback by someone else is held rather than fought, rollouts
-//! start a few at a time, and `restore` moves workloads back. Rollouts that
-//! fail on a real kubelet are in real_node_rollouts.rs.
+//! start a few at a time, a slow rollout goes back only to a source that
+//! still serves, and `restore` moves workloads back. Rollouts that fail on a
+//! real kubelet are in real_node_rollouts.rs.
 
 use std::time::Duration;
 
@@ -15,9 +16,11 @@ use image_backup_coordinator::{
 };
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
+    MediaTypes, Registry, RegistryAuth, TestImage,
     cluster::{ApiServerKind, coordinator_config, eventually, metric},
     on_both_api_servers,
     one_node::{OneNode, WAIT},
+    rollouts::STUCK_LABEL,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::{
@@ -181,3 +184,46 @@ async fn restore_command(kind: ApiServerKind) {
     assert!(unnamed.to_string().contains("--all"), "{unnamed}");
 }
 on_both_api_servers!(restore_command: restore_moves_workloads_back_and_holds_them_on_the_emulator, restore_moves_workloads_back_and_holds_them_on_a_real_api_server);
+
+/// Two Deployments whose rollouts to their backups never finish (their
+/// controller never makes the new pods, which no pod shows): the one whose
+/// source is gone stays on its backup, saying why, since moving it back
+/// would leave it nothing to pull; the one whose source still serves its
+/// image goes back to it.
+async fn slow_rollouts(kind: ApiServerKind) {
+    let Some(s) = OneNode::new(kind, &["shop"]).await else { return };
+    let stuck = json!({ STUCK_LABEL: "true" });
+    let gone = s.image("shop/gone:1", 81).await;
+    s.deploy("Deployment", "shop", "gone", stuck.clone(), &gone).await;
+    let source = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[64 << 10], 82);
+    source.push("shop/live", "1", &image).await.unwrap();
+    let live = (format!("{}/shop/live:1", source.host()), image);
+    live.1.import(&s.node, &live.0, &[], &[]).await.unwrap();
+    s.deploy("Deployment", "shop", "live", stuck, &live).await;
+    let mut config =
+        CoordinatorConfig { rollout_timeout: Duration::from_secs(3), ..coordinator_config(&s.backup_host()) };
+    config.registry.insecure_hosts.push(source.host());
+    let _coordinator = s.start(config).await;
+
+    eventually("the live one is moved back to its source", WAIT, || async {
+        let hold = s.hold("Deployment", "shop", "live").await;
+        match (s.image_of("Deployment", "shop", "live").await, hold) {
+            (image, Some(hold)) if image == live.0 && hold.reason == HoldReason::RolloutFailed => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually("the gone one is held on its backup", WAIT, || async {
+        let events = s.events("shop", "gone").await;
+        if events.iter().any(|e| e == "HeldOnBackup") { Ok(()) } else { Err(format!("{events:?}")) }
+    })
+    .await;
+    assert_eq!(s.image_of("Deployment", "shop", "gone").await, s.pinned(&gone));
+    assert_eq!(s.hold("Deployment", "shop", "gone").await, None);
+    assert!(s.notes(&gone).await.contains(&("Deployment/shop/gone".to_string(), "HeldOnBackup".to_string())));
+    let backup = s.image_backup(&gone).await.unwrap();
+    let note = backup.status.unwrap().workloads.into_iter().find(|n| n.reason == "HeldOnBackup").unwrap();
+    assert!(note.message.contains("did not complete within 3s") && note.message.contains(&s.src), "{}", note.message);
+}
+on_both_api_servers!(slow_rollouts: a_slow_rollout_goes_back_only_to_a_source_that_serves_on_the_emulator, a_slow_rollout_goes_back_only_to_a_source_that_serves_on_a_real_api_server);

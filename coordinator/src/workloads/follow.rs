@@ -6,6 +6,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use image_backup_crds::{ImageBackup, Phase};
+use image_backup_oci::ImageRef;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     Api,
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{
     annotations::{HoldReason, REWRITTEN_AT_ANNOTATION, Record},
+    pullable,
     restore::{restore_patch, reverted_patch},
     rewrite::{remove_annotation, test_annotation},
     rollout::{Slot, Verdict, judge},
@@ -31,17 +33,28 @@ use crate::{
 /// change no field of the workload, so no watch event tells of them.
 const ROLLOUT_POLL: Duration = Duration::from_secs(5);
 
-/// Follows the rollout the coordinator started at `started` to the backup
-/// references `pinned` (of ImageBackups `backups`); `None` when the
-/// reconcile goes on as usual.
+/// How often a rollout held on its backups (slow, its sources not
+/// pullable) is looked at again: it may finish, or its sources come back.
+const HELD_RECHECK: Duration = Duration::from_secs(60);
+
+/// What a rewrite moved: the backup references it pinned, their
+/// ImageBackups, and the sources they stand for.
+pub struct Moved<'a> {
+    pub pinned: &'a BTreeSet<String>,
+    pub backups: &'a [String],
+    pub sources: &'a [ImageRef],
+}
+
+/// Follows the rollout the coordinator started at `started` to what
+/// `moved` names; `None` when the reconcile goes on as usual.
 pub async fn rollout(
     ctx: &Context,
     workload: &Workload,
     started: Timestamp,
-    pinned: &BTreeSet<String>,
-    backups: &[String],
+    moved: &Moved<'_>,
     slot: &mut Slot<'_>,
 ) -> Result<Option<Action>, Error> {
+    let Moved { pinned, backups, sources } = *moved;
     let elapsed = Duration::try_from(Timestamp::now().duration_since(started)).unwrap_or_default();
     let verdict = if pinned.is_empty() || workload.rollout_complete() {
         // Done, or nothing it moved runs a backup now: nothing to follow.
@@ -80,8 +93,32 @@ pub async fn rollout(
             Ok(Some(Action::await_change()))
         }
         Verdict::Failed(why) => undo(ctx, workload, HoldReason::RolloutFailed, &why, backups).await.map(Some),
+        // Nothing says the backups are at fault: moving back is worth it
+        // only to a source the pods can pull, or it turns a slow rollout
+        // into a broken one exactly when the source is gone.
+        Verdict::Slow(why) => match pullable::sources(ctx, workload, sources).await? {
+            Ok(()) => undo(ctx, workload, HoldReason::RolloutFailed, &why, backups).await.map(Some),
+            Err(unpullable) => {
+                let why = format!("{why}, but {unpullable}: the workload stays on its backups");
+                let mut new = false;
+                for name in backups {
+                    new |= set_note(ctx, name, workload, HELD_ON_BACKUP, &why);
+                }
+                if new {
+                    warn!(why, "rollout slow and the source unpullable; holding the workload on its backups");
+                    ctx.event(&workload.object_ref(), EventType::Warning, HELD_ON_BACKUP, why).await;
+                }
+                // Its slot goes to the next workload; this one is looked
+                // at again, and moved back if its source returns.
+                Ok(Some(Action::requeue(HELD_RECHECK)))
+            }
+        },
     }
 }
+
+/// Why a workload whose rollout is slow stays on its backups (Event
+/// reason, and the note on its ImageBackups).
+pub const HELD_ON_BACKUP: &str = "HeldOnBackup";
 
 /// Moves the workload back to its original images, for `reason`, and says
 /// so on the workload and its ImageBackups.

@@ -145,7 +145,9 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     if let Some(started) = record.rewritten_at {
         let names: Vec<String> = pinned.keys().cloned().collect();
         ctx.usage.set(&key, pinned.clone());
-        if let Some(action) = follow::rollout(&ctx, &workload, started, &pinned_refs, &names, &mut slot).await? {
+        let sources: Vec<ImageRef> = pinned_sources.values().map(|(source, _)| source.clone()).collect();
+        let moved = follow::Moved { pinned: &pinned_refs, backups: &names, sources: &sources };
+        if let Some(action) = follow::rollout(&ctx, &workload, started, &moved, &mut slot).await? {
             return Ok(action);
         }
     }

@@ -9,7 +9,7 @@
 
 use image_backup_oci::{
     ImageRef,
-    registry::{Credentials, Registry, RegistryConfig, RegistryError, docker_config_credentials},
+    registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy, docker_config_credentials},
 };
 use k8s_openapi::{
     ByteString,
@@ -17,6 +17,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Api, api::PostParams};
+use std::time::Duration;
 use tracing::{debug, info};
 
 use super::workload::Workload;
@@ -90,6 +91,73 @@ async fn serves(registry: &Registry, backups: &[ImageRef]) -> Result<bool, Regis
         }
     }
     Ok(true)
+}
+
+/// Whether the pods of `workload` could pull `sources` (the images a rollout
+/// would move them back to) now: anonymously, or with the pull secrets of
+/// their spec and ServiceAccount; else why not. A source registry that does
+/// not answer counts as not pullable: it is gone, which is when a backup
+/// matters most.
+pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -> Result<Result<(), String>, Error> {
+    // A look, not a copy: a registry that does not answer within seconds
+    // is as good as gone for pods that would pull from it now.
+    let retry = RetryPolicy {
+        min_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(2),
+        max_elapsed: Duration::from_secs(5),
+    };
+    let config = RegistryConfig { retry, ..ctx.config.registry.clone() };
+    let mut secrets = None;
+    for source in sources {
+        let reference = source.digest().or(source.tag()).unwrap_or("latest");
+        let host = source.registry();
+        let served = |registry: Registry| async move {
+            match registry.manifest_digest(source.repository(), reference).await {
+                Ok(Some(_)) => Ok(true),
+                Ok(None) => Ok(false),
+                Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => Ok(false),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let anonymous = match anonymous_or(host, &config, None) {
+            Ok(registry) => registry,
+            Err(e) => return Ok(Err(format!("{source} cannot be pulled: {e}"))),
+        };
+        match served(anonymous).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => return Ok(Err(format!("{source} cannot be pulled: {e}"))),
+        }
+        if secrets.is_none() {
+            secrets = Some(pod_secret_objects(ctx, workload).await?);
+        }
+        let mut pulled = false;
+        for secret in secrets.iter().flatten() {
+            let Some(credentials) = credentials_in(secret, host) else { continue };
+            let Ok(registry) = anonymous_or(host, &config, Some(credentials)) else { continue };
+            if served(registry).await == Ok(true) {
+                pulled = true;
+                break;
+            }
+        }
+        if !pulled {
+            return Ok(Err(format!("{source} is refused to anonymous pulls and to the pods' pull secrets")));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The pull secrets the pods of `workload` use that exist.
+async fn pod_secret_objects(ctx: &Context, workload: &Workload) -> Result<Vec<Secret>, Error> {
+    let namespace = workload.namespace();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut found = Vec::new();
+    for name in pod_secrets(ctx, workload).await? {
+        let secret =
+            api.get_opt(&name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
+        found.extend(secret);
+    }
+    Ok(found)
 }
 
 /// A reader of the backup registry with `credentials`, or none.

@@ -24,8 +24,13 @@ pub enum Verdict {
     Rolling,
     /// Every desired pod runs the backups and is available.
     Done,
-    /// It will not finish by itself: why, in words.
+    /// The backups do not run (a pull failure, a new crash loop): why, in
+    /// words.
     Failed(String),
+    /// It did not finish in time, for reasons the pods do not show (a
+    /// progress deadline, the coordinator's timeout): why, in words. Moving
+    /// back helps only if the source can still be pulled.
+    Slow(String),
 }
 
 /// Judges the rollout of `workload` to the backup references `pinned`,
@@ -46,7 +51,7 @@ pub fn judge(
         for c in conditions {
             let progressing = c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False");
             if progressing && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
-                return Verdict::Failed(format!(
+                return Verdict::Slow(format!(
                     "the Deployment exceeded its progress deadline: {}",
                     c.message.as_deref().unwrap_or_default()
                 ));
@@ -67,7 +72,7 @@ pub fn judge(
         }
     }
     if elapsed > timeout {
-        return Verdict::Failed(format!("the rollout did not complete within {}", humantime::format_duration(timeout)));
+        return Verdict::Slow(format!("the rollout did not complete within {}", humantime::format_duration(timeout)));
     }
     Verdict::Rolling
 }
@@ -286,9 +291,9 @@ mod tests {
         assert_eq!(judge(&deployment(done), &[], &pinned, minute, minute), Verdict::Done);
         let stuck = json!({ "observedGeneration": 3, "replicas": 3, "updatedReplicas": 1, "availableReplicas": 2,
             "conditions": [{ "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet web-2 has timed out progressing." }] });
-        let Verdict::Failed(why) = judge(&deployment(stuck), &[], &pinned, minute, 10 * minute) else { panic!() };
+        let Verdict::Slow(why) = judge(&deployment(stuck), &[], &pinned, minute, 10 * minute) else { panic!() };
         assert!(why.contains("progress deadline") && why.contains("timed out progressing"), "{why}");
-        assert!(matches!(judge_pods(&[], 601), Verdict::Failed(why) if why.contains("10m")));
+        assert!(matches!(judge_pods(&[], 601), Verdict::Slow(why) if why.contains("10m")));
     }
 
     #[derive(Default)]
