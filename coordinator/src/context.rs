@@ -107,6 +107,9 @@ pub struct Context {
     pub synced: std::sync::atomic::AtomicBool,
     /// Failed reconciles in a row, per object: their retry delays.
     pub failures: crate::backoff::FailureBackoff,
+    /// Down once this coordinator stepped down: nothing that acts on the
+    /// cluster, the agents or the registry goes ahead then.
+    pub fence: crate::leader::Fence,
 }
 
 // === impl Context ===
@@ -122,6 +125,7 @@ impl Context {
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
         wakers: Wakers,
+        fence: crate::leader::Fence,
     ) -> Result<Arc<Self>, RegistryError> {
         // The coordinator only verifies: pull access is all it asks for.
         let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
@@ -148,6 +152,7 @@ impl Context {
             sweeping: Default::default(),
             synced: Default::default(),
             failures: Default::default(),
+            fence,
         }))
     }
 

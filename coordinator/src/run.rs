@@ -128,8 +128,18 @@ pub async fn run(
     let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();
     let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
     let wakers = Wakers { deployments: wake_deployments, daemonsets: wake_daemonsets };
-    let ctx =
-        Context::new(client.clone(), config, hub.clone(), jobs, backup_store.clone(), usage, metrics.clone(), wakers)?;
+    let fence = leadership.fence();
+    let ctx = Context::new(
+        client.clone(),
+        config,
+        hub.clone(),
+        jobs,
+        backup_store.clone(),
+        usage,
+        metrics.clone(),
+        wakers,
+        fence,
+    )?;
     let mut seen = Seen::new(|backup: &ImageBackup| backup.name_any());
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()

@@ -218,7 +218,39 @@ pub async fn agent_client(kind: ApiServerKind, admin: &Client) -> Client {
 
 /// A client of the ServiceAccount `account` of the install, with the RBAC
 /// of `deploy/rbac.yaml` applied, on the real API server.
+/// The coordinator's client (as [`coordinator_client`]) reaching the API
+/// server of `guard` through a [`TcpProxy`] the test can stall.
+pub async fn coordinator_client_through(
+    kind: ApiServerKind,
+    admin: &Client,
+    guard: &ClusterGuard,
+) -> (Client, crate::tcp_proxy::TcpProxy) {
+    let mut config = match guard {
+        ClusterGuard::Emulator(server) => {
+            let kubeconfig = kube::config::Kubeconfig::from_yaml(&server.kubeconfig_yaml()).expect("a kubeconfig");
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("its settings")
+        }
+        ClusterGuard::Real(_) => {
+            coordinator_client(kind, admin).await;
+            account_config(admin, "image-backup-coordinator").await
+        }
+    };
+    let host = config.cluster_url.host().expect("the API server's host");
+    let port = config.cluster_url.port_u16().expect("the API server's port");
+    let upstream: std::net::SocketAddr = format!("{host}:{port}").parse().expect("an IP address");
+    let proxy = crate::tcp_proxy::TcpProxy::start(upstream).await.expect("a proxy in front of the API server");
+    let scheme = config.cluster_url.scheme_str().unwrap_or("http").to_string();
+    config.cluster_url = format!("{scheme}://{}", proxy.addr).parse().expect("the proxy's URL");
+    (Client::try_from(config).expect("a client through the proxy"), proxy)
+}
+
 async fn account_client(admin: &Client, account: &str) -> Client {
+    Client::try_from(account_config(admin, account).await).expect("a client with the ServiceAccount's token")
+}
+
+/// Settings of a client of the real API server as `account` of the
+/// install's namespace, with the install's RBAC applied.
+async fn account_config(admin: &Client, account: &str) -> kube::Config {
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -258,7 +290,7 @@ async fn account_client(admin: &Client, account: &str) -> Client {
     let path = std::env::var_os("IMAGE_BACKUP_TEST_KUBECONFIG").expect("a real API server");
     let mut config = crate::kube_config(path).await.expect("read IMAGE_BACKUP_TEST_KUBECONFIG");
     config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
-    Client::try_from(config).expect("a client with the ServiceAccount's token")
+    config
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, object: Value)

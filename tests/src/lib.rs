@@ -20,6 +20,7 @@ pub mod rollouts;
 pub mod run;
 pub mod service;
 pub mod session;
+pub mod tcp_proxy;
 pub mod token;
 
 pub use containerd::Containerd;

@@ -2,7 +2,8 @@
 //! given): one leads on the Lease and is the only one ready; killed in the
 //! middle of a copy, the other takes over from what the API server holds,
 //! the agent reaching it through a Service that follows readiness, and the
-//! copy is not made twice.
+//! copy is not made twice. A leader cut off from the API server steps down
+//! before the follower can take over.
 
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{
     Containerd, Faults, MediaTypes, Proxy, Registry, RegistryAuth, TestImage,
     cluster::{
-        ApiServerKind, Placement, Workloads, agent_client, cluster, coordinator_client, coordinator_config, eventually,
-        prepare,
+        ApiServerKind, Placement, Workloads, agent_client, cluster, coordinator_client, coordinator_client_through,
+        coordinator_config, eventually, prepare,
     },
     identity, init_tracing, on_both_api_servers,
     run::{published_ca, start_agent, start_replica},
@@ -108,4 +109,52 @@ async fn role(admin: &kube::Client, pod: &str) -> Option<String> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), "image-backup");
     let pod = pods.get(pod).await.ok()?;
     pod.metadata.labels?.get(image_backup_coordinator::leader::ROLE_LABEL).cloned()
+}
+
+on_both_api_servers!(a_leader_cut_off_steps_down_before_the_follower_leads: cut_off_on_the_emulator, cut_off_on_a_real_api_server);
+
+/// The leader's connection to the API server stops answering (its requests
+/// hang, nothing is refused): it steps down within its renew deadline,
+/// before its Lease can expire and the follower take over, so two
+/// coordinators never act at once.
+async fn a_leader_cut_off_steps_down_before_the_follower_leads(kind: ApiServerKind) {
+    init_tracing();
+    let Some((guard, admin)) = cluster(kind).await else { return };
+    prepare(&admin, &["shop"]).await;
+    let client = coordinator_client(kind, &admin).await;
+    let (cut_off, proxy) = coordinator_client_through(kind, &admin, &guard).await;
+    let config = coordinator_config("127.0.0.1:1");
+    let first = start_replica(&admin, &cut_off, config.clone(), "coordinator-a").await;
+    eventually("the first replica leads", Duration::from_secs(30), || async {
+        if first.ready().await { Ok(()) } else { Err("not ready".to_string()) }
+    })
+    .await;
+    let second = start_replica(&admin, &client, config, "coordinator-b").await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "image-backup");
+    let holder = || async {
+        let lease = leases.get("image-backup-coordinator").await.unwrap();
+        lease.spec.and_then(|s| s.holder_identity).unwrap_or_default()
+    };
+    assert_eq!(holder().await, "coordinator-a");
+
+    proxy.stall();
+    let cut = std::time::Instant::now();
+    let (mut stepped_down, mut taken_over) = (None, None);
+    while taken_over.is_none() && cut.elapsed() < Duration::from_secs(30) {
+        if stepped_down.is_none() && !first.ready().await {
+            stepped_down = Some(cut.elapsed());
+        }
+        if holder().await == "coordinator-b" {
+            taken_over = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let taken_over = taken_over.expect("the follower takes the Lease over");
+    let stepped_down = stepped_down.expect("the cut-off leader steps down");
+    assert!(stepped_down < taken_over, "stepped down after {stepped_down:?}, taken over after {taken_over:?}");
+    assert!(!first.ready().await, "and stays down");
+    eventually("the follower leads", Duration::from_secs(30), || async {
+        if second.ready().await { Ok(()) } else { Err("not ready".to_string()) }
+    })
+    .await;
 }

@@ -35,6 +35,9 @@ const VERIFY_RETRY: Duration = Duration::from_secs(5);
 
 #[instrument(skip_all, fields(imagebackup = %backup.name_any()))]
 pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.fence.up() {
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_started("ImageBackup");
     let mut object = notes::write(&ctx, ctx.written.freshest(backup)).await?;
     if let Some(action) = unused::check(&ctx, &object).await? {
@@ -187,6 +190,12 @@ async fn assign(
         && let Ok(source) = ImageRef::parse(&backup.spec.source)
     {
         assignment.pull_secret = pull_secret::prepare(ctx, backup, source.registry()).await.unwrap_or_default();
+    }
+    // The attempt is recorded; an agent starts it only while this
+    // coordinator still leads (the next leader finds it and decides).
+    if !ctx.fence.up() {
+        ctx.hub.release(agent_id, &name);
+        return Ok(Some(Action::await_change()));
     }
     if let Err(e) = ctx.hub.send(agent_id, assignment) {
         warn!(agent = %agent_id, error = %e, "assignment not delivered");

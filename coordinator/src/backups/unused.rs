@@ -109,7 +109,7 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
             match ctx.backup_api().delete(&name, &params).await {
                 Ok(_) => {
                     ctx.metrics.deleted_unused();
-                    if ctx.config.prune {
+                    if ctx.config.prune && ctx.fence.up() {
                         info!(source = %backup.spec.source, "deleted: no workload used it for the grace period");
                         prune(ctx, backup).await;
                     } else {

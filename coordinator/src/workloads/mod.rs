@@ -75,6 +75,11 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
         return Ok(Action::requeue(SYNC_RETRY));
     }
+    // A coordinator that stepped down patches nothing and takes no
+    // rollout slot: the next leader decides.
+    if !ctx.fence.up() {
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_started(workload.kind());
     let key = workload.key();
     // Released when this reconcile ends, unless a rollout holds it.
