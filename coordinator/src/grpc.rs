@@ -218,6 +218,9 @@ impl JobService for Jobs {
     /// The current jobs as ADDED, then every change, until the client goes.
     async fn watch_jobs(&self, request: Request<WatchJobsRequest>) -> Result<Response<WatchStream>, Status> {
         self.readers.check(request.metadata()).await?;
+        // Asked again as the stream goes on: a caller whose token expired
+        // or whose access was taken away stops getting jobs.
+        let (readers, metadata) = (self.readers.clone(), request.metadata().clone());
         let phases = request.into_inner().phases;
         // Subscribe before the snapshot so no change falls between them.
         let mut changes = self.feed.changes.subscribe();
@@ -228,8 +231,22 @@ impl JobService for Jobs {
                     yield Ok(JobEvent { r#type: job_event::Type::Added as i32, job: Some(job) });
                 }
             }
+            let mut recheck = tokio::time::interval_at(
+                tokio::time::Instant::now() + readers.recheck_every(),
+                readers.recheck_every(),
+            );
             loop {
-                match changes.recv().await {
+                let received = tokio::select! {
+                    received = changes.recv() => received,
+                    _ = recheck.tick() => match readers.check(&metadata).await {
+                        Ok(()) => continue,
+                        Err(status) => {
+                            yield Err(status);
+                            break;
+                        }
+                    },
+                };
+                match received {
                     Ok(event) => {
                         let phase = event.job.as_ref().map_or(0, |j| j.phase);
                         if phases.is_empty() || phases.contains(&phase) {

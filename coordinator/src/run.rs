@@ -166,7 +166,7 @@ pub async fn run(
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
     let sessions =
         AgentSessions::new(hub.clone(), Arc::new(AgentAuthenticator::new(client.clone(), ctx.config.agents.clone())));
-    let readers = Arc::new(Readers::new(client.clone(), ctx.config.anonymous_reads));
+    let readers = Arc::new(Readers::new(client.clone(), ctx.config.anonymous_reads, &ctx.config.agents.audience));
     let jobs_service = Jobs { backups: backup_store.clone(), feed: feed.clone(), agents: hub.clone(), readers };
     let routes = grpc_routes(jobs_service, sessions).await?;
     let server =

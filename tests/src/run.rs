@@ -303,9 +303,14 @@ pub async fn start_agent_on(
 }
 
 /// A token of someone allowed to read jobs: a ServiceAccount bound to the
-/// `image-backup-job-reader` ClusterRole of deploy/rbac.yaml, as README
-/// tells people to set up for grpcurl.
+/// `image-backup-job-reader` ClusterRole of deploy/rbac.yaml, made for the
+/// coordinator's audience, as README tells people to set up for grpcurl.
 pub async fn reader_token(admin: &Client) -> String {
+    reader_token_for(admin, &[image_backup_coordinator::trust::agents::DEFAULT_AUDIENCE]).await
+}
+
+/// As [`reader_token`], for `audiences` (none: the API server's own).
+pub async fn reader_token_for(admin: &Client, audiences: &[&str]) -> String {
     use k8s_openapi::api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::ServiceAccount,
@@ -338,8 +343,9 @@ pub async fn reader_token(admin: &Client) -> String {
         serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "job-reader"}}),
     )
     .await;
+    let audiences = Some(audiences.iter().map(|a| a.to_string()).collect()).filter(|a: &Vec<String>| !a.is_empty());
     let request = TokenRequest {
-        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }),
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), audiences, ..TokenRequestSpec::default() }),
         ..TokenRequest::default()
     };
     accounts

@@ -74,7 +74,8 @@ async fn reflection_health_and_job_service() {
     let api = ApiServer::start().await.unwrap();
     let client = api.client().await.unwrap();
     prepare(&client, &[]).await;
-    let readers = Arc::new(Readers::new(client.clone(), false));
+    let readers =
+        Arc::new(Readers::new(client.clone(), false, image_backup_coordinator::trust::agents::DEFAULT_AUDIENCE));
     let config = coordinator_config("unused:5000");
     let sessions = AgentSessions::new(hub.clone(), Arc::new(AgentAuthenticator::new(client.clone(), config.agents)));
     let routes =
@@ -130,14 +131,17 @@ async fn reflection_health_and_job_service() {
     let refused = anonymous.list_jobs(ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
     assert!(refused.message().contains("kubectl create token"), "{refused}");
-    let stranger = agent_token(&client, "node-a").await;
-    let refused = anonymous.list_jobs(with_token(ListJobsRequest::default(), &stranger)).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "an agent's token is not for the API: {refused}");
+    // An agent's token is for the coordinator, but RBAC lets no agent read.
+    let agent = agent_token(&client, "node-a").await;
+    let refused = anonymous.list_jobs(with_token(ListJobsRequest::default(), &agent)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("image-backup-agent may not inspect"), "{refused}");
+    // A token for the API server itself is not for the coordinator.
     let pod = identity::pod(&client, "somebody", "somebody", "node-a", "pause", false).await;
     let other = identity::bound_token(&client, &pod, "https://kubernetes.default.svc.cluster.local").await;
     let refused = anonymous.list_jobs(with_token(ListJobsRequest::default(), &other)).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    assert!(refused.message().contains("system:serviceaccount:image-backup:somebody may not inspect"), "{refused}");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(refused.message().contains("--audience image-backup.k8slab.io"), "{refused}");
 
     // A person bound to the job reader role reads everything.
     let token = reader_token(&client).await;

@@ -111,7 +111,7 @@ async fn outage(kind: ApiServerKind) {
         let status = s.backup().await?.status.unwrap_or_default();
         let stalled = status.conditions.iter().find(|c| c.type_ == "Stalled" && c.status == "True");
         match stalled {
-            Some(c) if status.failures >= 4 && c.message.contains("503") => Ok(()),
+            Some(c) if status.failures >= 4 && c.message.contains("503") && c.message.contains("retrying in") => Ok(()),
             _ => Err(format!("{:?} after {} failure(s): {:?}", status.phase, status.failures, status.conditions)),
         }
     })
@@ -120,7 +120,6 @@ async fn outage(kind: ApiServerKind) {
     let status = backup.status.clone().unwrap_or_default();
     assert_ne!(status.phase, Phase::Failed, "an outage is no reason to give up");
     assert!(status.attempts > 2, "past the attempt limit: {}", status.attempts);
-    assert!(status.message.unwrap_or_default().contains("retrying in"));
     let name = backup.metadata.name.clone().unwrap();
     assert_eq!(s.failed_events(&name).await.unwrap(), Vec::<String>::new());
     assert_eq!(s.w.images("Deployment", "shop", "web").await, (vec![SOURCE.to_string()], None));

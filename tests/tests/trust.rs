@@ -116,7 +116,7 @@ async fn job_service_reads_need_rbac(kind: ApiServerKind) {
     let status = jobs.list_jobs(ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
     let stranger = identity::pod(&admin, "stranger", "stranger", "node-a", "pause", false).await;
-    let token = bound_token(&admin, &stranger, API_AUDIENCE).await;
+    let token = bound_token(&admin, &stranger, image_backup_coordinator::trust::agents::DEFAULT_AUDIENCE).await;
     let status = jobs.list_jobs(with_token(ListJobsRequest::default(), &token)).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status}");
     assert!(status.message().contains("may not inspect imagebackups.backup.k8slab.io"), "{status}");
@@ -128,6 +128,67 @@ async fn job_service_reads_need_rbac(kind: ApiServerKind) {
         async move { jobs.list_jobs(request).await.map(|_| ()).map_err(|e| e.to_string()) }
     })
     .await;
+}
+
+on_both_api_servers!(reader_tokens_are_for_our_audience_and_a_watch_ends_with_its_access: reader_audience_on_the_emulator, reader_audience_on_a_real_api_server);
+
+/// JobService takes only tokens made for the coordinator's audience, as
+/// the TokenReview's answer confirms; a WatchJobs stream asks again as it
+/// goes, and ends once its caller may no longer read.
+async fn reader_tokens_are_for_our_audience_and_a_watch_ends_with_its_access(kind: ApiServerKind) {
+    use image_backup_coordinator::{
+        grpc::{JobFeed, Jobs},
+        trust::{agents::DEFAULT_AUDIENCE, readers::Readers},
+        workloads::usage::Usage,
+    };
+    use image_backup_proto::v1::{WatchJobsRequest, job_service_server::JobServiceServer};
+    use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+    let Some((_guard, admin, client)) = setup(kind).await else { return };
+    let readers = Arc::new(Readers::with_recheck(client, false, DEFAULT_AUDIENCE, Duration::from_secs(1)));
+    let hub = AgentHub::new("coordinator-test", Duration::from_secs(30), Arc::new(LiveJobs::new().0));
+    let (backups, _writer) = kube::runtime::reflector::store();
+    let jobs = Jobs { backups, feed: JobFeed::new(Arc::new(Usage::default())), agents: hub, readers };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(JobServiceServer::new(jobs))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let jobs = JobServiceClient::new(channel);
+
+    let reader = reader_token(&admin).await;
+    eventually("the reader's RBAC takes effect", Duration::from_secs(30), || {
+        let mut jobs = jobs.clone();
+        let request = with_token(ListJobsRequest::default(), &reader);
+        async move { jobs.list_jobs(request).await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await;
+    // The same reader, with a token the API server takes for itself.
+    let everywhere = image_backup_tests::run::reader_token_for(&admin, &[]).await;
+    let status = jobs.clone().list_jobs(with_token(ListJobsRequest::default(), &everywhere)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    assert!(status.message().contains("--audience image-backup.k8slab.io"), "{status}");
+
+    let mut watch =
+        jobs.clone().watch_jobs(with_token(WatchJobsRequest::default(), &reader)).await.unwrap().into_inner();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete("image-backup-job-reader-test", &DeleteParams::default())
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends once its caller may no longer read");
+    let status = ended.expect_err("it ends with the reason");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
 }
 
 on_both_api_servers!(only_tls_with_the_published_ca_connects: tls_on_the_emulator, tls_on_a_real_api_server);

@@ -134,10 +134,18 @@ impl AgentAuthenticator {
             .map_err(AgentRefusal::Review)?
             .status
             .unwrap_or_default();
+        let audience = &self.account.audience;
         match (status.authenticated, status.user) {
+            // An authenticator that ignores audiences answers without them.
+            (Some(true), Some(_)) if !status.audiences.iter().flatten().any(|a| a == audience) => {
+                Err(AgentRefusal::Invalid {
+                    audience: audience.clone(),
+                    reason: "the API server accepted it for other audiences only".into(),
+                })
+            }
             (Some(true), Some(user)) => Ok(user),
             _ => Err(AgentRefusal::Invalid {
-                audience: self.account.audience.clone(),
+                audience: audience.clone(),
                 reason: status.error.unwrap_or_else(|| "the API server did not accept it".into()),
             }),
         }

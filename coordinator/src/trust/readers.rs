@@ -1,9 +1,13 @@
 //! Who may read jobs through JobService: whoever the cluster's RBAC allows
 //! the verb `inspect` on `imagebackups.backup.k8slab.io`. The caller sends
-//! a token the API server accepts (`kubectl create token`, an OIDC ID
-//! token); the coordinator asks the API server who that is (TokenReview)
-//! and whether they may (SubjectAccessReview), and remembers the answer a
-//! short while so a `watch` of grpcurl calls costs no API load.
+//! a token made for the coordinator's own audience (`kubectl create token
+//! NAME --audience image-backup.k8slab.io`): a token the API server itself
+//! accepts would let the coordinator, or whoever took it from the
+//! coordinator, act as the caller everywhere. The coordinator asks the API
+//! server who that is (TokenReview, for that audience only) and whether
+//! they may (SubjectAccessReview), and remembers the answer a short while
+//! (never past the token's expiry) so a `watch` of grpcurl calls costs no
+//! API load; a WatchJobs stream asks again as often.
 
 use std::{
     collections::HashMap,
@@ -25,7 +29,8 @@ pub const VERB: &str = "inspect";
 pub const RESOURCE: &str = "imagebackups";
 pub const GROUP: &str = "backup.k8slab.io";
 
-/// How long an answer is reused.
+/// How long an allowed answer is reused (never past the token's expiry),
+/// and how often a WatchJobs stream asks again.
 const ALLOWED_FOR: Duration = Duration::from_secs(60);
 const REFUSED_FOR: Duration = Duration::from_secs(10);
 /// Callers remembered at once; beyond that the oldest answers go.
@@ -37,8 +42,10 @@ pub enum ReadRefusal {
         "JobService needs a bearer token (for example `kubectl create token`) of someone allowed to {VERB} {RESOURCE}.{GROUP}"
     )]
     Anonymous,
-    #[error("the token is not valid: {0}")]
-    Invalid(String),
+    #[error(
+        "the token is not valid for audience {audience} (make one with `kubectl create token NAME --audience {audience}`): {reason}"
+    )]
+    Invalid { audience: String, reason: String },
     #[error("{user} may not {VERB} {RESOURCE}.{GROUP}{reason}")]
     Forbidden { user: String, reason: String },
     #[error("cannot check the caller's access: {0}")]
@@ -50,7 +57,7 @@ pub enum ReadRefusal {
 impl ReadRefusal {
     pub fn status(&self) -> Status {
         match self {
-            Self::Anonymous | Self::Invalid(_) => Status::unauthenticated(self.to_string()),
+            Self::Anonymous | Self::Invalid { .. } => Status::unauthenticated(self.to_string()),
             Self::Forbidden { .. } => Status::permission_denied(self.to_string()),
             Self::Unavailable(_) => Status::unavailable(self.to_string()),
         }
@@ -64,6 +71,10 @@ type Answer = (Instant, Result<String, ReadRefusal>);
 pub struct Readers {
     client: Client,
     allow_anonymous: bool,
+    /// The audience callers' tokens must be made for.
+    audience: String,
+    /// How long an allowed answer is reused, and how often streams ask.
+    recheck: Duration,
     /// By the token's sha256: no token is kept in memory longer than a call.
     answers: Mutex<HashMap<[u8; 32], Answer>>,
 }
@@ -73,8 +84,20 @@ pub struct Readers {
 impl Readers {
     /// `allow_anonymous` lets calls without a token through (a cluster whose
     /// gRPC port only trusted people reach); a token sent is checked anyway.
-    pub fn new(client: Client, allow_anonymous: bool) -> Self {
-        Self { client, allow_anonymous, answers: Mutex::default() }
+    pub fn new(client: Client, allow_anonymous: bool, audience: &str) -> Self {
+        Self::with_recheck(client, allow_anonymous, audience, ALLOWED_FOR)
+    }
+
+    /// As [`Readers::new`], reusing an allowed answer for `recheck` only.
+    pub fn with_recheck(client: Client, allow_anonymous: bool, audience: &str, recheck: Duration) -> Self {
+        let audience = audience.to_string();
+        Self { client, allow_anonymous, audience, recheck, answers: Mutex::default() }
+    }
+
+    /// How often a stream asks again whether its caller may read: as often
+    /// as an answer is reused, so an expired token ends it within that.
+    pub fn recheck_every(&self) -> Duration {
+        self.recheck
     }
 
     /// Allows the call, or says why not.
@@ -93,7 +116,7 @@ impl Readers {
         }
         // An API server that did not answer is asked again next time.
         if !matches!(answer, Err(ReadRefusal::Unavailable(_))) {
-            self.remember(key, answer.clone());
+            self.remember(key, answer.clone(), super::token_expiry(token));
         }
         answer.map(|_| ()).map_err(|refusal| refusal.status())
     }
@@ -104,9 +127,12 @@ impl Readers {
         (Instant::now() < *until).then(|| answer.clone())
     }
 
-    fn remember(&self, key: [u8; 32], answer: Result<String, ReadRefusal>) {
+    fn remember(&self, key: [u8; 32], answer: Result<String, ReadRefusal>, expiry: Option<std::time::SystemTime>) {
         let now = Instant::now();
-        let until = now + if answer.is_ok() { ALLOWED_FOR } else { REFUSED_FOR };
+        let mut until = now + if answer.is_ok() { self.recheck } else { REFUSED_FOR.min(self.recheck) };
+        if let Some(left) = expiry.map(|at| at.duration_since(std::time::SystemTime::now()).unwrap_or_default()) {
+            until = until.min(now + left);
+        }
         let mut answers = self.answers.lock();
         if answers.len() >= REMEMBERED {
             answers.retain(|_, (until, _)| *until > now);
@@ -121,8 +147,7 @@ impl Readers {
     async fn ask(&self, token: &str) -> Result<String, ReadRefusal> {
         let unavailable = |e: kube::Error| ReadRefusal::Unavailable(e.to_string());
         let review = TokenReview {
-            // No audiences: the API server's own, as for a token kubectl sends.
-            spec: TokenReviewSpec { token: token.to_string(), audiences: None },
+            spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![self.audience.clone()]) },
             ..TokenReview::default()
         };
         let status = Api::<TokenReview>::all(self.client.clone())
@@ -131,10 +156,15 @@ impl Readers {
             .map_err(unavailable)?
             .status
             .unwrap_or_default();
+        let invalid = |reason: String| ReadRefusal::Invalid { audience: self.audience.clone(), reason };
         let user = match (status.authenticated, status.user) {
             (Some(true), Some(user)) => user,
-            _ => return Err(ReadRefusal::Invalid(status.error.unwrap_or_else(|| "not accepted".into()))),
+            _ => return Err(invalid(status.error.unwrap_or_else(|| "not accepted".into()))),
         };
+        // An authenticator that ignores audiences answers without them.
+        if !status.audiences.iter().flatten().any(|a| *a == self.audience) {
+            return Err(invalid("the API server accepted it for other audiences only".into()));
+        }
         let name = user.username.clone().unwrap_or_default();
         let access = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
