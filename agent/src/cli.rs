@@ -11,7 +11,6 @@ use crate::{
     guard::Guard,
     link::{CoordinatorLink, LinkTls},
     progress::{Progress, spawn_printer},
-    pull_secret::PullSecrets,
     push::{PushOptions, Pusher, Scope, SourceAccess},
 };
 use image_backup_oci::{
@@ -84,10 +83,6 @@ pub struct RunArgs {
     /// A copy still running after this long is stopped and reported failed.
     #[arg(long, env = "IMAGE_BACKUP_JOB_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub job_timeout: Duration,
-    /// The agent's own namespace (downward API metadata.namespace), where
-    /// the coordinator leaves jobs' source pull secrets.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "image-backup")]
-    pub pod_namespace: String,
 }
 
 #[derive(Args, Debug)]
@@ -186,10 +181,9 @@ async fn daemon(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let pull_secrets = client.clone().map(|client| PullSecrets::new(client, &args.pod_namespace));
     let backup = BackupTarget { registry: args.backup_registry.clone(), prefix: args.backup_prefix.clone() };
     let guard = Guard::new(backup, &config.node_name, client);
-    Agent::new(config, pusher, pull_secrets, guard).run(shutdown_signal()).await;
+    Agent::new(config, pusher, guard).run(shutdown_signal()).await;
     Ok(())
 }
 

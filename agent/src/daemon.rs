@@ -15,7 +15,11 @@ use std::{
 };
 
 use futures::StreamExt;
-use image_backup_oci::{ImageRef, ParseRefError, media::PlatformName, registry::Credentials};
+use image_backup_oci::{
+    ImageRef, ParseRefError,
+    media::PlatformName,
+    registry::{Credentials, docker_config_credentials},
+};
 use image_backup_proto::v1::{
     AgentMessage, Assignment, CoordinatorMessage, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage,
     JobFailure, JobProgress, JobResult, JobSuccess, Platform as ProtoPlatform,
@@ -31,7 +35,6 @@ use crate::{
     guard::Guard,
     link::{CoordinatorLink, LinkError},
     progress::Progress,
-    pull_secret::{PullSecretError, PullSecrets},
     push::{Finish, PushError, Pusher, Scope, SourceAccess},
 };
 
@@ -86,8 +89,6 @@ struct RunningJob {
 pub struct Agent {
     config: DaemonConfig,
     pusher: Pusher,
-    /// Where jobs' pull secrets are read; `None` outside a cluster.
-    pull_secrets: Option<PullSecrets>,
     /// What no assignment can make this agent do.
     guard: Guard,
     jobs: Mutex<HashMap<String, RunningJob>>,
@@ -98,11 +99,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: DaemonConfig, pusher: Pusher, pull_secrets: Option<PullSecrets>, guard: Guard) -> Arc<Self> {
+    pub fn new(config: DaemonConfig, pusher: Pusher, guard: Guard) -> Arc<Self> {
         Arc::new(Self {
             config,
             pusher,
-            pull_secrets,
             guard,
             jobs: Mutex::default(),
             session: Mutex::default(),
@@ -531,7 +531,7 @@ impl Agent {
             return failure(refusal.to_string(), refusal.retryable());
         }
         info!(%target, digest = %assignment.digest, "copy started");
-        let credentials = match self.source_credentials(&assignment.pull_secret, source.registry()).await {
+        let credentials = match source_credentials(&assignment.source_docker_config, source.registry()) {
             Ok(credentials) => credentials,
             // Children to copy from the source need it read as the pods
             // would; referrers alone are worth a try without.
@@ -600,15 +600,6 @@ impl Agent {
                 }
             }
         }
-    }
-
-    /// The credentials of the pull secret an assignment names, for `host`.
-    async fn source_credentials(&self, secret: &str, host: &str) -> Result<Option<Credentials>, PullSecretError> {
-        if secret.is_empty() {
-            return Ok(None);
-        }
-        let pull_secrets = self.pull_secrets.as_ref().ok_or_else(|| PullSecretError::NoClient(secret.to_string()))?;
-        pull_secrets.credentials(secret, host).await
     }
 
     /// Sends a result on the current session, or keeps it for the next.
@@ -749,6 +740,16 @@ fn scope_of(assignment: &Assignment) -> Scope {
         ProtoFinish::Reduced => Finish::Reduced { keep: assignment.keep.clone() },
     };
     Scope::Part { manifests: assignment.manifests.clone(), from_source: assignment.from_source.clone(), finish }
+}
+
+/// The credentials for `host` in the docker config an assignment carries
+/// (the source host's entry of the workload's pull secret), if any.
+fn source_credentials(docker_config: &[u8], host: &str) -> Result<Option<Credentials>, String> {
+    if docker_config.is_empty() {
+        return Ok(None);
+    }
+    docker_config_credentials(docker_config, host)
+        .map_err(|detail| format!("the source credentials the assignment carries for {host}: {detail}"))
 }
 
 #[cfg(test)]

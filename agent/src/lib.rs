@@ -9,5 +9,4 @@ pub mod guard;
 pub mod link;
 pub mod node_pods;
 pub mod progress;
-pub mod pull_secret;
 pub mod push;

@@ -258,9 +258,11 @@ async fn account_config(admin: &Client, account: &str) -> kube::Config {
     use kube::api::PostParams;
     // The install's RBAC, and the option a test of copied pull secrets needs.
     let rbac = [include_str!("../../deploy/rbac.yaml"), include_str!("../../deploy/options/copy-pull-secret.yaml")];
+    let mut named = Vec::new();
     for doc in rbac.into_iter().flat_map(serde_yaml::Deserializer::from_str) {
         let object: Value = serde::Deserialize::deserialize(doc).expect("deploy/rbac.yaml parses");
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        named.push(format!("{}/{name}", object["kind"].as_str().unwrap_or_default()));
         match object["kind"].as_str() {
             Some("ServiceAccount") => {
                 create(&Api::<ServiceAccount>::namespaced(admin.clone(), "image-backup"), object).await;
@@ -275,6 +277,23 @@ async fn account_config(admin: &Client, account: &str) -> kube::Config {
             }
             _ => {}
         }
+    }
+    // Grants an earlier version of deploy/ made and this one no longer
+    // does go too, as `kubectl apply --prune` would take them.
+    let ours = kube::api::ListParams::default().labels("app.kubernetes.io/part-of=image-backup");
+    let gone = |kind: &str, name: Option<String>| {
+        let name = name.unwrap_or_default();
+        (!named.contains(&format!("{kind}/{name}"))).then_some(name)
+    };
+    let roles: Api<Role> = Api::namespaced(admin.clone(), "image-backup");
+    for name in roles.list(&ours).await.unwrap().items.into_iter().filter_map(|r| gone("Role", r.metadata.name)) {
+        roles.delete(&name, &Default::default()).await.unwrap();
+    }
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), "image-backup");
+    for name in
+        bindings.list(&ours).await.unwrap().items.into_iter().filter_map(|b| gone("RoleBinding", b.metadata.name))
+    {
+        bindings.delete(&name, &Default::default()).await.unwrap();
     }
     let request = TokenRequest {
         spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),

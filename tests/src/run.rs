@@ -10,7 +10,6 @@ use image_backup_agent::{
     daemon::{Agent, DaemonConfig},
     guard::Guard,
     link::{CoordinatorLink, LinkTls},
-    pull_secret::PullSecrets,
     push::{PushOptions, Pusher},
 };
 use image_backup_coordinator::{config::CoordinatorConfig, run::run};
@@ -252,8 +251,8 @@ pub struct AgentLink {
 }
 
 /// Starts an agent daemon for `node` on a harness containerd, reading jobs'
-/// pull secrets from its namespace as one in the cluster does with its own
-/// account; it runs until the returned task is aborted.
+/// the API as one in the cluster does with its own account (its node's
+/// pods); it runs until the returned task is aborted.
 pub async fn start_agent(
     containerd: &Containerd,
     node: &str,
@@ -261,12 +260,10 @@ pub async fn start_agent(
     registry: RegistryConfig,
 ) -> tokio::task::JoinHandle<()> {
     let link = coordinator.link(node).await;
-    let pull_secrets = Some(PullSecrets::new(coordinator.agents_client.clone(), AGENT_NAMESPACE));
-    start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2, pull_secrets).await
+    start_agent_on(&containerd.socket(), NAMESPACE, node, link, registry, 2).await
 }
 
-/// Starts an agent daemon for `node` on any containerd (a real node's),
-/// reading jobs' pull secrets with `pull_secrets` when given.
+/// Starts an agent daemon for `node` on any containerd (a real node's).
 pub async fn start_agent_on(
     socket: &std::path::Path,
     namespace: &str,
@@ -274,7 +271,6 @@ pub async fn start_agent_on(
     link: AgentLink,
     registry: RegistryConfig,
     max_jobs: u32,
-    pull_secrets: Option<PullSecrets>,
 ) -> tokio::task::JoinHandle<()> {
     let AgentLink { link, files, guard } = link;
     let store = ContentStore::connect(socket, namespace)
@@ -293,7 +289,6 @@ pub async fn start_agent_on(
             job_timeout: Duration::from_secs(600),
         },
         Pusher::new(store, registry, PushOptions::default()),
-        pull_secrets,
         guard,
     );
     tokio::spawn(async move {

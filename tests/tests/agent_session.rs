@@ -92,7 +92,7 @@ async fn an_assigned_copy_lands_in_the_registry_and_the_agent_survives_a_coordin
     let at = Placement { nodes: &["node-a"], ready: true };
     let spec = [("web", "docker.io/library/web:2", image.digest(), false)];
     Workloads { client: client.clone() }.deploy("Deployment", "apps", "web", json!({}), &spec, at).await;
-    let _agent = start_agent_on(&containerd.socket(), NAMESPACE, "node-a", link, registry_config, 2, None).await;
+    let _agent = start_agent_on(&containerd.socket(), NAMESPACE, "node-a", link, registry_config, 2).await;
 
     held(&hub, image.digest()).await;
     let agents = hub.agents();

@@ -187,6 +187,32 @@ fn rbac_grants_only_what_the_coordinator_uses() {
     );
 }
 
+/// The agent reads no Secret: no role bound to its ServiceAccount grants
+/// any verb on Secrets, so the coordinator's CA key and every job's
+/// credentials are out of a node's reach.
+#[test]
+fn the_agent_reads_no_secret() {
+    let objects = manifests();
+    let bound_to_agent: Vec<(String, String)> = objects
+        .iter()
+        .filter(|o| matches!(o["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")))
+        .filter(|o| o["subjects"].as_array().into_iter().flatten().any(|s| s["name"] == "image-backup-agent"))
+        .map(|o| {
+            (o["roleRef"]["kind"].as_str().unwrap().to_string(), o["roleRef"]["name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(bound_to_agent, [("ClusterRole".to_string(), "image-backup-agent".to_string())]);
+    for (kind, name) in bound_to_agent {
+        let role =
+            objects.iter().find(|o| o["kind"] == kind.as_str() && o["metadata"]["name"] == name.as_str()).unwrap();
+        for rule in role["rules"].as_array().unwrap() {
+            let resources: Vec<&str> =
+                rule["resources"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
+            assert!(!resources.iter().any(|r| *r == "secrets" || *r == "*"), "{name} grants {resources:?}");
+        }
+    }
+}
+
 #[test]
 fn the_agent_runs_on_every_node_next_to_containerd() {
     let daemonset: DaemonSet = find(&manifests(), "DaemonSet", "image-backup-agent");

@@ -86,7 +86,7 @@ async fn backup_then_pull_again(multi: bool) {
     // a real agent pod on this node.
     let token = node.agent_token(&client).await.expect("a projected agent token");
     let link = coordinator.link_with(&node.node_name, &token);
-    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, link, registry, 2, None).await;
+    start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, link, registry, 2).await;
 
     let repository = format!("backup/{}/e2e/sleeper", source_host.replace(':', "_"));
     let pinned_to = format!("{}/{repository}@", backup.host());

@@ -140,7 +140,7 @@ async fn start(
     let token = node.agent_token(client).await.expect("a projected agent token");
     let link = coordinator.link_with(&node.node_name, &token);
     let agent =
-        start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, link, registry.clone(), 2, None).await;
+        start_agent_on(&node.containerd_socket, K8S_NAMESPACE, &node.node_name, link, registry.clone(), 2).await;
     (coordinator, agent)
 }
 

@@ -410,7 +410,7 @@ async fn busy_agent(kind: ApiServerKind) {
     s.proxy.set_faults(Faults { unavailable_every: Some(1), ..Faults::default() });
     let coordinator = s.start_coordinator().await;
     let registry = quick_retries(&s.backup_host(), Duration::from_secs(60));
-    start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", coordinator.link("node-a").await, registry, 1, None).await;
+    start_agent_on(&s.node_a.socket(), NAMESPACE, "node-a", coordinator.link("node-a").await, registry, 1).await;
 
     let backups: Api<ImageBackup> = Api::all(s.client.clone());
     // One job copies, the others wait for the agent, saying so.

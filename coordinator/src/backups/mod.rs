@@ -5,7 +5,7 @@
 
 pub mod notes;
 pub mod proof;
-pub mod pull_secret;
+pub mod source_auth;
 mod status;
 pub mod unused;
 
@@ -189,7 +189,8 @@ async fn assign(
     if !assignment.from_source.is_empty()
         && let Ok(source) = ImageRef::parse(&backup.spec.source)
     {
-        assignment.pull_secret = pull_secret::prepare(ctx, backup, source.registry()).await.unwrap_or_default();
+        assignment.source_docker_config =
+            source_auth::for_source(ctx, backup, source.registry()).await.unwrap_or_default();
     }
     // The attempt is recorded; an agent starts it only while this
     // coordinator still leads (the next leader finds it and decides).
@@ -219,7 +220,7 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
         finish: part.finish.into(),
         keep: part.keep.clone(),
         from_source: part.from_source.clone(),
-        pull_secret: String::new(),
+        source_docker_config: Vec::new(),
         // The part that pushes the image copies what refers to it.
         copy_referrers: matches!(part.finish, Finish::Whole | Finish::Index),
     }
@@ -373,7 +374,6 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
     match transition {
         Transition::Completed { reference, reduced, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
-            pull_secret::forget(ctx, &name).await;
             info!(%reference, reduced, "backup completed");
             let note = if *reduced {
                 format!("{source} backed up as {reference}, a reduced index without {}", status.left_out.join(", "))
@@ -384,7 +384,6 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
         }
         Transition::Failed { error, .. } => {
             ctx.jobs.recorded(&name, status.attempts);
-            pull_secret::forget(ctx, &name).await;
             warn!(%error, attempts = status.attempts, "backup failed");
             let note = format!("{source} after {} attempt(s): {error}", status.attempts);
             ctx.event(&object, EventType::Warning, "BackupFailed", note).await;
@@ -409,7 +408,6 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
         Transition::Waiting { message, .. } => debug!(%message, "waiting"),
         Transition::SourceFailed { error } => {
             ctx.jobs.recorded(&name, status.attempts);
-            pull_secret::forget(ctx, &name).await;
             warn!(%error, "the source cannot provide what no node holds");
         }
         Transition::Copied { .. } => ctx.jobs.recorded(&name, status.attempts),

@@ -1,13 +1,11 @@
 //! Credentials for reading the source registry, as the workload's pods pull:
 //! the pod spec's imagePullSecrets, then its ServiceAccount's. The entry for
-//! the source host is copied, alone, into a Secret of the coordinator's
-//! namespace that the assignment names; the agent reads it there. So no
-//! credential travels in a gRPC message, and an agent can read only
-//! Secrets of its own namespace, not every namespace's.
+//! the source host alone, with its credential fields only, goes in the
+//! assignment, over the authenticated TLS session, to the agent holding the
+//! attempt: no agent reads a Secret, so none can read another job's
+//! credentials or the coordinator's keys.
 
-use std::collections::{BTreeMap, HashSet};
-
-use parking_lot::Mutex;
+use std::collections::BTreeMap;
 
 use image_backup_crds::ImageBackup;
 use k8s_openapi::{
@@ -16,12 +14,8 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{PodSpec, Secret, ServiceAccount},
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
-use kube::{
-    Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
-};
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
@@ -35,59 +29,23 @@ const DOCKER_CFG: &str = ".dockercfg";
 /// `credsStore` would make a reader run a helper program) is dropped.
 const ENTRY_FIELDS: [&str; 4] = ["auth", "username", "password", "identitytoken"];
 
-/// The job pull secrets this coordinator wrote and has not deleted yet, so
-/// that a job that never had one costs no delete. One left by a coordinator
-/// that stopped meanwhile goes with its ImageBackup, which owns it.
-#[derive(Default)]
-pub struct Written(Mutex<HashSet<String>>);
-
-/// The name of a job's pull secret.
-pub fn name_for(backup: &str) -> String {
-    // ImageBackup names are at most 253 characters; so are Secret names.
-    let mut name = format!("pull-{backup}");
-    name.truncate(253);
-    name.trim_end_matches(['-', '.']).to_string()
-}
-
-/// Writes the job's pull secret for `host` when a workload using the image
-/// has credentials for it; returns its name. Reading what the pods use can
-/// fail (a deleted Secret, RBAC): the copy then goes on without them.
-pub async fn prepare(ctx: &Context, backup: &ImageBackup, host: &str) -> Option<String> {
+/// A docker config with the entry for `host` from the pull secrets of a
+/// workload that uses the image, if one has credentials for it. Reading
+/// what the pods use can fail (a deleted Secret, RBAC): the copy then goes
+/// on without them.
+pub async fn for_source(ctx: &Context, backup: &ImageBackup, host: &str) -> Option<Vec<u8>> {
     let name = backup.name_any();
     for user in ctx.usage.workloads_of(&name) {
         match entry_for(ctx, &user, host).await {
             Ok(Some((secret, entry))) => {
-                return match write(ctx, backup, host, entry).await {
-                    Ok(written) => {
-                        ctx.pull_secrets.0.lock().insert(written.clone());
-                        info!(workload = %user, %secret, %host, "source credentials from the workload's pull secret");
-                        Some(written)
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "could not write the job's pull secret; reading the source without it");
-                        None
-                    }
-                };
+                info!(workload = %user, %secret, %host, "source credentials from the workload's pull secret");
+                return Some(json!({ "auths": { host: entry } }).to_string().into_bytes());
             }
             Ok(None) => debug!(workload = %user, %host, "no pull secret of the workload names the source"),
             Err(e) => warn!(workload = %user, error = %e, "could not read the workload's pull secrets"),
         }
     }
     None
-}
-
-/// Deletes the job's pull secret, if this coordinator wrote one.
-pub async fn forget(ctx: &Context, backup: &str) {
-    let name = name_for(backup);
-    if !ctx.pull_secrets.0.lock().remove(&name) {
-        return;
-    }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    match secrets.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => debug!("job pull secret deleted"),
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(e) => warn!(error = %e, "could not delete the job's pull secret; the ImageBackup's deletion will"),
-    }
 }
 
 /// The first entry for `host` in the pull secrets of `user`'s pods, and the
@@ -153,34 +111,6 @@ fn keys_for(host: &str) -> Vec<String> {
     keys
 }
 
-async fn write(ctx: &Context, backup: &ImageBackup, host: &str, entry: Value) -> Result<String, kube::Error> {
-    let name = name_for(&backup.name_any());
-    let config = json!({ "auths": { host: entry } });
-    let owner = OwnerReference {
-        api_version: ImageBackup::api_version(&()).into_owned(),
-        kind: ImageBackup::kind(&()).into_owned(),
-        name: backup.name_any(),
-        uid: backup.uid().unwrap_or_default(),
-        ..OwnerReference::default()
-    };
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ctx.config.namespace.clone()),
-            labels: Some([("app.kubernetes.io/part-of".to_string(), "image-backup".to_string())].into()),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some([(DOCKER_CONFIG_JSON.to_string(), ByteString(config.to_string().into_bytes()))].into()),
-        ..Secret::default()
-    };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-    let params = PatchParams::apply(crate::context::MANAGER).force();
-    secrets.patch(&name, &params, &Patch::Apply(&secret)).await?;
-    Ok(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,11 +134,5 @@ mod tests {
         let entry = find_entry(&data(DOCKER_CFG, legacy), "docker.io").unwrap();
         assert_eq!(entry, json!({ "username": "u", "password": "p" }));
         assert_eq!(find_entry(&data(DOCKER_CONFIG_JSON, json!({ "auths": {} })), "quay.io"), None);
-    }
-
-    #[test]
-    fn secret_names_fit() {
-        assert_eq!(name_for("docker.io-library-nginx-1.25"), "pull-docker.io-library-nginx-1.25");
-        assert!(name_for(&"a".repeat(253)).len() <= 253);
     }
 }
