@@ -66,6 +66,13 @@ pub struct Cli {
     /// (needs the RBAC of deploy/options/copy-pull-secret.yaml).
     #[arg(long, env = "IMAGE_BACKUP_COPY_PULL_SECRET")]
     pub copy_pull_secret: bool,
+    /// Read the pull secrets workloads' pods use (needs the RBAC of
+    /// deploy/options/read-pull-secrets.yaml: get on Secrets in every
+    /// namespace): to copy what no node holds from a private source, to
+    /// check the pods can pull their backups with their own credentials,
+    /// and whether a slow rollout's source still serves them.
+    #[arg(long, env = "IMAGE_BACKUP_READ_PULL_SECRETS")]
+    pub read_pull_secrets: bool,
     /// Also move workloads another controller manages (an ownerReference,
     /// Argo CD, Flux or Helm markers); without it they are backed up only,
     /// unless annotated backup.k8slab.io/rewrite=true.
@@ -244,6 +251,7 @@ impl Cli {
             rollout_timeout: self.rollout_timeout,
             backup_pull_secret: self.backup_pull_secret.clone().filter(|s| !s.is_empty()),
             copy_pull_secret: self.copy_pull_secret,
+            read_pull_secrets: self.read_pull_secrets,
             rewrite_managed: self.rewrite_managed,
             managed_markers: self.managed_markers.iter().filter(|m| !m.is_empty()).cloned().collect(),
             max_attempts: self.max_attempts.max(1),

@@ -34,6 +34,9 @@ pub struct CoordinatorConfig {
     pub backup_pull_secret: Option<String>,
     /// Copy that Secret into a workload's namespace that lacks it.
     pub copy_pull_secret: bool,
+    /// Read the pull secrets of workloads' pods (off: no Secret outside
+    /// the coordinator's namespace is read).
+    pub read_pull_secrets: bool,
     /// Move workloads another controller manages, too.
     pub rewrite_managed: bool,
     /// Label or annotation keys that mark a workload as managed by a tool,

@@ -78,6 +78,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         rollout_timeout: Duration::from_secs(300),
         backup_pull_secret: None,
         copy_pull_secret: false,
+        read_pull_secrets: true,
         rewrite_managed: false,
         managed_markers: Vec::new(),
         max_attempts: 3,
@@ -256,8 +257,12 @@ async fn account_config(admin: &Client, account: &str) -> kube::Config {
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     use kube::api::PostParams;
-    // The install's RBAC, and the option a test of copied pull secrets needs.
-    let rbac = [include_str!("../../deploy/rbac.yaml"), include_str!("../../deploy/options/copy-pull-secret.yaml")];
+    // The install's RBAC, and the options tests of pull secrets need.
+    let rbac = [
+        include_str!("../../deploy/rbac.yaml"),
+        include_str!("../../deploy/options/copy-pull-secret.yaml"),
+        include_str!("../../deploy/options/read-pull-secrets.yaml"),
+    ];
     let mut named = Vec::new();
     for doc in rbac.into_iter().flat_map(serde_yaml::Deserializer::from_str) {
         let object: Value = serde::Deserialize::deserialize(doc).expect("deploy/rbac.yaml parses");

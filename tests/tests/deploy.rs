@@ -161,7 +161,6 @@ fn rbac_grants_only_what_the_coordinator_uses() {
         grants,
         [
             "/pods:list",
-            "/secrets:get",
             "/serviceaccounts:get",
             "apps/controllerrevisions:list",
             "apps/daemonsets:get",

@@ -1,8 +1,9 @@
 //! Pullable before patched, against a real backup registry that requires
 //! credentials (TLS and htpasswd) and the API server (the emulator, and a
-//! real one when IMAGE_BACKUP_TEST_KUBECONFIG gives it): a workload whose
-//! pods have no credentials for it is left as it is and the ImageBackup
-//! says why; one whose pods have a pull secret for it is moved; with the
+//! real one when IMAGE_BACKUP_TEST_KUBECONFIG gives it): without reading
+//! pods' pull secrets nothing can be moved and the ImageBackup says so; a
+//! workload whose pods have no credentials for it is left as it is and the
+//! ImageBackup says why; one whose pods have a pull secret for it is moved; with the
 //! install's pull Secret named and copying allowed, the Secret is copied
 //! into the workload's namespace and added to its pod spec.
 
@@ -113,6 +114,27 @@ async fn pullable(kind: ApiServerKind) {
     };
     let coordinator_client = coordinator_client(kind, &client).await;
     let agents = agent_client(kind, &client).await;
+    let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&reference).unwrap());
+    let backups = Api::<image_backup_crds::ImageBackup>::all(client.clone());
+
+    // Not allowed to read the pods' pull secrets (the default install): the
+    // pods' own credentials are not known, so nothing is moved, and the
+    // ImageBackup says what would change that.
+    let blind = CoordinatorConfig { read_pull_secrets: false, ..base.clone() };
+    let coordinator = start_coordinator(&client, &coordinator_client, blind).await.with_agents_client(agents.clone());
+    start_agent(&node, "node-a", &coordinator, access.clone()).await;
+    eventually("the ImageBackup says the pods' pull secrets are not read", WAIT, || async {
+        let status = backups.get(&name).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+        let private = status.workloads.iter().find(|n| n.workload == "Deployment/shop/private");
+        match private {
+            Some(note) if note.message.contains("--read-pull-secrets") => Ok(()),
+            _ => Err(format!("{:?}", status.workloads)),
+        }
+    })
+    .await;
+    assert_eq!(image_of(&deployment(&client, "shop", "private").await), reference, "private left as it is");
+    coordinator.stop().await;
+
     let coordinator =
         start_coordinator(&client, &coordinator_client, base.clone()).await.with_agents_client(agents.clone());
     start_agent(&node, "node-a", &coordinator, access.clone()).await;
@@ -124,8 +146,6 @@ async fn pullable(kind: ApiServerKind) {
     })
     .await;
     assert_eq!(pull_secrets_of(&deployment(&client, "shop", "private").await), ["private-pull"], "nothing added");
-    let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&reference).unwrap());
-    let backups = Api::<image_backup_crds::ImageBackup>::all(client.clone());
     eventually("the ImageBackup says why plain and tool are left as they are", WAIT, || async {
         let status = backups.get(&name).await.map_err(|e| e.to_string())?.status.unwrap_or_default();
         let mut notes: Vec<(String, String)> =

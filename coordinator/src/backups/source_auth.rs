@@ -34,6 +34,10 @@ const ENTRY_FIELDS: [&str; 4] = ["auth", "username", "password", "identitytoken"
 /// what the pods use can fail (a deleted Secret, RBAC): the copy then goes
 /// on without them.
 pub async fn for_source(ctx: &Context, backup: &ImageBackup, host: &str) -> Option<Vec<u8>> {
+    if !ctx.config.read_pull_secrets {
+        debug!(%host, "the pods' pull secrets are not read (--read-pull-secrets): the agent's own credentials, or none");
+        return None;
+    }
     let name = backup.name_any();
     for user in ctx.usage.workloads_of(&name) {
         match entry_for(ctx, &user, host).await {

@@ -129,7 +129,8 @@ pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -
             Err(e) => return Ok(Err(format!("{source} cannot be pulled: {e}"))),
         }
         if secrets.is_none() {
-            secrets = Some(pod_secret_objects(ctx, workload).await?);
+            let read = if ctx.config.read_pull_secrets { pod_secret_objects(ctx, workload).await? } else { Vec::new() };
+            secrets = Some(read);
         }
         let mut pulled = false;
         for secret in secrets.iter().flatten() {
@@ -205,7 +206,7 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
     }
     let namespace = workload.namespace();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let tried = pod_secrets(ctx, workload).await?;
+    let tried = if ctx.config.read_pull_secrets { pod_secrets(ctx, workload).await? } else { Vec::new() };
     for name in &tried {
         let secret =
             secrets.get_opt(name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
@@ -222,8 +223,11 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
             Err(e) => return Ok(unknown(e)),
         }
     }
-    let pods_use =
-        if tried.is_empty() { "no pull secret".to_string() } else { format!("pull secrets {}", tried.join(", ")) };
+    let pods_use = match (ctx.config.read_pull_secrets, tried.is_empty()) {
+        (false, _) => "pull secrets (not read: --read-pull-secrets is off)".to_string(),
+        (true, true) => "no pull secret".to_string(),
+        (true, false) => format!("pull secrets {}", tried.join(", ")),
+    };
     let refused =
         format!("the backup registry {host} refuses the backups to anonymous pulls and to the {pods_use} the pods use");
     let Some(install) = &ctx.config.backup_pull_secret else {
@@ -253,13 +257,22 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
         },
         Err(e) => return Ok(unknown(e)),
     }
-    if secrets
-        .get_opt(install)
-        .await
-        .map_err(kube_err("reading pull secret", format!("{namespace}/{install}")))?
-        .is_some()
+    // Without reading Secrets, whether the namespace has one is learnt
+    // only by copying it there (an existing one is kept).
+    if ctx.config.read_pull_secrets
+        && secrets
+            .get_opt(install)
+            .await
+            .map_err(kube_err("reading pull secret", format!("{namespace}/{install}")))?
+            .is_some()
     {
         return Ok(Verdict::Pullable(Access::AddSecret(install.clone())));
+    }
+    if !ctx.config.copy_pull_secret && !ctx.config.read_pull_secrets {
+        return Ok(Verdict::Refused(format!(
+            "{refused}; Secret {}/{install} can, but whether namespace {namespace} has a Secret {install} is not read (--read-pull-secrets) and copying it there is off (--copy-pull-secret)",
+            ctx.config.namespace
+        )));
     }
     if !ctx.config.copy_pull_secret {
         return Ok(Verdict::Refused(format!(
