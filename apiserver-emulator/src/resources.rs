@@ -203,6 +203,15 @@ pub fn builtin_types() -> Vec<ResourceType> {
             .with_generation(Generation::Spec)
             .with_short_names(&["rs"]),
         ResourceType::builtin("apps", "v1", "controllerrevisions", "ControllerRevision", true),
+        ResourceType::builtin("apps", "v1", "statefulsets", "StatefulSet", true)
+            .with_status()
+            .with_generation(Generation::Spec)
+            .with_short_names(&["sts"]),
+        ResourceType::builtin("batch", "v1", "jobs", "Job", true).with_status().with_generation(Generation::Spec),
+        ResourceType::builtin("batch", "v1", "cronjobs", "CronJob", true)
+            .with_status()
+            .with_generation(Generation::Spec)
+            .with_short_names(&["cj"]),
         new_events,
         leases,
         token_reviews,

@@ -128,6 +128,11 @@ pub struct Cli {
     /// (the coordinator's registry credentials must allow deletes).
     #[arg(long, env = "IMAGE_BACKUP_PRUNE")]
     pub prune: bool,
+    /// With --prune, how long an unused backup no pod template in the
+    /// cluster names waits before it is deleted; the cluster is read again
+    /// then, and a use found keeps it.
+    #[arg(long, env = "IMAGE_BACKUP_PRUNE_QUARANTINE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub prune_quarantine: Duration,
     /// Reconciles run at once, per kind: bounds memory and API load when
     /// thousands of workloads change together (after a start, say).
     #[arg(long, env = "IMAGE_BACKUP_CONCURRENCY", default_value_t = 32)]
@@ -263,6 +268,7 @@ impl Cli {
             verify_every: self.verify_every,
             unused_grace: self.unused_grace,
             prune: self.prune,
+            prune_quarantine: self.prune_quarantine,
             concurrency: self.concurrency.max(1),
             agents: AgentAccount {
                 namespace: self.namespace.clone(),

@@ -25,6 +25,8 @@ pub struct CoordinatorConfig {
     pub unused_grace: Duration,
     /// Delete from the registry what such an ImageBackup copied.
     pub prune: bool,
+    /// How long a backup to prune waits, no pod template naming it.
+    pub prune_quarantine: Duration,
     /// Rollouts to backups in flight at once, cluster wide.
     pub max_rollouts: usize,
     /// How long a rollout to backups may take before it is undone.

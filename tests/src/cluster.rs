@@ -90,6 +90,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         verify_every: Duration::from_secs(3600),
         unused_grace: Duration::ZERO,
         prune: false,
+        prune_quarantine: Duration::from_secs(2),
         concurrency: 8,
         agents: AgentAccount {
             namespace: "image-backup".into(),

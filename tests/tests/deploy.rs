@@ -172,6 +172,7 @@ fn rbac_grants_only_what_the_coordinator_uses() {
             "apps/deployments:patch",
             "apps/deployments:watch",
             "apps/replicasets:list",
+            "apps/statefulsets:list",
             "authentication.k8s.io/tokenreviews:create",
             "authorization.k8s.io/subjectaccessreviews:create",
             "backup.k8slab.io/imagebackups/status:update",
@@ -181,6 +182,8 @@ fn rbac_grants_only_what_the_coordinator_uses() {
             "backup.k8slab.io/imagebackups:list",
             "backup.k8slab.io/imagebackups:patch",
             "backup.k8slab.io/imagebackups:watch",
+            "batch/cronjobs:list",
+            "batch/jobs:list",
             "events.k8s.io/events:create",
         ]
     );

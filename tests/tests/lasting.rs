@@ -4,22 +4,29 @@
 //! again when it is gone; one that no node can copy again moves its
 //! workloads back to their sources; an ImageBackup deleted by hand while
 //! used comes back without a copy; one no workload uses goes after a grace
-//! period, and the registry keeps what it copied.
+//! period, and the registry keeps what it copied; pruned, it goes only once
+//! no pod template of any kind names it, after a quarantine.
 
 use std::time::Duration;
 
-use image_backup_coordinator::{config::CoordinatorConfig, workloads::annotations::HoldReason};
+use image_backup_coordinator::{
+    backups::unused::QUARANTINED_SINCE_ANNOTATION, config::CoordinatorConfig, workloads::annotations::HoldReason,
+};
 use image_backup_crds::Phase;
 use image_backup_tests::{
     cluster::{ApiServerKind, coordinator_config, eventually, metric},
     on_both_api_servers,
     one_node::{OneNode, WAIT},
 };
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
+    core::v1::Pod,
+};
 use kube::{
     Api,
     api::{DeleteParams, ResourceExt},
 };
+use serde_json::json;
 
 /// Completed backups looked for again every second.
 fn verifying(s: &OneNode) -> CoordinatorConfig {
@@ -147,12 +154,25 @@ async fn pruning(kind: ApiServerKind) {
     for (name, image) in [("one", &one), ("two", &two), ("web", &web)] {
         s.deploy("Deployment", "shop", name, serde_json::json!({}), image).await;
     }
-    let config =
-        CoordinatorConfig { unused_grace: Duration::from_secs(2), prune: true, ..coordinator_config(&s.backup_host()) };
+    let config = CoordinatorConfig {
+        unused_grace: Duration::from_secs(2),
+        prune: true,
+        prune_quarantine: Duration::from_secs(4),
+        ..coordinator_config(&s.backup_host())
+    };
     let coordinator = s.start(config).await;
     for (name, image) in [("one", &one), ("two", &two), ("web", &web)] {
         s.runs("Deployment", "shop", name, &s.pinned(image)).await;
     }
+    // A StatefulSet, which the coordinator does not watch, runs the backup
+    // too.
+    let pinned = s.pinned(&two);
+    let template = |name: &str| json!({ "metadata": { "labels": { "app": name } }, "spec": { "containers": [{ "name": "db", "image": pinned }] } });
+    let statefulsets = Api::<StatefulSet>::namespaced(s.client.clone(), "shop");
+    let db = json!({ "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": { "name": "db" },
+        "spec": { "serviceName": "db", "selector": { "matchLabels": { "app": "db" } }, "template": template("db") } });
+    image_backup_tests::cluster::create(&statefulsets, db).await;
+
     let deployments = Api::<Deployment>::namespaced(s.client.clone(), "shop");
     // one goes: its ImageBackup too, but the digest two uses stays.
     deployments.delete("one", &DeleteParams::default()).await.unwrap();
@@ -161,8 +181,33 @@ async fn pruning(kind: ApiServerKind) {
     })
     .await;
     assert!(served(&s, &two).await, "two's ImageBackup (and two) still use the digest");
-    // two goes: nothing uses the digest any more, and it leaves the registry.
+    // two goes: no watched workload uses the digest, but the StatefulSet's
+    // template names it: kept.
     deployments.delete("two", &DeleteParams::default()).await.unwrap();
+    kept_for(&s, &two, "StatefulSet/shop/db").await;
+    assert!(served(&s, &two).await);
+
+    // The StatefulSet goes: two waits in quarantine, and a pod made
+    // meanwhile keeps it again.
+    statefulsets.delete("db", &DeleteParams::default()).await.unwrap();
+    eventually("two is quarantined", WAIT, || async {
+        let backup = s.image_backup(&two).await.ok_or("gone")?;
+        let marked = backup.annotations().contains_key(QUARANTINED_SINCE_ANNOTATION);
+        if marked { Ok(()) } else { Err(format!("{:?}", backup.annotations())) }
+    })
+    .await;
+    let pods = Api::<Pod>::namespaced(s.client.clone(), "shop");
+    let debug = json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "debug" }, "spec": template("debug")["spec"] });
+    image_backup_tests::cluster::create(&pods, debug).await;
+    kept_for(&s, &two, "Pod/shop/debug").await;
+    assert!(served(&s, &two).await);
+    let backup = s.image_backup(&two).await.expect("kept");
+    assert!(!backup.annotations().contains_key(QUARANTINED_SINCE_ANNOTATION), "out of quarantine");
+
+    // Nothing names it any more: after its quarantine it leaves the
+    // registry.
+    let at_once = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+    pods.delete("debug", &at_once).await.unwrap();
     eventually("the digest nobody uses is pruned", WAIT, || async {
         if served(&s, &two).await { Err("still served".to_string()) } else { Ok(()) }
     })
@@ -171,6 +216,22 @@ async fn pruning(kind: ApiServerKind) {
     assert!(served(&s, &web).await, "web's backup stays");
     let pruned = metric(&coordinator.metrics_url, "image_backup_pruned_manifests_total").await;
     assert_eq!(pruned, Ok(1.0));
+}
+
+/// Waits for a BackupKept Event on the ImageBackup of `image` naming `user`.
+async fn kept_for(s: &OneNode, image: &(String, image_backup_tests::TestImage), user: &str) {
+    let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&image.0).unwrap());
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(s.client.clone(), "default");
+    eventually(&format!("kept for {user}"), WAIT, || async {
+        let list = events.list(&Default::default()).await.map_err(|e| e.to_string())?.items;
+        let kept = list.iter().any(|e| {
+            e.reason.as_deref() == Some("BackupKept")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                && e.note.as_deref().is_some_and(|n| n.contains(user))
+        });
+        if kept { Ok(()) } else { Err(format!("{} events", list.len())) }
+    })
+    .await;
 }
 on_both_api_servers!(pruning: unused_backups_are_pruned_from_the_registry_when_asked_on_the_emulator, unused_backups_are_pruned_from_the_registry_when_asked_on_a_real_api_server);
 

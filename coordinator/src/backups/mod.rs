@@ -3,6 +3,7 @@
 //! [`LiveJobs`](crate::jobs::LiveJobs), asks the state machine for the next
 //! step, performs it, and records it with optimistic concurrency.
 
+pub mod mark;
 pub mod notes;
 pub mod proof;
 pub mod source_auth;

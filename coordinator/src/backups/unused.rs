@@ -4,7 +4,11 @@
 //! annotation, so the grace survives a restart and a new leader; any use
 //! within it clears the mark. What the backup copied stays in the registry
 //! (a workload that comes back is pinned to it again without a copy),
-//! unless `--prune` asks to delete it with the ImageBackup.
+//! unless `--prune` asks to delete it with the ImageBackup. Then it is a
+//! mark-and-sweep: every pod template in the cluster is read first (the
+//! usage index sees only the workloads the coordinator watches), and a
+//! backup no template names waits in quarantine (`--prune-quarantine`)
+//! before it goes; a use found meanwhile keeps it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,17 +16,22 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::ImageRef;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
-    ResourceExt,
+    Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::controller::Action,
+    runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::context::{Context, Error, MANAGER, kube_err};
 
+use super::mark;
+
 /// ImageBackup annotation: since when no workload uses it.
 pub const UNUSED_SINCE_ANNOTATION: &str = "backup.k8slab.io/unused-since";
+/// ImageBackup annotation: since when it waits to be pruned, no pod
+/// template in the cluster naming it.
+pub const QUARANTINED_SINCE_ANNOTATION: &str = "backup.k8slab.io/quarantined-since";
 
 /// Whether `backup` is used, by the in-memory usage the workload
 /// reconcilers keep. Only meaningful once every workload was reconciled
@@ -32,7 +41,11 @@ fn used(ctx: &Context, name: &str) -> bool {
 }
 
 fn unused_since(backup: &ImageBackup) -> Option<Timestamp> {
-    backup.annotations().get(UNUSED_SINCE_ANNOTATION).and_then(|t| t.parse().ok())
+    since(backup, UNUSED_SINCE_ANNOTATION)
+}
+
+fn since(backup: &ImageBackup, annotation: &str) -> Option<Timestamp> {
+    backup.annotations().get(annotation).and_then(|t| t.parse().ok())
 }
 
 /// Wakes, from time to time, each ImageBackup whose mark is to change or
@@ -84,8 +97,9 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
     match (used(ctx, &name), unused_since(backup)) {
         (true, Some(_)) => {
             debug!("used again");
+            let unmark = json!({ UNUSED_SINCE_ANNOTATION: null, QUARANTINED_SINCE_ANNOTATION: null });
             ctx.backup_api()
-                .patch(&name, &params, &mark(serde_json::Value::Null))
+                .patch(&name, &params, &Patch::Merge(json!({ "metadata": { "annotations": unmark } })))
                 .await
                 .map_err(kube_err("unmarking ImageBackup", &name))?;
         }
@@ -101,6 +115,11 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
             if elapsed(Timestamp::now(), since) >= ctx.config.unused_grace
                 && !matches!(phase, Phase::Assigned | Phase::Pushing) =>
         {
+            if ctx.config.prune
+                && let Some(action) = quarantine(ctx, backup).await?
+            {
+                return Ok(Some(action));
+            }
             // Deleted only as it was read: a use recorded meanwhile wins.
             let params = DeleteParams {
                 preconditions: Some(Preconditions { resource_version: backup.resource_version(), uid: None }),
@@ -126,14 +145,67 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
     Ok(None)
 }
 
-/// Deletes from the registry the manifests `backup` copied (its digest,
-/// and a reduced index of it), each unless another ImageBackup stands for
-/// it in the same repository or a workload is pinned to it. Deleting a
-/// manifest drops its tags; the registry's garbage collection frees the
-/// blobs no manifest uses any more.
-async fn prune(ctx: &Context, backup: &ImageBackup) {
-    let Ok(source) = ImageRef::parse(&backup.spec.source) else { return };
-    let Ok(target) = ctx.config.backup.reference_for(&source) else { return };
+/// Prune's mark, and its quarantine: `None` once `backup` may go with its
+/// manifests (no pod template in the cluster named them when it entered
+/// quarantine, nor when the quarantine ended); else what to do meanwhile.
+/// The cluster is read twice per backup, not on every look: in between,
+/// the usage index notices a watched workload that takes it up again.
+async fn quarantine(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>, Error> {
+    let name = backup.name_any();
+    let quarantined = since(backup, QUARANTINED_SINCE_ANNOTATION);
+    let now = Timestamp::now();
+    if let Some(since) = quarantined {
+        let waited = elapsed(now, since);
+        if waited < ctx.config.prune_quarantine {
+            return Ok(Some(Action::requeue(ctx.config.prune_quarantine - waited)));
+        }
+    }
+    let Some((target, digests)) = candidates(ctx, backup) else { return Ok(None) };
+    if digests.is_empty() {
+        // Everything it copied is another's too: nothing leaves the registry.
+        return Ok(None);
+    }
+    let users = mark::users(&ctx.client, &target.name(), &digests)
+        .await
+        .map_err(kube_err("reading every pod template for uses of", &name))?;
+    let annotate = |annotations: serde_json::Value| Patch::Merge(json!({ "metadata": { "annotations": annotations } }));
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+    if !users.is_empty() {
+        // A use the usage index does not see (another kind, an excluded
+        // namespace, rollback history): kept, and looked at again after
+        // another grace period.
+        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+        info!(users = ?shown, count = users.len(), "no watched workload uses it, but pod templates name it: kept");
+        let restored = json!({ UNUSED_SINCE_ANNOTATION: now.to_string(), QUARANTINED_SINCE_ANNOTATION: null });
+        ctx.backup_api()
+            .patch(&name, &params, &annotate(restored))
+            .await
+            .map_err(kube_err("keeping ImageBackup", &name))?;
+        let note = format!("not pruned: {} still name it ({} in all)", shown.join(", "), users.len());
+        ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupKept", note).await;
+        return Ok(Some(Action::await_change()));
+    }
+    if quarantined.is_some() {
+        return Ok(None);
+    }
+    let quarantine = humantime::format_duration(ctx.config.prune_quarantine);
+    info!(%quarantine, "no pod template in the cluster names it: in quarantine, then pruned unless one does");
+    ctx.backup_api()
+        .patch(&name, &params, &annotate(json!({ QUARANTINED_SINCE_ANNOTATION: now.to_string() })))
+        .await
+        .map_err(kube_err("quarantining ImageBackup", &name))?;
+    let note = format!("no pod template names {}: pruned after {quarantine} unless one does", digests.join(", "));
+    ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupQuarantined", note).await;
+    Ok(Some(Action::requeue(ctx.config.prune_quarantine)))
+}
+
+/// The backup repository of `backup`, and the manifests it copied there
+/// (its digest, and a reduced index of it) that no other ImageBackup stands
+/// for and no watched workload is pinned to; `None` for a source that is
+/// not a valid reference.
+fn candidates(ctx: &Context, backup: &ImageBackup) -> Option<(ImageRef, Vec<String>)> {
+    let source = ImageRef::parse(&backup.spec.source).ok()?;
+    let target = ctx.config.backup.reference_for(&source).ok()?;
     let mut digests = vec![backup.spec.digest.clone()];
     let reference = backup.status.as_ref().and_then(|s| s.backup_reference.as_deref());
     if let Some((_, digest)) = reference.and_then(|r| r.rsplit_once('@'))
@@ -142,12 +214,24 @@ async fn prune(ctx: &Context, backup: &ImageBackup) {
         digests.push(digest.to_string());
     }
     let name = backup.name_any();
+    digests.retain(|digest| {
+        let pinned = target.pinned(digest);
+        let kept = ctx.usage.pins(&pinned) || referenced_elsewhere(ctx, &name, target.repository(), digest);
+        if kept {
+            info!(%pinned, "kept in the registry: still in use");
+        }
+        !kept
+    });
+    Some((target, digests))
+}
+
+/// Deletes from the registry the manifests `backup` copied that nothing
+/// uses (see [`candidates`]). Deleting a manifest drops its tags; the
+/// registry's garbage collection frees the blobs no manifest uses any more.
+async fn prune(ctx: &Context, backup: &ImageBackup) {
+    let Some((target, digests)) = candidates(ctx, backup) else { return };
     for digest in digests {
         let pinned = target.pinned(&digest);
-        if ctx.usage.pins(&pinned) || referenced_elsewhere(ctx, &name, target.repository(), &digest) {
-            info!(%pinned, "kept in the registry: still in use");
-            continue;
-        }
         match ctx.registry.delete_manifest(target.repository(), &digest).await {
             Ok(deleted) => {
                 if deleted {
