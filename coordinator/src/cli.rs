@@ -73,6 +73,14 @@ pub struct Cli {
     /// and whether a slow rollout's source still serves them.
     #[arg(long, env = "IMAGE_BACKUP_READ_PULL_SECRETS")]
     pub read_pull_secrets: bool,
+    /// Back up no image a workload's pods pull with a pull secret: on a
+    /// cluster whose tenants must not see each other's private images,
+    /// since anyone with the backup registry's pull credentials could pull
+    /// the copy. Without --read-pull-secrets, any pull secret of the pods
+    /// counts; with it, only one holding credentials for the image's
+    /// registry.
+    #[arg(long, env = "IMAGE_BACKUP_REFUSE_PRIVATE_IMAGES")]
+    pub refuse_private_images: bool,
     /// Also move workloads another controller manages (an ownerReference,
     /// Argo CD, Flux or Helm markers); without it they are backed up only,
     /// unless annotated backup.k8slab.io/rewrite=true.
@@ -257,6 +265,7 @@ impl Cli {
             backup_pull_secret: self.backup_pull_secret.clone().filter(|s| !s.is_empty()),
             copy_pull_secret: self.copy_pull_secret,
             read_pull_secrets: self.read_pull_secrets,
+            refuse_private_images: self.refuse_private_images,
             rewrite_managed: self.rewrite_managed,
             managed_markers: self.managed_markers.iter().filter(|m| !m.is_empty()).cloned().collect(),
             max_attempts: self.max_attempts.max(1),

@@ -39,6 +39,8 @@ pub struct CoordinatorConfig {
     /// Read the pull secrets of workloads' pods (off: no Secret outside
     /// the coordinator's namespace is read).
     pub read_pull_secrets: bool,
+    /// Back up no image the pods pull with a pull secret.
+    pub refuse_private_images: bool,
     /// Move workloads another controller manages, too.
     pub rewrite_managed: bool,
     /// Label or annotation keys that mark a workload as managed by a tool,

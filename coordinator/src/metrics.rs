@@ -44,12 +44,13 @@ pub struct TransitionLabel {
 /// (the first workload restored would never alert), and absent series
 /// cannot be told from a typo in a rule.
 const KINDS: [&str; 3] = ["Deployment", "DaemonSet", "ImageBackup"];
-const PATCH_OUTCOMES: [&str; 11] = [
+const PATCH_OUTCOMES: [&str; 12] = [
     "rewritten",
     "changed_meanwhile",
     "waiting_for_slot",
     "report_only",
     "not_pullable",
+    "private_refused",
     "opted_out",
     "managed",
     // Held, for the hold's reason.

@@ -79,6 +79,7 @@ pub fn coordinator_config(backup_host: &str) -> CoordinatorConfig {
         backup_pull_secret: None,
         copy_pull_secret: false,
         read_pull_secrets: true,
+        refuse_private_images: false,
         rewrite_managed: false,
         managed_markers: Vec::new(),
         max_attempts: 3,

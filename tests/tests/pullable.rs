@@ -5,7 +5,8 @@
 //! workload whose pods have no credentials for it is left as it is and the
 //! ImageBackup says why; one whose pods have a pull secret for it is moved; with the
 //! install's pull Secret named and copying allowed, the Secret is copied
-//! into the workload's namespace and added to its pod spec.
+//! into the workload's namespace and added to its pod spec. With private
+//! images refused, an image pulled with a pull secret is not backed up.
 
 use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_oci::registry::RegistryConfig;
@@ -16,6 +17,7 @@ use image_backup_tests::{
         prepare,
     },
     init_tracing, on_both_api_servers,
+    one_node::OneNode,
     run::{start_agent, start_coordinator},
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
@@ -190,3 +192,40 @@ async fn pullable(kind: ApiServerKind) {
     }
 }
 on_both_api_servers!(pullable: workloads_are_moved_only_to_backups_their_pods_can_pull_on_the_emulator, workloads_are_moved_only_to_backups_their_pods_can_pull_on_a_real_api_server);
+
+/// With private images refused (a multi-tenant cluster), an image a
+/// workload's pods pull with a pull secret for its registry is not copied
+/// into the backup registry, where anyone with its pull credentials could
+/// pull it; the workload says why, and a public one beside it is moved.
+async fn private_refused(kind: ApiServerKind) {
+    // A namespace of its own: on a real API server, other tests give
+    // `shop`'s default ServiceAccount a pull secret, which would make
+    // every image there private.
+    let Some(s) = OneNode::new(kind, &["tenant"]).await else { return };
+    let public = s.image("tenant/public:1", 91).await;
+    let private = s.image("tenant/private:1", 92).await;
+    s.deploy("Deployment", "tenant", "public", json!({}), &public).await;
+    s.deploy("Deployment", "tenant", "private", json!({}), &private).await;
+    pull_secret(&s.client, "tenant", "source-pull", &s.src).await;
+    let with_secret = Patch::Merge(
+        json!({ "spec": { "template": { "spec": { "imagePullSecrets": [{ "name": "source-pull" }] } } } }),
+    );
+    Api::<Deployment>::namespaced(s.client.clone(), "tenant")
+        .patch("private", &PatchParams::default(), &with_secret)
+        .await
+        .unwrap();
+    let config = CoordinatorConfig { refuse_private_images: true, ..coordinator_config(&s.backup_host()) };
+    let _coordinator = s.start(config).await;
+
+    s.runs("Deployment", "tenant", "public", &s.pinned(&public)).await;
+    eventually("the private one says why it is not backed up", WAIT, || async {
+        let events = s.events("tenant", "private").await;
+        if events.iter().any(|e| e == "PrivateImagesNotBackedUp") { Ok(()) } else { Err(format!("{events:?}")) }
+    })
+    .await;
+    assert_eq!(s.image_of("Deployment", "tenant", "private").await, private.0);
+    assert!(s.image_backup(&private).await.is_none(), "no ImageBackup for the private image");
+    let copied = s.backup.manifest(&s.repository(&private), private.1.digest()).await.unwrap();
+    assert!(copied.is_none(), "nothing of it in the backup registry");
+}
+on_both_api_servers!(private_refused: private_images_are_not_backed_up_when_refused_on_the_emulator, private_images_are_not_backed_up_when_refused_on_a_real_api_server);

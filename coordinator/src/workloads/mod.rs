@@ -180,6 +180,23 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let runs =
         images.iter().map(|(_, s, d)| (image_backup_crds::name_for(s), Use::Runs(d.clone().unwrap_or_default())));
     ctx.usage.set(&key, pinned.into_iter().chain(runs).collect());
+    if ctx.config.refuse_private_images {
+        let sources: Vec<ImageRef> = images.iter().map(|(_, source, _)| source.clone()).collect();
+        let private = pullable::private_sources(&ctx, &workload, &sources).await?;
+        if !private.is_empty() {
+            // Anyone holding the backup registry's pull credentials could
+            // pull what a tenant's own credentials kept private.
+            let private: Vec<String> = private.iter().map(|s| s.to_string()).collect();
+            let why = format!(
+                "not backed up: its pods pull {} with a pull secret, and private images are refused (--refuse-private-images)",
+                private.join(", ")
+            );
+            debug!(%why, "private images refused");
+            ctx.metrics.patched("private_refused");
+            ctx.event(&workload.object_ref(), EventType::Normal, "PrivateImagesNotBackedUp", why).await;
+            return Ok(Action::await_change());
+        }
+    }
 
     let mut backups: BTreeMap<String, String> = BTreeMap::new();
     let mut names = Vec::new();

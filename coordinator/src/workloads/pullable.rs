@@ -148,6 +148,25 @@ pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -
     Ok(Ok(()))
 }
 
+/// The sources among `sources` that the pods of `workload` may need a pull
+/// secret for: with `--read-pull-secrets`, those a pull secret the pods use
+/// has credentials for; without, all of them as soon as the pods use any
+/// pull secret (which registry it is for is not read).
+pub async fn private_sources<'a>(
+    ctx: &Context,
+    workload: &Workload,
+    sources: &'a [ImageRef],
+) -> Result<Vec<&'a ImageRef>, Error> {
+    if pod_secrets(ctx, workload).await?.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !ctx.config.read_pull_secrets {
+        return Ok(sources.iter().collect());
+    }
+    let secrets = pod_secret_objects(ctx, workload).await?;
+    Ok(sources.iter().filter(|source| secrets.iter().any(|s| credentials_in(s, source.registry()).is_some())).collect())
+}
+
 /// The pull secrets the pods of `workload` use that exist.
 async fn pod_secret_objects(ctx: &Context, workload: &Workload) -> Result<Vec<Secret>, Error> {
     let namespace = workload.namespace();
