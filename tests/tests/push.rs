@@ -368,6 +368,32 @@ async fn an_image_containerd_does_not_hold_is_a_clear_error() {
     assert!(err.to_string().contains("docker.io/library/nginx:1.25 not found in containerd namespace k8s.io"), "{err}");
 }
 
+/// The node holds the same content under another repository's name only
+/// (another tenant pulled it): asked for this source at that digest, the
+/// agent publishes nothing, since only the record the kubelet made for the
+/// source counts.
+#[tokio::test]
+async fn only_the_record_of_the_named_source_is_published() {
+    init_tracing();
+    let containerd = Containerd::start().await.unwrap();
+    let registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[64 << 10], 9);
+    image.import(&containerd, "registry.tenant-b.example/private/app:1", &[], &[]).await.unwrap();
+    let pusher = pusher(&containerd, insecure(&[registry.host()])).await;
+    let source = format!("docker.io/library/app:1@{}", image.digest());
+    let err = push(&pusher, &source, &format!("{}/app:1", registry.host())).await.unwrap_err();
+    assert!(err.to_string().contains("not found in containerd namespace k8s.io"), "{err}");
+    assert!(registry.tags("app").await.unwrap_or_default().is_empty(), "nothing published");
+    // Under its own name, it is.
+    push(
+        &pusher,
+        &format!("registry.tenant-b.example/private/app:1@{}", image.digest()),
+        &format!("{}/app:1", registry.host()),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn tls_registry_with_basic_auth_from_a_docker_config() {
     init_tracing();
