@@ -1,4 +1,5 @@
-//! A compromised node cannot pin anyone's workload to content it made up.
+//! A compromised node cannot pin anyone's workload to content it made up,
+//! nor keep a job cycling by dropping it again and again.
 //! Every node holds the same push credential, so a rogue agent (a session
 //! opened by hand with the token of an agent pod on its node) can push
 //! anything to the backup registry and report anything. Here it plays
@@ -11,6 +12,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::index::{self, LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION, SOURCE_INDEX_BYTES_ANNOTATION};
 use image_backup_proto::v1::{
@@ -197,4 +199,74 @@ fn result(assignment: &Assignment, outcome: job_result::Outcome) -> agent_messag
         digest: assignment.digest.clone(),
         outcome: Some(outcome),
     })
+}
+
+on_both_api_servers!(lost_again_and_again: a_copy_lost_again_and_again_fails_on_the_emulator, a_copy_lost_again_and_again_fails_on_a_real_api_server);
+
+/// An agent that goes away each time it is given the copy (as one the copy
+/// crashes would): after `max_attempts` losses in a row the job fails,
+/// saying so, instead of cycling for ever.
+async fn lost_again_and_again(kind: ApiServerKind) {
+    init_tracing();
+    let Some((_cluster, admin)) = cluster(kind).await else { return };
+    prepare(&admin, &["shop", "image-backup"]).await;
+    let backup_registry = Registry::start(RegistryAuth::None).await.unwrap();
+    let image = TestImage::single(MediaTypes::Oci, &[64 * KB], 47);
+    let reference = "registry.gone.example/team/crashy:1";
+    let w = Workloads { client: admin.clone() };
+    let spec = [("app", reference, image.digest(), false)];
+    w.deploy("Deployment", "shop", "crashy", json!({}), &spec, Placement { nodes: &["node-crash"], ready: true }).await;
+    let client = coordinator_client(kind, &admin).await;
+    let config = CoordinatorConfig {
+        max_attempts: 3,
+        heartbeat_deadline: Duration::from_secs(1),
+        retry_backoff: Duration::from_millis(100),
+        ..coordinator_config(&backup_registry.host())
+    };
+    let coordinator = start_coordinator(&admin, &client, config).await;
+    let token = agent_token(&admin, "node-crash").await;
+    let held = InventoryImage {
+        name: reference.into(),
+        digest: image.digest().into(),
+        media_type: image.root().media_type.clone(),
+        in_use: true,
+        ..InventoryImage::default()
+    };
+    let backups: Api<ImageBackup> = Api::all(admin.clone());
+    let status = || async {
+        let all = backups.list(&Default::default()).await.unwrap().items;
+        all.into_iter().find(|b| b.spec.source == reference).and_then(|b| b.status).unwrap_or_default()
+    };
+    let mut assigned = 0;
+    while status().await.phase != Phase::Failed && assigned < 10 {
+        let mut agent = Session::open(&coordinator.channel().await, Some(&token), "node-crash").await.unwrap();
+        assert!(matches!(agent.next().await, Some(coordinator_message::Message::Registered(_))));
+        let inventory = Inventory { full: true, added: vec![held.clone()], removed: vec![] };
+        agent.send(agent_message::Message::Inventory(inventory)).await;
+        match tokio::time::timeout(Duration::from_secs(30), agent.next_within(Duration::from_secs(30))).await {
+            Ok(Some(coordinator_message::Message::Assignment(_))) => assigned += 1,
+            other => {
+                if status().await.phase == Phase::Failed {
+                    break;
+                }
+                panic!("no assignment: {other:?}");
+            }
+        }
+        // Gone mid-copy, without a word.
+        drop(agent);
+        eventually("the loss is recorded", Duration::from_secs(30), || async {
+            let status = status().await;
+            if status.phase == Phase::Pending || status.phase == Phase::Failed {
+                Ok(())
+            } else {
+                Err(format!("{status:?}"))
+            }
+        })
+        .await;
+    }
+    let failed = status().await;
+    assert_eq!(failed.phase, Phase::Failed, "{failed:?}");
+    assert_eq!(assigned, 3, "one assignment per attempt allowed");
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("lost 3 times in a row"), "{error}");
 }
