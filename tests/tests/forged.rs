@@ -243,8 +243,21 @@ async fn lost_again_and_again(kind: ApiServerKind) {
         assert!(matches!(agent.next().await, Some(coordinator_message::Message::Registered(_))));
         let inventory = Inventory { full: true, added: vec![held.clone()], removed: vec![] };
         agent.send(agent_message::Message::Inventory(inventory)).await;
-        match tokio::time::timeout(Duration::from_secs(30), agent.next_within(Duration::from_secs(30))).await {
-            Ok(Some(coordinator_message::Message::Assignment(_))) => assigned += 1,
+        // Alive until it goes: its heartbeats keep it within the deadline.
+        let beats = agent.sender();
+        let heartbeats = tokio::spawn(async move {
+            loop {
+                let beat = Heartbeat { sent_at: Some(std::time::SystemTime::now().into()), running_job_ids: vec![] };
+                if beats.send(message(agent_message::Message::Heartbeat(beat))).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let assignment = agent.next_within(Duration::from_secs(30)).await;
+        heartbeats.abort();
+        match assignment {
+            Some(coordinator_message::Message::Assignment(_)) => assigned += 1,
             other => {
                 if status().await.phase == Phase::Failed {
                     break;
