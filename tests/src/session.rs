@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use image_backup_proto::v1::{
-    AgentMessage, CoordinatorMessage, Register, agent_message, agent_service_client::AgentServiceClient,
+    AgentMessage, CoordinatorMessage, Heartbeat, Register, agent_message, agent_service_client::AgentServiceClient,
     coordinator_message,
 };
 use tokio::sync::mpsc;
@@ -46,6 +46,21 @@ impl Session {
     /// A sender for messages from elsewhere (heartbeats beside the replies).
     pub fn sender(&self) -> mpsc::Sender<AgentMessage> {
         self.tx.clone()
+    }
+
+    /// Sends a heartbeat every `period`, as a live agent does, until the
+    /// session ends or the task is aborted.
+    pub fn heartbeats(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        let beats = self.sender();
+        tokio::spawn(async move {
+            loop {
+                let beat = Heartbeat { sent_at: Some(std::time::SystemTime::now().into()), running_job_ids: vec![] };
+                if beats.send(message(agent_message::Message::Heartbeat(beat))).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
     }
 
     /// The next message from the coordinator, waiting up to `timeout`.

@@ -16,8 +16,8 @@ use image_backup_coordinator::config::CoordinatorConfig;
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::index::{self, LEFT_OUT_ANNOTATION, SOURCE_INDEX_ANNOTATION, SOURCE_INDEX_BYTES_ANNOTATION};
 use image_backup_proto::v1::{
-    Assignment, Finish, Heartbeat, Inventory, InventoryImage, JobFailure, JobResult, JobSuccess, Platform,
-    PlatformManifest, agent_message, coordinator_message, job_result,
+    Assignment, Finish, Inventory, InventoryImage, JobFailure, JobResult, JobSuccess, Platform, PlatformManifest,
+    agent_message, coordinator_message, job_result,
 };
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
@@ -28,7 +28,7 @@ use image_backup_tests::{
     image::{Blob, sha256},
     init_tracing, on_both_api_servers,
     run::start_coordinator,
-    session::{Session, message},
+    session::Session,
 };
 use kube::Api;
 use serde_json::{Value, json};
@@ -56,16 +56,7 @@ async fn forged_reduced_index(kind: ApiServerKind) {
     let mut rogue = Session::open(&coordinator.channel().await, Some(&token), "node-evil").await.unwrap();
     assert!(matches!(rogue.next().await, Some(coordinator_message::Message::Registered(_))));
     rogue.send(agent_message::Message::Inventory(inventory(&image, reference))).await;
-    let beats = rogue.sender();
-    let heartbeats = tokio::spawn(async move {
-        loop {
-            let beat = Heartbeat { sent_at: Some(std::time::SystemTime::now().into()), running_job_ids: vec![] };
-            if beats.send(message(agent_message::Message::Heartbeat(beat))).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
+    let heartbeats = rogue.heartbeats(Duration::from_secs(1));
 
     // It plays along (the amd64 part copied, the source unreachable) until
     // it is asked for the reduced index.
@@ -244,16 +235,7 @@ async fn lost_again_and_again(kind: ApiServerKind) {
         let inventory = Inventory { full: true, added: vec![held.clone()], removed: vec![] };
         agent.send(agent_message::Message::Inventory(inventory)).await;
         // Alive until it goes: its heartbeats keep it within the deadline.
-        let beats = agent.sender();
-        let heartbeats = tokio::spawn(async move {
-            loop {
-                let beat = Heartbeat { sent_at: Some(std::time::SystemTime::now().into()), running_job_ids: vec![] };
-                if beats.send(message(agent_message::Message::Heartbeat(beat))).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
+        let heartbeats = agent.heartbeats(Duration::from_millis(200));
         let assignment = agent.next_within(Duration::from_secs(30)).await;
         heartbeats.abort();
         match assignment {
