@@ -348,6 +348,7 @@ where
                         ctx.digests.observed(key(object), generation, object.rollout_complete());
                     }
                     Change::Deleted(key, _) => {
+                        crate::backups::notes::forget_workload(&ctx, &key.to_string());
                         ctx.usage.remove(&key);
                         ctx.digests.forget(&key);
                         ctx.rollouts.forget(&key);

@@ -158,6 +158,17 @@ impl OneNode {
             .collect()
     }
 
+    /// Waits for an Event with `reason` about `ns/name`: the coordinator
+    /// records Events after the patch or status write they explain, so a
+    /// test that has just seen that write may still be ahead of the Event.
+    pub async fn recorded(&self, ns: &str, name: &str, reason: &str) {
+        eventually(&format!("a {reason} Event about {ns}/{name}"), WAIT, || async {
+            let events = self.events(ns, name).await;
+            if events.iter().any(|e| e == reason) { Ok(()) } else { Err(format!("{events:?}")) }
+        })
+        .await;
+    }
+
     /// `(workload, reason)` of each note on the ImageBackup of `image`.
     pub async fn notes(&self, image: &(String, TestImage)) -> Vec<(String, String)> {
         let name = image_backup_crds::name_for(&image_backup_oci::ImageRef::parse(&image.0).unwrap());

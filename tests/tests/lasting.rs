@@ -83,7 +83,7 @@ async fn lost(kind: ApiServerKind) {
     let hold = s.hold("Deployment", "shop", "web").await.expect("held on its source");
     assert_eq!(hold.reason, HoldReason::BackupLost);
     assert!(hold.message.contains("gone from the registry"), "{}", hold.message);
-    assert!(s.events("shop", "web").await.contains(&"BackupLost".to_string()));
+    s.recorded("shop", "web", "BackupLost").await;
     let status = s.image_backup(&web).await.unwrap().status.unwrap();
     assert_eq!(status.phase, Phase::Failed);
     assert!(status.lost_at.is_some(), "{status:?}");

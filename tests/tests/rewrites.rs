@@ -55,7 +55,7 @@ async fn managed_and_reverted(kind: ApiServerKind) {
     .await;
     for name in ["flux", "owned"] {
         assert_eq!(s.image_of("Deployment", "shop", name).await, web.0, "{name} is left on its source");
-        assert!(s.events("shop", name).await.contains(&"NotRewritten".to_string()), "{name}");
+        s.recorded("shop", name, "NotRewritten").await;
     }
     let managed = metric(&coordinator.metrics_url, "image_backup_workload_patches_total{outcome=\"managed\"}").await;
     assert!(managed.as_ref().is_ok_and(|n| *n >= 2.0), "{managed:?}");
@@ -78,7 +78,7 @@ async fn managed_and_reverted(kind: ApiServerKind) {
         }
     })
     .await;
-    assert!(s.events("shop", "web").await.contains(&"RewriteReverted".to_string()));
+    s.recorded("shop", "web", "RewriteReverted").await;
     assert_eq!(s.annotation("Deployment", "shop", "web", ORIGINAL_IMAGES_ANNOTATION).await, None);
     eventually("the ImageBackup notes the rollback", WAIT, || async {
         let notes = s.notes(&web).await;
@@ -89,6 +89,15 @@ async fn managed_and_reverted(kind: ApiServerKind) {
     s.touch("Deployment", "shop", "web", "1").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(s.image_of("Deployment", "shop", "web").await, web.0, "the coordinator does not move it again");
+
+    // A workload that goes takes its note with it.
+    deployments.delete("owned", &Default::default()).await.unwrap();
+    eventually("the deleted Deployment's note goes", WAIT, || async {
+        let notes = s.notes(&web).await;
+        let owned = notes.iter().any(|(workload, _)| workload == "Deployment/shop/owned");
+        if owned { Err(format!("{notes:?}")) } else { Ok(()) }
+    })
+    .await;
 }
 on_both_api_servers!(managed_and_reverted: managed_workloads_are_left_alone_and_a_rollback_is_held_on_the_emulator, managed_workloads_are_left_alone_and_a_rollback_is_held_on_a_real_api_server);
 

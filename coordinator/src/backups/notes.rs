@@ -76,6 +76,20 @@ pub fn has(status: Option<&ImageBackupStatus>, note: &WorkloadNote) -> bool {
     })
 }
 
+/// Drops the notes about `workload` (deleted, or excluded now) from every
+/// ImageBackup that has one: nothing else would, as the note of a workload
+/// that still exists goes when its rollout to the backups completes.
+pub fn forget_workload(ctx: &Context, workload: &str) {
+    for backup in ctx.backups.state() {
+        let about = backup.status.as_ref().is_some_and(|s| s.workloads.iter().any(|n| n.workload == workload));
+        if about {
+            let name = backup.name_any();
+            ctx.notes.push(&name, Pending::Clear(workload.to_string()));
+            ctx.jobs.wake(&name);
+        }
+    }
+}
+
 /// Writes the queued notes of `backup`, if any changes its status; the
 /// object as it stands after.
 pub async fn write(ctx: &Context, backup: Arc<ImageBackup>) -> Result<Arc<ImageBackup>, Error> {

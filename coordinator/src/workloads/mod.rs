@@ -86,6 +86,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let mut slot = ctx.rollouts.slot(key.clone());
     if let Err(reason) = ctx.config.exclusions.check(&workload) {
         debug!(?reason, "excluded");
+        crate::backups::notes::forget_workload(&ctx, &key.to_string());
         ctx.usage.remove(&key);
         ctx.digests.forget(&key);
         return Ok(Action::await_change());

@@ -157,22 +157,28 @@ pub async fn private_sources<'a>(
     workload: &Workload,
     sources: &'a [ImageRef],
 ) -> Result<Vec<&'a ImageRef>, Error> {
-    if pod_secrets(ctx, workload).await?.is_empty() {
+    let names = pod_secrets(ctx, workload).await?;
+    if names.is_empty() {
         return Ok(Vec::new());
     }
     if !ctx.config.read_pull_secrets {
         return Ok(sources.iter().collect());
     }
-    let secrets = pod_secret_objects(ctx, workload).await?;
+    let secrets = secret_objects(ctx, workload.namespace(), names).await?;
     Ok(sources.iter().filter(|source| secrets.iter().any(|s| credentials_in(s, source.registry()).is_some())).collect())
 }
 
 /// The pull secrets the pods of `workload` use that exist.
 async fn pod_secret_objects(ctx: &Context, workload: &Workload) -> Result<Vec<Secret>, Error> {
-    let namespace = workload.namespace();
+    let names = pod_secrets(ctx, workload).await?;
+    secret_objects(ctx, workload.namespace(), names).await
+}
+
+/// The Secrets among `names` in `namespace` that exist.
+async fn secret_objects(ctx: &Context, namespace: &str, names: Vec<String>) -> Result<Vec<Secret>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let mut found = Vec::new();
-    for name in pod_secrets(ctx, workload).await? {
+    for name in names {
         let secret =
             api.get_opt(&name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
         found.extend(secret);
