@@ -12,7 +12,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{agents::AgentHub, jobs::machine::Transition};
+use image_backup_core::job::Transition;
+
+use crate::agents::AgentHub;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -311,7 +313,7 @@ impl Metrics {
 
 fn is_stalled(backup: &ImageBackup) -> bool {
     let conditions = backup.status.iter().flat_map(|s| &s.conditions);
-    conditions.into_iter().any(|c| c.type_ == crate::jobs::machine::STALLED && c.status == "True")
+    conditions.into_iter().any(|c| c.type_ == image_backup_core::job::STALLED && c.status == "True")
 }
 
 fn phase_of(backup: &ImageBackup) -> Phase {

@@ -2,6 +2,7 @@
 //! deterministically so that creating it is idempotent across events,
 //! workloads and coordinator restarts.
 
+mod job;
 mod name;
 
 pub use name::name_for;

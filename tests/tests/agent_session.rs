@@ -8,9 +8,10 @@ use apiserver_emulator::ApiServer;
 use image_backup_agent::{guard::Guard, link::CoordinatorLink};
 use image_backup_coordinator::{
     agents::{AgentHub, AgentSessions},
-    jobs::{LiveJobs, Outcome},
+    jobs::LiveJobs,
     trust::agents::AgentAuthenticator,
 };
+use image_backup_core::job::Outcome;
 use image_backup_oci::BackupTarget;
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_proto::v1::{Assignment, agent_service_server::AgentServiceServer};

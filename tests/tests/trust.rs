@@ -10,9 +10,10 @@ use std::{sync::Arc, time::Duration};
 use image_backup_coordinator::{
     agents::{AgentHub, AgentSessions},
     grpc::MAX_AGENT_MESSAGE,
-    jobs::{LiveJobs, Outcome},
+    jobs::LiveJobs,
     trust::agents::AgentAuthenticator,
 };
+use image_backup_core::job::Outcome;
 use image_backup_proto::v1::{
     Assignment, Heartbeat, Inventory, InventoryImage, JobFailure, JobProgress, JobResult, JobSuccess, ListJobsRequest,
     agent_message, agent_service_server::AgentServiceServer, coordinator_message, job_result,

@@ -28,11 +28,12 @@ use tracing::{debug, info, info_span, warn};
 
 pub use session::AgentSessions;
 
-use crate::jobs::{
-    LiveJobs,
-    machine::Holder,
+use image_backup_core::job::{
+    Holder,
     plan::{Child, Holding, Holdings},
 };
+
+use crate::jobs::LiveJobs;
 
 /// How long an assignment counts as running before the agent's heartbeats
 /// list it, at the least.

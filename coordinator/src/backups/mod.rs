@@ -12,20 +12,18 @@ pub mod unused;
 
 use std::{sync::Arc, time::Duration};
 
-use image_backup_crds::{ImageBackup, ImageBackupStatus, Phase};
+use image_backup_core::job::{
+    self, Failure, Finish, Holder, Limits, Next, Observed, Phase, Success, Transition,
+    plan::{Holdings, Part},
+};
+use image_backup_crds::ImageBackup;
 use image_backup_oci::ImageRef;
-use image_backup_proto::v1::{Assignment, Finish, JobFailure, JobSuccess};
+use image_backup_proto::v1::Assignment;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
 use tracing::{debug, info, instrument, warn};
 
-use crate::{
-    context::{Context, Error, kube_err},
-    jobs::{
-        machine::{self, Holder, Limits, Next, Observed, Transition},
-        plan::{Holdings, Part},
-    },
-};
+use crate::context::{Context, Error, kube_err};
 
 /// How often a stale write is retried from a fresh read before the
 /// reconcile is requeued.
@@ -63,7 +61,7 @@ pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Ac
 /// version of the object.
 async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Error> {
     let name = backup.name_any();
-    let status = backup.status.clone().unwrap_or_default();
+    let status = job_status(backup);
     let limits = limits(ctx);
     let live = ctx
         .jobs
@@ -92,7 +90,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         since_report: live.as_ref().map(|l| l.updated.elapsed()),
         uptime: ctx.hub.uptime(),
     };
-    let transition = match machine::next(&observed, &limits) {
+    let transition = match job::next(&observed, &limits) {
         Next::Idle => return Ok(Some(Action::await_change())),
         Next::After(wait) => return Ok(Some(Action::requeue(wait))),
         Next::Record(transition) => transition,
@@ -123,7 +121,7 @@ async fn step(backup: &ImageBackup, ctx: &Context) -> Result<Option<Action>, Err
         // survives a coordinator restart.
         Transition::Retry { .. } | Transition::Lost { .. } => {
             let failures = written.status.as_ref().map_or(1, |s| s.failures);
-            Action::requeue(machine::backoff(&limits, failures, &backup.spec.digest).max(Duration::from_millis(100)))
+            Action::requeue(job::backoff(&limits, failures, &backup.spec.digest).max(Duration::from_millis(100)))
         }
         Transition::Restart { .. } | Transition::Copied { .. } | Transition::SourceFailed { .. } => {
             Action::requeue(Duration::ZERO)
@@ -218,7 +216,7 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
         target: target.to_string(),
         attempt,
         manifests: part.manifests.clone(),
-        finish: part.finish.into(),
+        finish: image_backup_proto::v1::Finish::from(part.finish).into(),
         keep: part.keep.clone(),
         from_source: part.from_source.clone(),
         source_docker_config: Vec::new(),
@@ -231,7 +229,7 @@ fn assignment(name: &str, backup: &ImageBackup, target: &ImageRef, attempt: u32,
 /// tries again at once if one freed meanwhile.
 async fn lost_race(ctx: &Context, backup: &ImageBackup, limits: &Limits) -> Result<Option<Action>, Error> {
     ctx.jobs.wait_for_agent(&backup.name_any());
-    let status = backup.status.clone().unwrap_or_default();
+    let status = job_status(backup);
     let observed = Observed {
         generation: backup.metadata.generation.unwrap_or(1),
         digest: &backup.spec.digest,
@@ -245,7 +243,7 @@ async fn lost_race(ctx: &Context, backup: &ImageBackup, limits: &Limits) -> Resu
         since_report: None,
         uptime: ctx.hub.uptime(),
     };
-    match machine::pending(&observed, limits) {
+    match job::pending(&observed, limits) {
         Next::Assign { .. } => Ok(Some(Action::requeue(Duration::ZERO))),
         Next::Record(transition @ Transition::Waiting { .. }) => {
             Ok(status::write(ctx, backup, &transition).await?.map(|_| Action::await_change()))
@@ -269,17 +267,17 @@ async fn verify(
     ctx: &Context,
     backup: &ImageBackup,
     target: &Result<ImageRef, String>,
-    status: &ImageBackupStatus,
+    status: &job::Status,
     limits: &Limits,
-    success: &JobSuccess,
+    success: &Success,
 ) -> Option<Transition> {
     let target = match target {
         Ok(target) => target,
         Err(error) => return Some(Transition::Failed { error: error.clone(), absent: Vec::new() }),
     };
     let failure = |message: String| {
-        let failure = JobFailure { message, retryable: true, ..JobFailure::default() };
-        machine::failed(status, limits, &failure, &backup.spec.digest)
+        let failure = Failure { message, retryable: true, ..Failure::default() };
+        job::failed(status, limits, &failure, &backup.spec.digest)
     };
     let source = &backup.spec.digest;
     let reduced = success.digest != *source;
@@ -306,11 +304,11 @@ async fn verify(
                 reference: target.pinned(&digest),
                 bytes: success.bytes_uploaded,
                 node: status.node.clone().unwrap_or_default(),
-                manifests: success.pushed_manifests.iter().map(|m| m.digest.clone()).collect(),
+                manifests: success.pushed_manifests.clone(),
                 from_source: success.from_source.clone(),
                 reduced,
                 referrers: success.referrers.clone(),
-                referrers_error: Some(success.referrers_error.clone()).filter(|e| !e.is_empty()),
+                referrers_error: success.referrers_error.clone(),
             })
         }
         Ok(None) => Some(failure(format!(
@@ -328,12 +326,7 @@ async fn verify(
 /// Looks for a Completed backup in the registry again (a HEAD of the
 /// pinned manifest; for a reduced index, its proof read again); `None`
 /// when the registry could not say.
-async fn reverify(
-    ctx: &Context,
-    backup: &ImageBackup,
-    target: &ImageRef,
-    status: &ImageBackupStatus,
-) -> Option<Transition> {
+async fn reverify(ctx: &Context, backup: &ImageBackup, target: &ImageRef, status: &job::Status) -> Option<Transition> {
     let source = backup.spec.digest.as_str();
     let reference = status.backup_reference.clone().unwrap_or_else(|| target.pinned(source));
     let digest = reference.rsplit_once('@').map_or(source, |(_, digest)| digest);
@@ -423,20 +416,24 @@ async fn after_write(ctx: &Context, backup: &ImageBackup, written: &ImageBackup,
     }
 }
 
+/// The status of `backup` as the core's job record.
+fn job_status(backup: &ImageBackup) -> job::Status {
+    backup.status.as_ref().map(job::Status::from).unwrap_or_default()
+}
+
 /// Time since the backup was last seen in the registry: since it was
 /// Completed, for a status written before re-verification existed.
-fn since_verified(status: &ImageBackupStatus) -> Duration {
-    match &status.last_verified {
-        Some(t) => Timestamp::now().duration_since(t.0).try_into().unwrap_or(Duration::ZERO),
+fn since_verified(status: &job::Status) -> Duration {
+    match status.last_verified {
+        Some(t) => Timestamp::now().duration_since(t).try_into().unwrap_or(Duration::ZERO),
         None => since(status),
     }
 }
 
 /// Time since the status last changed phase (forever when never).
-fn since(status: &ImageBackupStatus) -> Duration {
+fn since(status: &job::Status) -> Duration {
     status
         .last_transition_time
-        .as_ref()
-        .and_then(|t| Timestamp::now().duration_since(t.0).try_into().ok())
+        .and_then(|t| Timestamp::now().duration_since(t).try_into().ok())
         .unwrap_or(Duration::MAX)
 }

@@ -4,14 +4,12 @@
 
 use std::sync::Arc;
 
+use image_backup_core::job::{self, Transition};
 use image_backup_crds::ImageBackup;
 use k8s_openapi::jiff::Timestamp;
 use kube::{ResourceExt, api::PostParams};
 
-use crate::{
-    context::{Context, Error, MANAGER, kube_err},
-    jobs::machine::Transition,
-};
+use crate::context::{Context, Error, MANAGER, kube_err};
 
 /// Records `transition`; the object as written, or `None` when `backup`
 /// was stale.
@@ -23,7 +21,8 @@ pub async fn write(
     let name = backup.name_any();
     let current = backup.status.clone().unwrap_or_default();
     let mut next = backup.clone();
-    next.status = Some(transition.apply(&current, Timestamp::now()));
+    let current = job::Status::from(&current);
+    next.status = Some(transition.apply(&current, Timestamp::now()).into());
     next.metadata.managed_fields = None;
     let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match ctx.backup_api().replace_status(&name, &params, &next).await {

@@ -9,51 +9,9 @@ use std::{
     time::Instant,
 };
 
-use image_backup_proto::v1::{JobFailure, JobProgress, JobResult, JobSuccess, job_result};
+use image_backup_core::job::{Failure, LiveJob, Outcome};
+use image_backup_proto::v1::{JobProgress, JobResult, job_result};
 use tokio::sync::mpsc;
-
-/// How a copy ended, as its agent reported it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Success(JobSuccess),
-    Failure(JobFailure),
-    /// The agent went away (session ended, heartbeat missed) mid-copy.
-    Lost(String),
-}
-
-/// The latest report of one attempt of a job.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LiveJob {
-    pub attempt: u32,
-    /// The digest the attempt copies: attempt numbers start again when a
-    /// job's digest moves.
-    pub digest: String,
-    pub agent_id: String,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub outcome: Option<Outcome>,
-    /// When the agent last said anything of it (or it was handed over).
-    pub updated: Instant,
-}
-
-impl LiveJob {
-    fn new(attempt: u32, digest: &str, agent_id: &str) -> Self {
-        Self {
-            attempt,
-            digest: digest.into(),
-            agent_id: agent_id.into(),
-            bytes_done: 0,
-            bytes_total: 0,
-            outcome: None,
-            updated: Instant::now(),
-        }
-    }
-
-    /// Whether this is the attempt `attempt` of `digest` on `agent_id`.
-    pub fn is(&self, attempt: u32, digest: &str, agent_id: &str) -> bool {
-        self.attempt == attempt && self.digest == digest && self.agent_id == agent_id
-    }
-}
 
 /// Where a report of `job` is recorded: the attempt known here, or, for a
 /// job not known (the coordinator restarted), a new entry the reconciler
@@ -138,12 +96,12 @@ impl LiveJobs {
     /// Records how an attempt ended, under the same rule as progress.
     pub fn result(&self, agent_id: &str, result: &JobResult) -> bool {
         let outcome = match &result.outcome {
-            Some(job_result::Outcome::Success(success)) => Outcome::Success(success.clone()),
-            Some(job_result::Outcome::Failure(failure)) => Outcome::Failure(failure.clone()),
-            None => Outcome::Failure(JobFailure {
+            Some(job_result::Outcome::Success(success)) => Outcome::Success(success.into()),
+            Some(job_result::Outcome::Failure(failure)) => Outcome::Failure(failure.into()),
+            None => Outcome::Failure(Failure {
                 message: format!("agent {agent_id} sent a result without an outcome"),
                 retryable: true,
-                ..JobFailure::default()
+                ..Failure::default()
             }),
         };
         let accepted = {
@@ -229,6 +187,7 @@ impl LiveJobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image_backup_proto::v1::JobSuccess;
 
     fn progress(job: &str, attempt: u32, done: u64) -> JobProgress {
         JobProgress {

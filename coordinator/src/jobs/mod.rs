@@ -1,8 +1,7 @@
-//! Backup jobs apart from Kubernetes: what agents report (held until it is
-//! recorded) and the state machine that turns it into status.
+//! What agents report about backup jobs, held until the ImageBackup
+//! reconciler records it; the rules that turn it into status are the
+//! core's (`image_backup_core::job`).
 
 pub mod live;
-pub mod machine;
-pub mod plan;
 
-pub use live::{LiveJob, LiveJobs, Outcome};
+pub use live::LiveJobs;

@@ -9,8 +9,7 @@
 
 use std::collections::HashSet;
 
-use image_backup_crds::ImageBackupStatus;
-use image_backup_proto::v1::Finish;
+use super::{Finish, Status};
 
 /// A child manifest of an index, as the inventories list it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,11 +83,11 @@ pub enum Plan {
 }
 
 /// The children of an index already in the backup registry.
-pub fn copied(status: &ImageBackupStatus) -> HashSet<&str> {
+pub fn copied(status: &Status) -> HashSet<&str> {
     status.platforms.iter().filter(|p| p.copied_from.is_some()).map(|p| p.digest.as_str()).collect()
 }
 
-pub fn next(status: &ImageBackupStatus, holdings: &Holdings, digest: &str) -> Plan {
+pub fn next(status: &Status, holdings: &Holdings, digest: &str) -> Plan {
     if holdings.children.is_empty() {
         return whole(holdings, digest);
     }
@@ -166,7 +165,7 @@ fn assign(holder: &Holding, part: Part) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use image_backup_crds::PlatformCopy;
+    use crate::job::PlatformCopy;
 
     fn child(platform: &str, digest: &str) -> Child {
         Child { platform: platform.into(), digest: digest.into(), attestation: platform == "unknown/unknown" }
@@ -190,8 +189,8 @@ mod tests {
         }
     }
 
-    fn with_copied(digests: &[&str]) -> ImageBackupStatus {
-        ImageBackupStatus {
+    fn with_copied(digests: &[&str]) -> Status {
+        Status {
             platforms: digests
                 .iter()
                 .map(|d| PlatformCopy {
@@ -200,7 +199,7 @@ mod tests {
                     ..PlatformCopy::default()
                 })
                 .collect(),
-            ..ImageBackupStatus::default()
+            ..Status::default()
         }
     }
 
@@ -208,16 +207,16 @@ mod tests {
     fn a_single_platform_image_goes_whole_to_a_free_holder() {
         let holdings =
             Holdings { children: vec![], agents: vec![holding("a", false, true, &[]), holding("b", true, true, &[])] };
-        let Plan::Assign { agent_id, part, .. } = next(&ImageBackupStatus::default(), &holdings, "d") else { panic!() };
+        let Plan::Assign { agent_id, part, .. } = next(&Status::default(), &holdings, "d") else { panic!() };
         assert_eq!((agent_id.as_str(), part), ("b", Part::default()));
         let busy = Holdings { children: vec![], agents: vec![holding("a", false, true, &[])] };
-        assert!(matches!(next(&ImageBackupStatus::default(), &busy, "d"), Plan::Wait(m) if m.contains("busy")));
+        assert!(matches!(next(&Status::default(), &busy, "d"), Plan::Wait(m) if m.contains("busy")));
     }
 
     #[test]
     fn each_node_copies_what_it_holds_and_the_last_part_finishes_the_index() {
         let holdings = index(vec![holding("x", true, true, &["a"]), holding("y", true, true, &["b"])]);
-        let Plan::Assign { agent_id, part, .. } = next(&ImageBackupStatus::default(), &holdings, "d") else { panic!() };
+        let Plan::Assign { agent_id, part, .. } = next(&Status::default(), &holdings, "d") else { panic!() };
         assert_eq!(agent_id, "x");
         assert_eq!((part.manifests, part.finish), (vec!["a".to_string()], Finish::None));
         // The attestation is on no node: after both platforms, a reduced
@@ -249,9 +248,7 @@ mod tests {
         // A node holds the index but no platform whole (containerd skipped
         // layers it had as snapshots): everything may come from the source.
         let nothing_whole = index(vec![holding("x", true, true, &[])]);
-        let Plan::Nowhere { left, in_use, .. } = next(&ImageBackupStatus::default(), &nothing_whole, "d") else {
-            panic!()
-        };
+        let Plan::Nowhere { left, in_use, .. } = next(&Status::default(), &nothing_whole, "d") else { panic!() };
         assert_eq!(left.len(), 3);
         assert_eq!(in_use, ["linux/amd64"], "the node runs its own platform, incomplete");
     }
