@@ -18,7 +18,7 @@ use futures::StreamExt;
 use image_backup_oci::{
     ImageRef, ParseRefError,
     media::PlatformName,
-    registry::{Credentials, docker_config_credentials},
+    registry::{Credentials, docker_config},
 };
 use image_backup_proto::v1::{
     AgentMessage, Assignment, CoordinatorMessage, Finish as ProtoFinish, Heartbeat, Inventory, InventoryImage,
@@ -748,7 +748,7 @@ fn source_credentials(docker_config: &[u8], host: &str) -> Result<Option<Credent
     if docker_config.is_empty() {
         return Ok(None);
     }
-    docker_config_credentials(docker_config, host)
+    docker_config::credentials(docker_config, host)
         .map_err(|detail| format!("the source credentials the assignment carries for {host}: {detail}"))
 }
 

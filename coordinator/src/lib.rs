@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod leader;
 pub mod metrics;
 pub mod probes;
+pub mod pull_secrets;
 pub mod relist;
 pub mod restore;
 pub mod run;

@@ -9,23 +9,18 @@
 
 use image_backup_oci::{
     ImageRef,
-    registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy, docker_config_credentials},
+    registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy},
 };
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::{Secret, ServiceAccount},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Api, api::PostParams};
 use std::time::Duration;
 use tracing::{debug, info};
 
 use super::workload::Workload;
-use crate::context::{Context, Error, MANAGER, kube_err};
-
-/// Where a kubelet finds registry credentials in a pull secret.
-const DOCKER_CONFIG_JSON: &str = ".dockerconfigjson";
-const DOCKER_CFG: &str = ".dockercfg";
+use crate::{
+    context::{Context, Error, MANAGER, kube_err},
+    pull_secrets::{self, DOCKER_CONFIG_JSON},
+};
 
 /// Backups lately seen served to anonymous pulls: workloads sharing an
 /// image (hundreds, at times) then cost the registry one request, not one
@@ -134,7 +129,7 @@ pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -
         }
         let mut pulled = false;
         for secret in secrets.iter().flatten() {
-            let Some(credentials) = credentials_in(secret, host) else { continue };
+            let Some(credentials) = pull_secrets::credentials(secret, host) else { continue };
             let Ok(registry) = anonymous_or(host, &config, Some(credentials)) else { continue };
             if served(registry).await == Ok(true) {
                 pulled = true;
@@ -165,7 +160,10 @@ pub async fn private_sources<'a>(
         return Ok(sources.iter().collect());
     }
     let secrets = secret_objects(ctx, workload.namespace(), names).await?;
-    Ok(sources.iter().filter(|source| secrets.iter().any(|s| credentials_in(s, source.registry()).is_some())).collect())
+    Ok(sources
+        .iter()
+        .filter(|source| secrets.iter().any(|s| pull_secrets::credentials(s, source.registry()).is_some()))
+        .collect())
 }
 
 /// The pull secrets the pods of `workload` use that exist.
@@ -176,14 +174,9 @@ async fn pod_secret_objects(ctx: &Context, workload: &Workload) -> Result<Vec<Se
 
 /// The Secrets among `names` in `namespace` that exist.
 async fn secret_objects(ctx: &Context, namespace: &str, names: Vec<String>) -> Result<Vec<Secret>, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut found = Vec::new();
-    for name in names {
-        let secret =
-            api.get_opt(&name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
-        found.extend(secret);
-    }
-    Ok(found)
+    pull_secrets::read(&ctx.client, namespace, names)
+        .await
+        .map_err(kube_err("reading pull secrets", namespace.to_string()))
 }
 
 /// A reader of the backup registry with `credentials`, or none.
@@ -200,18 +193,6 @@ pub fn anonymous_or(
 ) -> Result<Registry, RegistryError> {
     let config = RegistryConfig { docker_config: None, ..config.clone() };
     Registry::reader(host, &config, credentials)
-}
-
-/// Credentials for `host` in a pull secret, if it has some.
-fn credentials_in(secret: &Secret, host: &str) -> Option<Credentials> {
-    let data = secret.data.as_ref()?;
-    let config = match (data.get(DOCKER_CONFIG_JSON), data.get(DOCKER_CFG)) {
-        (Some(json), _) => json.0.clone(),
-        // The older format is the `auths` map alone.
-        (None, Some(cfg)) => format!("{{\"auths\":{}}}", String::from_utf8_lossy(&cfg.0)).into_bytes(),
-        (None, None) => return None,
-    };
-    docker_config_credentials(&config, host).ok().flatten()
 }
 
 /// Checks that the pods of `workload` can pull `backups`.
@@ -235,7 +216,7 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
     for name in &tried {
         let secret =
             secrets.get_opt(name).await.map_err(kube_err("reading pull secret", format!("{namespace}/{name}")))?;
-        let Some(credentials) = secret.as_ref().and_then(|s| credentials_in(s, host)) else { continue };
+        let Some(credentials) = secret.as_ref().and_then(|s| pull_secrets::credentials(s, host)) else { continue };
         match reader(ctx, Some(credentials)) {
             Ok(registry) => match serves(&registry, backups).await {
                 Ok(true) => {
@@ -263,7 +244,7 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
         .get_opt(install)
         .await
         .map_err(kube_err("reading the backup pull secret", format!("{}/{install}", ctx.config.namespace)))?;
-    let Some(credentials) = own_secret.as_ref().and_then(|s| credentials_in(s, host)) else {
+    let Some(credentials) = own_secret.as_ref().and_then(|s| pull_secrets::credentials(s, host)) else {
         return Ok(Verdict::Refused(format!(
             "{refused}, and Secret {}/{install} holds no credentials for {host}",
             ctx.config.namespace
@@ -310,22 +291,12 @@ pub async fn check(ctx: &Context, workload: &Workload, backups: &[ImageRef]) -> 
     Ok(Verdict::Pullable(Access::AddSecret(install.clone())))
 }
 
-/// The names of the pull secrets the workload's pods use: the pod spec's,
-/// then their ServiceAccount's.
+/// The names of the pull secrets the workload's pods use.
 async fn pod_secrets(ctx: &Context, workload: &Workload) -> Result<Vec<String>, Error> {
     let Some(spec) = workload.pod_spec() else { return Ok(Vec::new()) };
-    let mut names: Vec<String> = spec.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
-    let account = spec.service_account_name.as_deref().unwrap_or("default");
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), workload.namespace());
-    let account = accounts
-        .get_opt(account)
+    pull_secrets::names(&ctx.client, workload.namespace(), spec)
         .await
-        .map_err(kube_err("reading ServiceAccount", format!("{}/{account}", workload.namespace())))?;
-    if let Some(account) = account {
-        names.extend(account.image_pull_secrets.iter().flatten().map(|r| r.name.clone()));
-    }
-    names.dedup();
-    Ok(names)
+        .map_err(kube_err("reading the pull secrets of", workload.key().to_string()))
 }
 
 /// Copies the install's pull secret into `namespace`: its data as is, so
@@ -354,29 +325,5 @@ async fn copy(ctx: &Context, source: &Secret, namespace: &str, name: &str) -> Re
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
         Err(e) => Err(kube_err("copying the backup pull secret", format!("{namespace}/{name}"))(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn secret(key: &str, value: serde_json::Value) -> Secret {
-        Secret {
-            data: Some([(key.to_string(), ByteString(value.to_string().into_bytes()))].into()),
-            ..Secret::default()
-        }
-    }
-
-    #[test]
-    fn reads_both_pull_secret_formats() {
-        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "puller:s3cret");
-        let json = secret(DOCKER_CONFIG_JSON, json!({ "auths": { "backup.example:5000": { "auth": auth } } }));
-        let Some(Credentials::Basic { username, .. }) = credentials_in(&json, "backup.example:5000") else { panic!() };
-        assert_eq!(username, "puller");
-        let legacy = secret(DOCKER_CFG, json!({ "https://backup.example:5000": { "auth": auth } }));
-        assert!(credentials_in(&legacy, "backup.example:5000").is_some());
-        assert!(credentials_in(&json, "other.example").is_none());
     }
 }

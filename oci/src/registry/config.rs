@@ -74,19 +74,16 @@ impl RegistryConfig {
             return Ok(None);
         };
         let text = std::fs::read(path).map_err(|e| format!("reading docker config {}: {e}", path.display()))?;
-        docker_config_credentials(&text, host).map_err(|e| format!("docker config {}: {e}", path.display()))
+        own_config_credentials(&text, host).map_err(|e| format!("docker config {}: {e}", path.display()))
     }
 }
 
-/// Credentials for `host` in a docker `config.json` (or a pull secret's
-/// `.dockerconfigjson`). The error text never holds the secret itself.
-pub fn docker_config_credentials(config: &[u8], host: &str) -> Result<Option<Credentials>, String> {
-    // Keys in the wild: bare host, with scheme, and Docker Hub's v1 URL.
-    let mut keys = vec![host.to_string(), format!("https://{host}"), format!("http://{host}")];
-    if host == "docker.io" || host == "index.docker.io" {
-        keys.extend(["docker.io", "index.docker.io", "https://index.docker.io/v1/"].map(String::from));
-    }
-    for key in keys {
+/// Credentials for `host` in the operator's own docker `config.json`, read
+/// whole as docker reads it: its credential helpers are the operator's
+/// choice (a config from anyone else goes through [`super::docker_config`],
+/// which runs none). The error text never holds the secret itself.
+fn own_config_credentials(config: &[u8], host: &str) -> Result<Option<Credentials>, String> {
+    for key in super::docker_config::keys_for(host) {
         match docker_credential::get_credential_from_reader(config, &key) {
             Ok(docker_credential::DockerCredential::UsernamePassword(username, password)) => {
                 return Ok(Some(Credentials::Basic { username, password }));

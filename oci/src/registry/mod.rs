@@ -11,6 +11,7 @@
 mod auth;
 pub mod body;
 mod config;
+pub mod docker_config;
 
 use std::{
     future::Future,
@@ -30,7 +31,7 @@ use reqwest::{
 use tracing::warn;
 
 pub use auth::Credentials;
-pub use config::{RegistryConfig, RetryPolicy, docker_config_credentials};
+pub use config::{RegistryConfig, RetryPolicy};
 
 use auth::Auth;
 
