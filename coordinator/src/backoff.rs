@@ -10,7 +10,7 @@ use std::{collections::HashMap, time::Duration};
 
 use parking_lot::Mutex;
 
-use crate::context::Error;
+use crate::error::Error;
 
 /// Delay after the first failure of an object.
 const BASE: Duration = Duration::from_secs(1);

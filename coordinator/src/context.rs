@@ -1,4 +1,4 @@
-//! What every reconcile shares, and the error they report.
+//! What every reconcile shares.
 
 use parking_lot::Mutex;
 use std::{
@@ -22,61 +22,14 @@ use kube::{
 use tracing::warn;
 
 use crate::{
+    MANAGER,
     agents::AgentHub,
     backups::notes::Notes,
     config::CoordinatorConfig,
     jobs::LiveJobs,
     metrics::Metrics,
-    workloads::{Wakers, digests::DigestCache, rollout::Rollouts, usage::Usage},
+    workloads::{digests::DigestCache, rollout::Rollouts, usage::Usage, wakers::Wakers},
 };
-
-/// Name the coordinator writes under (field manager, event reporter).
-pub const MANAGER: &str = "image-backup-coordinator";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{action} {object}: {error}")]
-    Kube { action: &'static str, object: String, error: kube::Error },
-    #[error(transparent)]
-    Rewrite(#[from] crate::workloads::rewrite::RewriteError),
-    #[error("the reconcile of {object} panicked: {message}")]
-    Panicked { object: String, message: String },
-}
-
-/// Runs a reconcile, a panic in it turned into an error its controller
-/// retries: one object that trips a bug must not stop every controller.
-pub async fn contained<K, T>(
-    object: &K,
-    reconcile: impl std::future::Future<Output = Result<T, Error>>,
-) -> Result<T, Error>
-where
-    K: kube::Resource,
-{
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let meta = object.meta();
-            let name = meta.name.clone().unwrap_or_default();
-            let object = match &meta.namespace {
-                Some(namespace) => format!("{namespace}/{name}"),
-                None => name,
-            };
-            Err(Error::Panicked { object, message })
-        }
-    }
-}
-
-/// Wraps a kube error with what was being done to which object.
-pub fn kube_err(action: &'static str, object: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
-    let object = object.into();
-    move |error| Error::Kube { action, object, error }
-}
 
 /// Shared by the reconcilers of every kind.
 pub struct Context {
@@ -93,7 +46,7 @@ pub struct Context {
     pub registry: Registry,
     /// The backup registry as a pod without credentials reads it.
     pub anonymous: Registry,
-    pub open_backups: crate::workloads::pullable::OpenBackups,
+    pub open_backups: crate::workloads::open_backups::OpenBackups,
     pub metrics: Arc<Metrics>,
     /// What workload reconciles have to say on ImageBackups.
     pub notes: Notes,
@@ -128,7 +81,7 @@ impl Context {
     ) -> Result<Arc<Self>, RegistryError> {
         // The coordinator only verifies: pull access is all it asks for.
         let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
-        let anonymous = crate::workloads::pullable::anonymous_or(&config.backup.registry, &config.registry, None)?;
+        let anonymous = crate::pull_secrets::anonymous_or(&config.backup.registry, &config.registry, None)?;
         let rollouts = Rollouts::new(config.max_rollouts, Box::new(wakers.clone()));
         Ok(Arc::new(Self {
             client,

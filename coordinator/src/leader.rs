@@ -89,7 +89,7 @@ pub async fn lead(
         // Renewed half way, so that a renewal is seen well within the
         // renew deadline (two thirds).
         .with_grace((seconds / 2).max(1))
-        .with_field_manager(crate::context::MANAGER)
+        .with_field_manager(crate::MANAGER)
         .with_create_mode(LeaseCreateMode::AutoCreate)
         .build()
         .await

@@ -16,6 +16,7 @@ pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod error;
 pub mod grpc;
 pub mod jobs;
 pub mod leader;
@@ -27,3 +28,6 @@ pub mod restore;
 pub mod run;
 pub mod trust;
 pub mod workloads;
+
+/// Name the coordinator writes under (field manager, event reporter).
+pub const MANAGER: &str = "image-backup-coordinator";

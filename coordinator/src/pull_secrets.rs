@@ -4,7 +4,7 @@
 //! Both the check that pods can pull a backup or a source and the source
 //! credentials of a copy go through here.
 
-use image_backup_oci::registry::{Credentials, docker_config};
+use image_backup_oci::registry::{Credentials, Registry, RegistryConfig, RegistryError, docker_config};
 use k8s_openapi::api::core::v1::{PodSpec, Secret, ServiceAccount};
 use kube::{Api, Client};
 
@@ -53,6 +53,17 @@ pub fn credentials(secret: &Secret, host: &str) -> Option<Credentials> {
 /// only its credential fields, if it has one.
 pub fn only(secret: &Secret, host: &str) -> Option<Vec<u8>> {
     docker_config::only(&docker_config_of(secret)?, host)
+}
+
+/// A reader of `host` with `credentials`, or none: never the coordinator's
+/// own credentials, which the pods do not have.
+pub fn anonymous_or(
+    host: &str,
+    config: &RegistryConfig,
+    credentials: Option<Credentials>,
+) -> Result<Registry, RegistryError> {
+    let config = RegistryConfig { docker_config: None, ..config.clone() };
+    Registry::reader(host, &config, credentials)
 }
 
 #[cfg(test)]

@@ -32,7 +32,8 @@ use crate::{
     agents::{AgentHub, AgentSessions},
     backups,
     config::CoordinatorConfig,
-    context::{Context, Error, contained},
+    context::Context,
+    error::{Error, contained},
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
     leader,
@@ -99,8 +100,10 @@ pub async fn run(
     let feed = JobFeed::new(usage.clone());
     let (backup_store, writer) = reflector::store_shared::<ImageBackup>(SHARED_BUFFER);
 
-    // Probes answer from the start: alive, but ready only once leading and
-    // synced, so the Service sends nobody to a follower.
+    // Probes answer from the start. The pod's readiness is `/healthz` (both
+    // replicas ready, see deploy/coordinator.yaml; the Service finds the
+    // leader by its role label); `/readyz` tells whoever asks whether this
+    // replica leads and has synced.
     let shutdown = shutdown.shared();
     let ready = Arc::new(AtomicBool::new(false));
     let mut probes = tokio::spawn(probes::serve(
@@ -348,7 +351,7 @@ where
                         ctx.digests.observed(key(object), generation, object.rollout_complete());
                     }
                     Change::Deleted(key, _) => {
-                        crate::backups::notes::forget_workload(&ctx, &key.to_string());
+                        crate::workloads::forget_notes(&ctx, &key.to_string());
                         ctx.usage.remove(&key);
                         ctx.digests.forget(&key);
                         ctx.rollouts.forget(&key);

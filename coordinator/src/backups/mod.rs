@@ -23,7 +23,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
 use tracing::{debug, info, instrument, warn};
 
-use crate::context::{Context, Error, kube_err};
+use crate::{
+    context::Context,
+    error::{Error, kube_err},
+};
 
 /// How often a stale write is retried from a fresh read before the
 /// reconcile is requeued.
@@ -38,7 +41,7 @@ pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
     let _timer = ctx.metrics.reconcile_started("ImageBackup");
-    let mut object = notes::write(&ctx, ctx.written.freshest(backup)).await?;
+    let mut object = status::write_notes(&ctx, ctx.written.freshest(backup)).await?;
     if let Some(action) = unused::check(&ctx, &object).await? {
         return Ok(action);
     }

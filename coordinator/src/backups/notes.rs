@@ -4,13 +4,9 @@
 
 use std::collections::HashMap;
 
-use image_backup_crds::{ImageBackup, ImageBackupStatus, WorkloadNote};
+use image_backup_crds::{ImageBackupStatus, WorkloadNote};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-use kube::{ResourceExt, api::PostParams};
 use parking_lot::Mutex;
-use std::sync::Arc;
-
-use crate::context::{Context, Error, MANAGER, kube_err};
 
 /// Notes kept on one ImageBackup: enough for every workload a person
 /// would look for, bounded for an image thousands of workloads run.
@@ -40,7 +36,7 @@ impl Notes {
     }
 
     /// Changes a failed write did not record, ahead of newer ones.
-    fn put_back(&self, name: &str, mut changes: Vec<Pending>) {
+    pub fn put_back(&self, name: &str, mut changes: Vec<Pending>) {
         let mut notes = self.0.lock();
         let queued = notes.entry(name.to_string()).or_default();
         changes.append(queued);
@@ -74,61 +70,6 @@ pub fn has(status: Option<&ImageBackupStatus>, note: &WorkloadNote) -> bool {
     status.is_some_and(|s| {
         s.workloads.iter().any(|n| n.workload == note.workload && n.reason == note.reason && n.message == note.message)
     })
-}
-
-/// Drops the notes about `workload` (deleted, or excluded now) from every
-/// ImageBackup that has one: nothing else would, as the note of a workload
-/// that still exists goes when its rollout to the backups completes.
-pub fn forget_workload(ctx: &Context, workload: &str) {
-    for backup in ctx.backups.state() {
-        let about = backup.status.as_ref().is_some_and(|s| s.workloads.iter().any(|n| n.workload == workload));
-        if about {
-            let name = backup.name_any();
-            ctx.notes.push(&name, Pending::Clear(workload.to_string()));
-            ctx.jobs.wake(&name);
-        }
-    }
-}
-
-/// Writes the queued notes of `backup`, if any changes its status; the
-/// object as it stands after.
-pub async fn write(ctx: &Context, backup: Arc<ImageBackup>) -> Result<Arc<ImageBackup>, Error> {
-    let name = backup.name_any();
-    let changes = ctx.notes.take(&name);
-    if changes.is_empty() {
-        return Ok(backup);
-    }
-    let mut object = backup;
-    for _ in 0..3 {
-        let current = object.status.clone().unwrap_or_default();
-        let next = apply(&current, &changes);
-        if next == current {
-            return Ok(object);
-        }
-        let mut updated = (*object).clone();
-        updated.status = Some(next);
-        updated.metadata.managed_fields = None;
-        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
-        match ctx.backup_api().replace_status(&name, &params, &updated).await {
-            Ok(written) => {
-                let written = Arc::new(written);
-                ctx.written.remember(written.clone());
-                return Ok(written);
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let fresh = ctx.backup_api().get_opt(&name).await.map_err(kube_err("getting ImageBackup", &name))?;
-                let Some(fresh) = fresh else { return Ok(object) };
-                object = Arc::new(fresh);
-            }
-            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(object),
-            Err(e) => {
-                ctx.notes.put_back(&name, changes);
-                return Err(kube_err("writing notes to ImageBackup", name)(e));
-            }
-        }
-    }
-    ctx.notes.put_back(&name, changes);
-    Ok(object)
 }
 
 #[cfg(test)]

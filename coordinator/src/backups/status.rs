@@ -1,6 +1,7 @@
-//! Writing a transition to the status subresource. The write is a PUT that
-//! carries the resourceVersion it was decided from: a status that changed
-//! meanwhile makes it fail with a conflict (409), never be overwritten.
+//! Writing to the status subresource: a transition, and the notes workload
+//! reconciles queued. A write is a PUT that carries the resourceVersion it
+//! was decided from: a status that changed meanwhile makes it fail with a
+//! conflict (409), never be overwritten.
 
 use std::sync::Arc;
 
@@ -9,7 +10,12 @@ use image_backup_crds::ImageBackup;
 use k8s_openapi::jiff::Timestamp;
 use kube::{ResourceExt, api::PostParams};
 
-use crate::context::{Context, Error, MANAGER, kube_err};
+use super::notes;
+use crate::{
+    MANAGER,
+    context::Context,
+    error::{Error, kube_err},
+};
 
 /// Records `transition`; the object as written, or `None` when `backup`
 /// was stale.
@@ -41,4 +47,45 @@ pub async fn write(
         }
         Err(e) => Err(kube_err("writing status of ImageBackup", name)(e)),
     }
+}
+
+/// Writes the queued notes of `backup`, if any changes its status; the
+/// object as it stands after.
+pub async fn write_notes(ctx: &Context, backup: Arc<ImageBackup>) -> Result<Arc<ImageBackup>, Error> {
+    let name = backup.name_any();
+    let changes = ctx.notes.take(&name);
+    if changes.is_empty() {
+        return Ok(backup);
+    }
+    let mut object = backup;
+    for _ in 0..3 {
+        let current = object.status.clone().unwrap_or_default();
+        let next = notes::apply(&current, &changes);
+        if next == current {
+            return Ok(object);
+        }
+        let mut updated = (*object).clone();
+        updated.status = Some(next);
+        updated.metadata.managed_fields = None;
+        let params = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+        match ctx.backup_api().replace_status(&name, &params, &updated).await {
+            Ok(written) => {
+                let written = Arc::new(written);
+                ctx.written.remember(written.clone());
+                return Ok(written);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let fresh = ctx.backup_api().get_opt(&name).await.map_err(kube_err("getting ImageBackup", &name))?;
+                let Some(fresh) = fresh else { return Ok(object) };
+                object = Arc::new(fresh);
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(object),
+            Err(e) => {
+                ctx.notes.put_back(&name, changes);
+                return Err(kube_err("writing notes to ImageBackup", name)(e));
+            }
+        }
+    }
+    ctx.notes.put_back(&name, changes);
+    Ok(object)
 }

@@ -23,7 +23,11 @@ use kube::{
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::context::{Context, Error, MANAGER, kube_err};
+use crate::{
+    MANAGER,
+    context::Context,
+    error::{Error, kube_err},
+};
 
 use super::mark;
 

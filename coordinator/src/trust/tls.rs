@@ -241,7 +241,7 @@ async fn publish(config_maps: &Api<ConfigMap>, settings: &TlsSettings, ca: &str)
         "data": config_map.data,
     });
     config_maps
-        .patch(&settings.ca_config_map, &PatchParams::apply(crate::context::MANAGER).force(), &Patch::Apply(&patch))
+        .patch(&settings.ca_config_map, &PatchParams::apply(crate::MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map(|_| ())
         .map_err(|error| TlsError::Publish {

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use tracing::debug;
 
 use super::{usage::WorkloadKey, workload::Workload};
-use crate::context::{Error, kube_err};
+use crate::error::{Error, kube_err};
 
 /// Pods per page when listing a namespace.
 const PAGE: u32 = 500;

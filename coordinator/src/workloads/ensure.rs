@@ -14,7 +14,11 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::usage::WorkloadKey;
-use crate::context::{Context, Error, MANAGER, kube_err};
+use crate::{
+    MANAGER,
+    context::Context,
+    error::{Error, kube_err},
+};
 
 /// A verified backup a workload can be pinned to.
 pub struct Backup {

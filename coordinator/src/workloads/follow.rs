@@ -9,7 +9,7 @@ use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::ImageRef;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::ListParams,
     core::Selector,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
@@ -26,7 +26,8 @@ use super::{
 };
 use crate::{
     backups::notes::{self, Pending},
-    context::{Context, Error, kube_err},
+    context::Context,
+    error::{Error, kube_err},
 };
 
 /// How often a rollout in flight is looked at: its pods' pull failures
@@ -220,6 +221,20 @@ pub fn clear_note(ctx: &Context, name: &str, workload: &Workload) {
     if status.is_some_and(|s| s.workloads.iter().any(|n| n.workload == key)) {
         ctx.notes.push(name, Pending::Clear(key));
         ctx.jobs.wake(name);
+    }
+}
+
+/// Drops the notes about `workload` (deleted, or excluded now) from every
+/// ImageBackup that has one: nothing else would, as the note of a workload
+/// that still exists goes when its rollout to the backups completes.
+pub fn forget_notes(ctx: &Context, workload: &str) {
+    for backup in ctx.backups.state() {
+        let about = backup.status.as_ref().is_some_and(|s| s.workloads.iter().any(|n| n.workload == workload));
+        if about {
+            let name = backup.name_any();
+            ctx.notes.push(&name, Pending::Clear(workload.to_string()));
+            ctx.jobs.wake(&name);
+        }
     }
 }
 

@@ -7,13 +7,18 @@ pub mod annotations;
 pub mod digests;
 mod ensure;
 mod follow;
+pub mod open_backups;
 pub mod owners;
 pub mod pullable;
 pub mod restore;
 pub mod rewrite;
 pub mod rollout;
 pub mod usage;
+pub mod wakers;
 pub mod workload;
+
+pub use follow::forget_notes;
+pub use wakers::Wakers;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -31,15 +36,17 @@ use kube::{
     Resource, ResourceExt,
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, instrument, warn};
 
-use crate::context::{Context, Error, kube_err};
+use crate::{
+    context::Context,
+    error::{Error, kube_err},
+};
 use annotations::{HoldReason, Record};
 use ensure::{Backup, backup_for};
 use rewrite::{RewriteError, backup_patch};
 use rollout::Slot;
-use usage::{Use, WorkloadKey};
+use usage::Use;
 use workload::{Patched, Workload};
 
 /// How soon a workload reconciled before the caches synced looks again.
@@ -86,7 +93,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let mut slot = ctx.rollouts.slot(key.clone());
     if let Err(reason) = ctx.config.exclusions.check(&workload) {
         debug!(?reason, "excluded");
-        crate::backups::notes::forget_workload(&ctx, &key.to_string());
+        follow::forget_notes(&ctx, &key.to_string());
         ctx.usage.remove(&key);
         ctx.digests.forget(&key);
         return Ok(Action::await_change());
@@ -360,25 +367,6 @@ async fn patch(
         Err(e) => {
             slot.release();
             Err(kube_err("patching workload", key.to_string())(e))
-        }
-    }
-}
-
-/// The workload controllers' wake-up channels, for what wakes a workload
-/// besides its own watch: a freed rollout slot, a deleted ImageBackup.
-#[derive(Clone)]
-pub struct Wakers {
-    pub deployments: UnboundedSender<ObjectRef<Deployment>>,
-    pub daemonsets: UnboundedSender<ObjectRef<DaemonSet>>,
-}
-
-impl rollout::Wake for Wakers {
-    fn wake(&self, workload: &WorkloadKey) {
-        // The receivers live as long as the controllers.
-        if workload.kind == <Deployment as k8s_openapi::Resource>::KIND {
-            let _ = self.deployments.send(ObjectRef::new(&workload.name).within(&workload.namespace));
-        } else {
-            let _ = self.daemonsets.send(ObjectRef::new(&workload.name).within(&workload.namespace));
         }
     }
 }

@@ -18,41 +18,11 @@ use tracing::{debug, info};
 
 use super::workload::Workload;
 use crate::{
-    context::{Context, Error, MANAGER, kube_err},
+    MANAGER,
+    context::Context,
+    error::{Error, kube_err},
     pull_secrets::{self, DOCKER_CONFIG_JSON},
 };
-
-/// Backups lately seen served to anonymous pulls: workloads sharing an
-/// image (hundreds, at times) then cost the registry one request, not one
-/// each.
-#[derive(Default)]
-pub struct OpenBackups(parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>);
-
-/// How long an anonymous pull is trusted to go on working.
-const OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(300);
-/// Entries kept at most; the oldest go first.
-const OPEN_KEPT: usize = 10_000;
-
-impl OpenBackups {
-    fn all(&self, backups: &[ImageRef]) -> bool {
-        let seen = self.0.lock();
-        backups.iter().all(|b| seen.get(&b.to_string()).is_some_and(|at| at.elapsed() < OPEN_FOR))
-    }
-
-    fn insert(&self, backups: &[ImageRef]) {
-        let mut seen = self.0.lock();
-        if seen.len() + backups.len() > OPEN_KEPT {
-            seen.retain(|_, at| at.elapsed() < OPEN_FOR);
-        }
-        if seen.len() + backups.len() > OPEN_KEPT {
-            seen.clear();
-        }
-        let now = std::time::Instant::now();
-        for backup in backups {
-            seen.insert(backup.to_string(), now);
-        }
-    }
-}
 
 /// How the pods will pull the backups.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,7 +84,7 @@ pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -
                 Err(e) => Err(e.to_string()),
             }
         };
-        let anonymous = match anonymous_or(host, &config, None) {
+        let anonymous = match pull_secrets::anonymous_or(host, &config, None) {
             Ok(registry) => registry,
             Err(e) => return Ok(Err(format!("{source} cannot be pulled: {e}"))),
         };
@@ -130,7 +100,7 @@ pub async fn sources(ctx: &Context, workload: &Workload, sources: &[ImageRef]) -
         let mut pulled = false;
         for secret in secrets.iter().flatten() {
             let Some(credentials) = pull_secrets::credentials(secret, host) else { continue };
-            let Ok(registry) = anonymous_or(host, &config, Some(credentials)) else { continue };
+            let Ok(registry) = pull_secrets::anonymous_or(host, &config, Some(credentials)) else { continue };
             if served(registry).await == Ok(true) {
                 pulled = true;
                 break;
@@ -181,18 +151,7 @@ async fn secret_objects(ctx: &Context, namespace: &str, names: Vec<String>) -> R
 
 /// A reader of the backup registry with `credentials`, or none.
 pub fn reader(ctx: &Context, credentials: Option<Credentials>) -> Result<Registry, RegistryError> {
-    anonymous_or(&ctx.config.backup.registry, &ctx.config.registry, credentials)
-}
-
-/// A reader of `host` with `credentials`, or none: never the coordinator's
-/// own credentials, which the pods do not have.
-pub fn anonymous_or(
-    host: &str,
-    config: &RegistryConfig,
-    credentials: Option<Credentials>,
-) -> Result<Registry, RegistryError> {
-    let config = RegistryConfig { docker_config: None, ..config.clone() };
-    Registry::reader(host, &config, credentials)
+    pull_secrets::anonymous_or(&ctx.config.backup.registry, &ctx.config.registry, credentials)
 }
 
 /// Checks that the pods of `workload` can pull `backups`.

@@ -121,7 +121,7 @@ impl Workload {
     /// changed since it was read refuses it whole.
     pub async fn patch(&self, client: &kube::Client, patch: json_patch::Patch) -> Result<Patched, kube::Error> {
         use kube::api::{Api, Patch, PatchParams};
-        let params = PatchParams { field_manager: Some(crate::context::MANAGER.into()), ..PatchParams::default() };
+        let params = PatchParams { field_manager: Some(crate::MANAGER.into()), ..PatchParams::default() };
         let patch = Patch::<()>::Json(patch);
         let result = match self {
             Workload::Deployment(_) => Api::<Deployment>::namespaced(client.clone(), self.namespace())
