@@ -350,12 +350,7 @@ where
                         let generation = object.meta().generation.unwrap_or(0);
                         ctx.digests.observed(key(object), generation, object.rollout_complete());
                     }
-                    Change::Deleted(key, _) => {
-                        crate::workloads::forget_notes(&ctx, &key.to_string());
-                        ctx.usage.remove(&key);
-                        ctx.digests.forget(&key);
-                        ctx.rollouts.forget(&key);
-                    }
+                    Change::Deleted(key, _) => workloads::gone(&ctx, &key),
                 }
             }
         })

@@ -17,7 +17,6 @@ pub mod usage;
 pub mod wakers;
 pub mod workload;
 
-pub use follow::forget_notes;
 pub use wakers::Wakers;
 
 use std::{
@@ -46,7 +45,7 @@ use annotations::{HoldReason, Record};
 use ensure::{Backup, backup_for};
 use rewrite::{RewriteError, backup_patch};
 use rollout::Slot;
-use usage::Use;
+use usage::{Use, WorkloadKey};
 use workload::{Patched, Workload};
 
 /// How soon a workload reconciled before the caches synced looks again.
@@ -93,9 +92,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let mut slot = ctx.rollouts.slot(key.clone());
     if let Err(reason) = ctx.config.exclusions.check(&workload) {
         debug!(?reason, "excluded");
-        follow::forget_notes(&ctx, &key.to_string());
-        ctx.usage.remove(&key);
-        ctx.digests.forget(&key);
+        forget(&ctx, &key);
         return Ok(Action::await_change());
     }
     let record = match Record::read(&workload) {
@@ -369,6 +366,21 @@ async fn patch(
             Err(kube_err("patching workload", key.to_string())(e))
         }
     }
+}
+
+/// A workload the coordinator no longer looks after (excluded now): what
+/// it used and what was noted about it go.
+fn forget(ctx: &Context, key: &WorkloadKey) {
+    follow::forget_notes(ctx, &key.to_string());
+    ctx.usage.remove(key);
+    ctx.digests.forget(key);
+}
+
+/// A deleted workload, as its watch reports it: forgotten, and its rollout
+/// slot, if it held one, freed.
+pub fn gone(ctx: &Context, key: &WorkloadKey) {
+    forget(ctx, key);
+    ctx.rollouts.forget(key);
 }
 
 /// The workloads of `kind` to wake when an ImageBackup is finished (only
