@@ -7,35 +7,17 @@ use std::{
     time::Duration,
 };
 
+use image_backup_core::rollout::{self, PodView, Progress, Waiting};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use parking_lot::Mutex;
 
 use super::{usage::WorkloadKey, workload::Workload};
 
-/// Waiting reasons of a container whose image cannot be pulled.
-const PULL_FAILURES: &[&str] =
-    &["ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"];
-const CRASH_LOOP: &str = "CrashLoopBackOff";
-
-/// Where a rollout to backups is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Pods are moving; nothing has failed yet.
-    Rolling,
-    /// Every desired pod runs the backups and is available.
-    Done,
-    /// The backups do not run (a pull failure, a new crash loop): why, in
-    /// words.
-    Failed(String),
-    /// It did not finish in time, for reasons the pods do not show (a
-    /// progress deadline, the coordinator's timeout): why, in words. Moving
-    /// back helps only if the source can still be pulled.
-    Slow(String),
-}
+pub use image_backup_core::rollout::Verdict;
 
 /// Judges the rollout of `workload` to the backup references `pinned`,
-/// `elapsed` after the coordinator started it; `pods` are those its selector
-/// matches, of any revision.
+/// `elapsed` after the coordinator started it (`image_backup_core::rollout`
+/// decides); `pods` are those its selector matches, of any revision.
 pub fn judge(
     workload: &Workload,
     pods: &[Pod],
@@ -43,56 +25,48 @@ pub fn judge(
     elapsed: Duration,
     timeout: Duration,
 ) -> Verdict {
-    if workload.rollout_complete() {
-        return Verdict::Done;
-    }
+    let pods: Vec<PodView> = pods.iter().map(view).collect();
+    rollout::judge(&progress(workload), &pods, pinned, elapsed, timeout)
+}
+
+/// What the workload says of its own rollout.
+fn progress(workload: &Workload) -> Progress {
+    let mut progress = Progress { complete: workload.rollout_complete(), deadline_exceeded: None };
     if let Workload::Deployment(d) = workload {
         let conditions = d.status.as_ref().and_then(|s| s.conditions.as_ref()).into_iter().flatten();
-        for c in conditions {
-            let progressing = c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False");
-            if progressing && c.reason.as_deref() == Some("ProgressDeadlineExceeded") {
-                return Verdict::Slow(format!(
-                    "the Deployment exceeded its progress deadline: {}",
-                    c.message.as_deref().unwrap_or_default()
-                ));
-            }
-        }
+        progress.deadline_exceeded = conditions
+            .filter(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))
+            .find(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            .map(|c| c.message.clone().unwrap_or_default());
     }
-    let (new, old): (Vec<&Pod>, Vec<&Pod>) =
-        pods.iter().filter(|pod| pod.metadata.deletion_timestamp.is_none()).partition(|pod| runs_any(pod, pinned));
-    // A crash loop the source images had too is not the backups' doing.
-    let old_crash = old.iter().any(|pod| waiting(pod).any(|(_, reason, _)| reason == CRASH_LOOP));
-    for pod in new {
-        let name = pod.metadata.name.as_deref().unwrap_or_default();
-        for (container, reason, message) in waiting(pod) {
-            if PULL_FAILURES.contains(&reason) || (reason == CRASH_LOOP && !old_crash) {
-                let message = if message.is_empty() { String::new() } else { format!(": {message}") };
-                return Verdict::Failed(format!("pod {name}, container {container}: {reason}{message}"));
-            }
-        }
-    }
-    if elapsed > timeout {
-        return Verdict::Slow(format!("the rollout did not complete within {}", humantime::format_duration(timeout)));
-    }
-    Verdict::Rolling
+    progress
 }
 
-/// Whether a pod's spec runs one of `images`.
-fn runs_any(pod: &Pod, images: &BTreeSet<String>) -> bool {
-    let Some(spec) = &pod.spec else { return false };
-    let init = spec.init_containers.iter().flatten();
-    init.chain(&spec.containers).any(|c| c.image.as_ref().is_some_and(|image| images.contains(image)))
-}
-
-/// `(container, reason, message)` of each waiting container of a pod.
-fn waiting(pod: &Pod) -> impl Iterator<Item = (&str, &str, &str)> {
+/// A pod as the judge looks at it.
+fn view(pod: &Pod) -> PodView {
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers));
     let status = pod.status.as_ref();
-    let lists =
+    let statuses =
         [status.and_then(|s| s.init_container_statuses.as_ref()), status.and_then(|s| s.container_statuses.as_ref())];
-    lists.into_iter().flatten().flatten().filter_map(|c: &ContainerStatus| {
-        let waiting = c.state.as_ref()?.waiting.as_ref()?;
-        Some((c.name.as_str(), waiting.reason.as_deref()?, waiting.message.as_deref().unwrap_or_default()))
-    })
+    PodView {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        images: containers.filter_map(|c| c.image.clone()).collect(),
+        waiting: statuses
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|c: &ContainerStatus| {
+                let waiting = c.state.as_ref()?.waiting.as_ref()?;
+                Some(Waiting {
+                    container: c.name.clone(),
+                    reason: waiting.reason.clone()?,
+                    message: waiting.message.clone().unwrap_or_default(),
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Wakes a workload's reconcile; the workload controllers hold the other
