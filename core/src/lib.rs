@@ -1,12 +1,13 @@
 //! What image-backup decides, apart from how it talks: the state machine of
 //! a backup job and the plan of its copy, the judge of a rollout to backups,
-//! and which workloads use which backup, in types of their own. Nothing
+//! when an unused backup goes and which workloads use which backup, in types of their own. Nothing
 //! here does I/O or knows Kubernetes, gRPC or containerd; the crates at the
 //! edges translate (the CRD status in `image-backup-crds`, the agents'
 //! messages in `image-backup-proto`), so every rule is tested as a plain
 //! function.
 
 pub mod job;
+pub mod prune;
 pub mod rollout;
 pub mod usage;
 

@@ -30,6 +30,7 @@ use crate::{
 };
 
 use super::mark;
+use image_backup_core::prune::{self, Step, Verdict};
 
 /// ImageBackup annotation: since when no workload uses it.
 pub const UNUSED_SINCE_ANNOTATION: &str = "backup.k8slab.io/unused-since";
@@ -70,20 +71,11 @@ pub async fn sweep(ctx: Arc<Context>) {
         let now = Timestamp::now();
         for backup in ctx.backups.state() {
             let name = backup.name_any();
-            let wake = match (used(&ctx, &name), unused_since(&backup)) {
-                (true, Some(_)) | (false, None) => true,
-                (false, Some(since)) => elapsed(now, since) >= grace,
-                (true, None) => false,
-            };
-            if wake {
+            if prune::due(used(&ctx, &name), unused_since(&backup), now, grace) {
                 ctx.jobs.wake(&name);
             }
         }
     }
-}
-
-fn elapsed(now: Timestamp, since: Timestamp) -> Duration {
-    Duration::try_from(now.duration_since(since)).unwrap_or_default()
 }
 
 /// Marks, unmarks or deletes `backup` by its use; `Some` when it was
@@ -94,12 +86,13 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
     }
     let name = backup.name_any();
     let phase = backup.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    let copying = matches!(phase, Phase::Assigned | Phase::Pushing);
     let mark = |value: serde_json::Value| {
         Patch::Merge(json!({ "metadata": { "annotations": { UNUSED_SINCE_ANNOTATION: value } } }))
     };
     let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
-    match (used(ctx, &name), unused_since(backup)) {
-        (true, Some(_)) => {
+    match prune::step(used(ctx, &name), unused_since(backup), copying, Timestamp::now(), ctx.config.unused_grace) {
+        Step::Unmark => {
             debug!("used again");
             let unmark = json!({ UNUSED_SINCE_ANNOTATION: null, QUARANTINED_SINCE_ANNOTATION: null });
             ctx.backup_api()
@@ -107,18 +100,14 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
                 .await
                 .map_err(kube_err("unmarking ImageBackup", &name))?;
         }
-        (false, None) => {
+        Step::Mark => {
             info!(grace = %humantime::format_duration(ctx.config.unused_grace), "no workload uses it; deleted after the grace period unless one does again");
             ctx.backup_api()
                 .patch(&name, &params, &mark(Timestamp::now().to_string().into()))
                 .await
                 .map_err(kube_err("marking ImageBackup unused", &name))?;
         }
-        // A copy in flight finishes first.
-        (false, Some(since))
-            if elapsed(Timestamp::now(), since) >= ctx.config.unused_grace
-                && !matches!(phase, Phase::Assigned | Phase::Pushing) =>
-        {
+        Step::Expire => {
             if ctx.config.prune
                 && let Some(action) = quarantine(ctx, backup).await?
             {
@@ -144,7 +133,7 @@ pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>
                 Err(e) => return Err(kube_err("deleting unused ImageBackup", name)(e)),
             }
         }
-        _ => {}
+        Step::Keep => {}
     }
     Ok(None)
 }
@@ -158,11 +147,8 @@ async fn quarantine(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action
     let name = backup.name_any();
     let quarantined = since(backup, QUARANTINED_SINCE_ANNOTATION);
     let now = Timestamp::now();
-    if let Some(since) = quarantined {
-        let waited = elapsed(now, since);
-        if waited < ctx.config.prune_quarantine {
-            return Ok(Some(Action::requeue(ctx.config.prune_quarantine - waited)));
-        }
+    if let Some(left) = prune::quarantine_left(quarantined, now, ctx.config.prune_quarantine) {
+        return Ok(Some(Action::requeue(left)));
     }
     let Some((target, digests)) = candidates(ctx, backup) else { return Ok(None) };
     if digests.is_empty() {
@@ -174,33 +160,36 @@ async fn quarantine(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action
         .map_err(kube_err("reading every pod template for uses of", &name))?;
     let annotate = |annotations: serde_json::Value| Patch::Merge(json!({ "metadata": { "annotations": annotations } }));
     let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
-    if !users.is_empty() {
+    match prune::after_reading(users.len(), quarantined.is_some()) {
+        Verdict::Prune => Ok(None),
+        Verdict::Quarantine => {
+            let quarantine = humantime::format_duration(ctx.config.prune_quarantine);
+            info!(%quarantine, "no pod template in the cluster names it: in quarantine, then pruned unless one does");
+            ctx.backup_api()
+                .patch(&name, &params, &annotate(json!({ QUARANTINED_SINCE_ANNOTATION: now.to_string() })))
+                .await
+                .map_err(kube_err("quarantining ImageBackup", &name))?;
+            let note =
+                format!("no pod template names {}: pruned after {quarantine} unless one does", digests.join(", "));
+            ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupQuarantined", note).await;
+            Ok(Some(Action::requeue(ctx.config.prune_quarantine)))
+        }
         // A use the usage index does not see (another kind, an excluded
         // namespace, rollback history): kept, and looked at again after
         // another grace period.
-        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
-        info!(users = ?shown, count = users.len(), "no watched workload uses it, but pod templates name it: kept");
-        let restored = json!({ UNUSED_SINCE_ANNOTATION: now.to_string(), QUARANTINED_SINCE_ANNOTATION: null });
-        ctx.backup_api()
-            .patch(&name, &params, &annotate(restored))
-            .await
-            .map_err(kube_err("keeping ImageBackup", &name))?;
-        let note = format!("not pruned: {} still name it ({} in all)", shown.join(", "), users.len());
-        ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupKept", note).await;
-        return Ok(Some(Action::await_change()));
+        Verdict::Kept => {
+            let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+            info!(users = ?shown, count = users.len(), "no watched workload uses it, but pod templates name it: kept");
+            let restored = json!({ UNUSED_SINCE_ANNOTATION: now.to_string(), QUARANTINED_SINCE_ANNOTATION: null });
+            ctx.backup_api()
+                .patch(&name, &params, &annotate(restored))
+                .await
+                .map_err(kube_err("keeping ImageBackup", &name))?;
+            let note = format!("not pruned: {} still name it ({} in all)", shown.join(", "), users.len());
+            ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupKept", note).await;
+            Ok(Some(Action::await_change()))
+        }
     }
-    if quarantined.is_some() {
-        return Ok(None);
-    }
-    let quarantine = humantime::format_duration(ctx.config.prune_quarantine);
-    info!(%quarantine, "no pod template in the cluster names it: in quarantine, then pruned unless one does");
-    ctx.backup_api()
-        .patch(&name, &params, &annotate(json!({ QUARANTINED_SINCE_ANNOTATION: now.to_string() })))
-        .await
-        .map_err(kube_err("quarantining ImageBackup", &name))?;
-    let note = format!("no pod template names {}: pruned after {quarantine} unless one does", digests.join(", "));
-    ctx.event(&backup.object_ref(&()), EventType::Normal, "BackupQuarantined", note).await;
-    Ok(Some(Action::requeue(ctx.config.prune_quarantine)))
 }
 
 /// The backup repository of `backup`, and the manifests it copied there
