@@ -26,6 +26,8 @@ pub mod pull_secrets;
 pub mod relist;
 pub mod restore;
 pub mod run;
+#[cfg(test)]
+mod testing;
 pub mod trust;
 pub mod workloads;
 

@@ -250,3 +250,111 @@ fn referenced_elsewhere(ctx: &Context, name: &str, repository: &str, digest: &st
         same_repository && (other.spec.digest == digest || reduced)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use http::{Method, StatusCode};
+    use image_backup_crds::{ImageBackupSpec, ImageBackupStatus};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        testing::{Exchange, context, scripted, store},
+        workloads::usage::{Usage, Use, WorkloadKey},
+    };
+
+    const NAME: &str = "nginx-0123";
+    const PATH: &str = "/apis/backup.k8slab.io/v1alpha1/imagebackups/nginx-0123";
+
+    fn backup(phase: Phase, annotations: &[(&str, &str)]) -> ImageBackup {
+        let mut backup = ImageBackup::new(
+            NAME,
+            ImageBackupSpec { source: "docker.io/library/nginx:1.25".into(), digest: "sha256:00".into() },
+        );
+        backup.metadata.resource_version = Some("42".into());
+        backup.metadata.annotations = Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        backup.status = Some(ImageBackupStatus { phase, ..ImageBackupStatus::default() });
+        backup
+    }
+
+    fn hours_ago(hours: i64) -> String {
+        (Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(hours)).to_string()
+    }
+
+    /// Runs the prune check of `backup` against `script`, used by a
+    /// workload or not.
+    async fn check_with(backup: ImageBackup, used: bool, script: Vec<Exchange>) -> Option<Action> {
+        let usage = Arc::new(Usage::default());
+        if used {
+            let web = WorkloadKey { kind: "Deployment", namespace: "shop".into(), name: "web".into() };
+            usage.set(&web, BTreeMap::from([(NAME.to_string(), Use::Runs("sha256:00".into()))]));
+        }
+        let (client, script) = scripted(script);
+        let ctx = context(client, &["--unused-grace", "1h"], store(vec![backup.clone()]), usage);
+        ctx.sweeping.store(true, std::sync::atomic::Ordering::Release);
+        let action = check(&ctx, &backup).await.expect("the check goes through");
+        script.done().await;
+        action
+    }
+
+    fn annotations(body: &Value) -> &Value {
+        &body["metadata"]["annotations"]
+    }
+
+    #[tokio::test]
+    async fn an_unused_backup_is_marked_with_the_time() {
+        let patch = Exchange::new(
+            Method::PATCH,
+            &format!("{PATH}?&fieldManager=image-backup-coordinator"),
+            StatusCode::OK,
+            json!(backup(Phase::Completed, &[])),
+        )
+        .checking(|body| {
+            let since = annotations(body)[UNUSED_SINCE_ANNOTATION].as_str().expect("a time");
+            assert!(since.parse::<Timestamp>().is_ok(), "{since}");
+        });
+        assert_eq!(check_with(backup(Phase::Completed, &[]), false, vec![patch]).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_backup_used_again_loses_its_marks() {
+        let marked = backup(
+            Phase::Completed,
+            &[(UNUSED_SINCE_ANNOTATION, &hours_ago(2)), (QUARANTINED_SINCE_ANNOTATION, &hours_ago(1))],
+        );
+        let patch = Exchange::new(
+            Method::PATCH,
+            &format!("{PATH}?&fieldManager=image-backup-coordinator"),
+            StatusCode::OK,
+            json!(marked),
+        )
+        .checking(|body| {
+            let unmark = json!({ UNUSED_SINCE_ANNOTATION: null, QUARANTINED_SINCE_ANNOTATION: null });
+            assert_eq!(annotations(body), &unmark);
+        });
+        assert_eq!(check_with(marked.clone(), true, vec![patch]).await, None);
+    }
+
+    #[tokio::test]
+    async fn an_expired_backup_is_deleted_only_as_it_was_read() {
+        let expired = backup(Phase::Completed, &[(UNUSED_SINCE_ANNOTATION, &hours_ago(2))]);
+        let delete = Exchange::new(Method::DELETE, &format!("{PATH}?"), StatusCode::OK, json!(expired))
+            .checking(|body| assert_eq!(body["preconditions"]["resourceVersion"], "42"));
+        assert_eq!(check_with(expired.clone(), false, vec![delete]).await, Some(Action::await_change()));
+        // A use recorded meanwhile changed it: the delete is refused, and
+        // nothing is lost.
+        let conflict = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified" });
+        let refused = Exchange::new(Method::DELETE, &format!("{PATH}?"), StatusCode::CONFLICT, conflict);
+        assert_eq!(check_with(expired, false, vec![refused]).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_copy_in_flight_and_a_fresh_mark_are_left_alone() {
+        let copying = backup(Phase::Pushing, &[(UNUSED_SINCE_ANNOTATION, &hours_ago(2))]);
+        assert_eq!(check_with(copying, false, vec![]).await, None);
+        let fresh = backup(Phase::Completed, &[(UNUSED_SINCE_ANNOTATION, &hours_ago(0))]);
+        assert_eq!(check_with(fresh, false, vec![]).await, None);
+    }
+}

@@ -1,0 +1,105 @@
+//! Reconciles run against scripted API server responses, as kube-rs's
+//! controller-rs tests them: a [`Context`] whose client talks to a script
+//! that checks each request the reconcile makes, in order, and answers it.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use clap::Parser;
+use http::{Method, Request, Response, StatusCode};
+use image_backup_crds::ImageBackup;
+use kube::{
+    Client,
+    client::Body,
+    runtime::reflector::{self, Store},
+};
+use serde_json::Value;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::{
+    agents::AgentHub,
+    cli::Cli,
+    context::Context,
+    jobs::LiveJobs,
+    leader::Fence,
+    metrics::Metrics,
+    workloads::{usage::Usage, wakers::Wakers},
+};
+
+/// One request the reconcile must make next, and the answer it gets.
+pub struct Exchange {
+    pub method: Method,
+    /// The path and query, as sent.
+    pub path: String,
+    /// Checks the request's JSON body (none for a GET).
+    pub body: Box<dyn Fn(&Value) + Send>,
+    pub status: StatusCode,
+    pub answer: Value,
+}
+
+impl Exchange {
+    pub fn new(method: Method, path: &str, status: StatusCode, answer: Value) -> Self {
+        Self { method, path: path.into(), body: Box::new(|_| {}), status, answer }
+    }
+
+    pub fn checking(mut self, body: impl Fn(&Value) + Send + 'static) -> Self {
+        self.body = Box::new(body);
+        self
+    }
+}
+
+/// The script's end: waits for it to be played out whole, and fails the
+/// test on a request it did not expect.
+pub struct Script(JoinHandle<()>);
+
+impl Script {
+    pub async fn done(self) {
+        tokio::time::timeout(Duration::from_secs(5), self.0)
+            .await
+            .expect("the reconcile made every scripted request")
+            .expect("every request was as scripted");
+    }
+}
+
+/// A client whose API server is `script`, played in order.
+pub fn scripted(script: Vec<Exchange>) -> (Client, Script) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut script = VecDeque::from(script);
+    let played = tokio::spawn(async move {
+        while let Some(next) = script.pop_front() {
+            let (request, respond) = handle.next_request().await.expect("a request");
+            let path = request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+            assert_eq!((request.method(), path.as_str()), (&next.method, next.path.as_str()));
+            let bytes = request.into_body().collect_bytes().await.expect("a readable body");
+            if !bytes.is_empty() {
+                (next.body)(&serde_json::from_slice(&bytes).expect("a JSON body"));
+            }
+            let answer = serde_json::to_vec(&next.answer).expect("a JSON answer");
+            let response = Response::builder().status(next.status).body(Body::from(answer)).expect("a response");
+            respond.send_response(response);
+        }
+    });
+    (Client::new(service, "default"), Script(played))
+}
+
+/// A context on `client` with the settings `flags` give, the ImageBackups
+/// of `store` and the usage of `usage`.
+pub fn context(client: Client, flags: &[&str], store: Store<ImageBackup>, usage: Arc<Usage>) -> Arc<Context> {
+    let args = [&["image-backup-coordinator", "--backup-registry", "backup.test"], flags].concat();
+    let config = Cli::try_parse_from(args).expect("valid flags").config();
+    let (jobs, _) = LiveJobs::new();
+    let jobs = Arc::new(jobs);
+    let hub = AgentHub::new("coordinator", Duration::from_secs(5), jobs.clone());
+    let (deployments, _) = mpsc::unbounded_channel();
+    let (daemonsets, _) = mpsc::unbounded_channel();
+    let wakers = Wakers { deployments, daemonsets };
+    Context::new(client, config, hub, jobs, store, usage, Metrics::new(), wakers, Fence::always()).expect("a context")
+}
+
+/// A store holding `backups`.
+pub fn store(backups: Vec<ImageBackup>) -> Store<ImageBackup> {
+    let (store, mut writer) = reflector::store();
+    for backup in backups {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(backup));
+    }
+    store
+}
