@@ -18,6 +18,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{
     agents::AgentHub,
     cli::Cli,
+    config::CoordinatorConfig,
     context::Context,
     jobs::LiveJobs,
     leader::Fence,
@@ -84,8 +85,7 @@ pub fn scripted(script: Vec<Exchange>) -> (Client, Script) {
 /// A context on `client` with the settings `flags` give, the ImageBackups
 /// of `store` and the usage of `usage`.
 pub fn context(client: Client, flags: &[&str], store: Store<ImageBackup>, usage: Arc<Usage>) -> Arc<Context> {
-    let args = [&["image-backup-coordinator", "--backup-registry", "backup.test"], flags].concat();
-    let config = Cli::try_parse_from(args).expect("valid flags").config();
+    let config = config(flags);
     let (jobs, _) = LiveJobs::new();
     let jobs = Arc::new(jobs);
     let hub = AgentHub::new("coordinator", Duration::from_secs(5), jobs.clone());
@@ -93,6 +93,12 @@ pub fn context(client: Client, flags: &[&str], store: Store<ImageBackup>, usage:
     let (daemonsets, _) = mpsc::unbounded_channel();
     let wakers = Wakers { deployments, daemonsets };
     Context::new(client, config, hub, jobs, store, usage, Metrics::new(), wakers, Fence::always()).expect("a context")
+}
+
+/// The settings `flags` give, the backup registry being `backup.test`.
+pub fn config(flags: &[&str]) -> CoordinatorConfig {
+    let args = [&["image-backup-coordinator", "--backup-registry", "backup.test"], flags].concat();
+    Cli::try_parse_from(args).expect("valid flags").config()
 }
 
 /// A store holding `backups`.

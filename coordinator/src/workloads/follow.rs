@@ -248,3 +248,91 @@ async fn pods_of(ctx: &Context, workload: &Workload) -> Result<Vec<Pod>, Error> 
         .map_err(kube_err("listing pods of", workload.key().to_string()))?;
     Ok(list.items)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use http::{Method, StatusCode};
+    use image_backup_oci::ImageRef;
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        testing::{Exchange, config, context, scripted, store},
+        workloads::{rewrite::backup_patch, usage::Usage, workload::tests::deployment},
+    };
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const PATCH_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/web?&fieldManager=image-backup-coordinator";
+
+    /// The test Deployment as the coordinator moved it: `nginx:1.25` on
+    /// its backup.
+    fn moved() -> (Workload, String) {
+        let source = ImageRef::parse("nginx:1.25").unwrap();
+        let pinned = config(&[]).backup.reference_for(&source).unwrap().pinned(DIGEST).to_string();
+        let workload = deployment(json!(null));
+        let backups = BTreeMap::from([("nginx:1.25".to_string(), pinned.clone())]);
+        let patch = backup_patch(&workload, &backups, None, Timestamp::now()).unwrap();
+        let Workload::Deployment(d) = &workload else { unreachable!() };
+        let mut doc = serde_json::to_value(d).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        (Workload::Deployment(serde_json::from_value(doc).unwrap()), pinned)
+    }
+
+    /// The image the JSON patch `body` puts in the `web` container.
+    fn web_image(body: &Value) -> Option<&str> {
+        let ops = body.as_array()?;
+        ops.iter()
+            .find(|op| op["op"] == "replace" && op["path"] == "/spec/template/spec/containers/0/image")
+            .and_then(|op| op["value"].as_str())
+    }
+
+    #[tokio::test]
+    async fn a_failed_rollout_goes_back_to_the_sources_and_says_why() {
+        let (workload, pinned) = moved();
+        let patch = Exchange::new(Method::PATCH, PATCH_PATH, StatusCode::OK, json!({})).checking(move |body| {
+            assert_eq!(web_image(body), Some("nginx:1.25"), "{body}");
+            // Guarded: applied only to the workload as it was read.
+            let tests: Vec<&Value> = body.as_array().unwrap().iter().filter(|op| op["op"] == "test").collect();
+            assert!(tests.iter().any(|op| op["value"] == pinned.as_str()), "{body}");
+        });
+        let event = Exchange::new(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/shop/events?",
+            StatusCode::CREATED,
+            json!({}),
+        )
+        .checking(|body| {
+            assert_eq!((body["reason"].as_str(), body["type"].as_str()), (Some("RolloutFailed"), Some("Warning")));
+            let note = body["note"].as_str().unwrap();
+            assert!(
+                note.starts_with("pod web-2: ImagePullBackOff; moved back to the original images: web: "),
+                "{note}"
+            );
+        });
+        let (client, script) = scripted(vec![patch, event]);
+        let ctx = context(client, &[], store(Vec::new()), Arc::new(Usage::default()));
+        let backups = ["nginx-backup".to_string()];
+        let action = undo(&ctx, &workload, HoldReason::RolloutFailed, "pod web-2: ImagePullBackOff", &backups).await;
+        assert_eq!(action.unwrap(), Action::await_change());
+        script.done().await;
+        let queued = ctx.notes.take("nginx-backup");
+        assert!(matches!(queued.as_slice(), [Pending::Set(note)] if note.reason == "RolloutFailed"), "{queued:?}");
+    }
+
+    #[tokio::test]
+    async fn a_workload_changed_meanwhile_is_looked_at_again_not_overwritten() {
+        let (workload, _) = moved();
+        let invalid = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422, "message": "the test operation failed" });
+        let refused = Exchange::new(Method::PATCH, PATCH_PATH, StatusCode::UNPROCESSABLE_ENTITY, invalid);
+        let (client, script) = scripted(vec![refused]);
+        let ctx = context(client, &[], store(Vec::new()), Arc::new(Usage::default()));
+        let backups = ["nginx-backup".to_string()];
+        let action = undo(&ctx, &workload, HoldReason::RolloutFailed, "why", &backups).await;
+        assert_eq!(action.unwrap(), Action::requeue(Duration::from_secs(1)));
+        script.done().await;
+        assert!(ctx.notes.take("nginx-backup").is_empty(), "nothing said of a move that did not happen");
+    }
+}
