@@ -34,6 +34,8 @@ pub struct Exchange {
     /// Checks the request's JSON body (none for a GET).
     pub body: Box<dyn Fn(&Value) + Send>,
     pub status: StatusCode,
+    /// The answer's body; `null` sends the request's own back, as the API
+    /// server does for a write that goes through.
     pub answer: Value,
 }
 
@@ -74,7 +76,11 @@ pub fn scripted(script: Vec<Exchange>) -> (Client, Script) {
             if !bytes.is_empty() {
                 (next.body)(&serde_json::from_slice(&bytes).expect("a JSON body"));
             }
-            let answer = serde_json::to_vec(&next.answer).expect("a JSON answer");
+            let answer = if next.answer.is_null() {
+                bytes.to_vec()
+            } else {
+                serde_json::to_vec(&next.answer).expect("a JSON answer")
+            };
             let response = Response::builder().status(next.status).body(Body::from(answer)).expect("a response");
             respond.send_response(response);
         }
@@ -95,9 +101,12 @@ pub fn context(client: Client, flags: &[&str], store: Store<ImageBackup>, usage:
     Context::new(client, config, hub, jobs, store, usage, Metrics::new(), wakers, Fence::always()).expect("a context")
 }
 
-/// The settings `flags` give, the backup registry being `backup.test`.
+/// The settings `flags` give, the backup registry `backup.test` unless
+/// they name one.
 pub fn config(flags: &[&str]) -> CoordinatorConfig {
-    let args = [&["image-backup-coordinator", "--backup-registry", "backup.test"], flags].concat();
+    let registry: &[&str] =
+        if flags.contains(&"--backup-registry") { &[] } else { &["--backup-registry", "backup.test"] };
+    let args = [&["image-backup-coordinator"], registry, flags].concat();
     Cli::try_parse_from(args).expect("valid flags").config()
 }
 
@@ -108,4 +117,29 @@ pub fn store(backups: Vec<ImageBackup>) -> Store<ImageBackup> {
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(backup));
     }
     store
+}
+
+/// A registry that serves the manifests `served` (`repository@digest`) to
+/// HEAD requests and nothing else; its `host:port`.
+pub async fn registry(served: Vec<String>) -> String {
+    use axum::{extract::Request, http::StatusCode as Status, response::IntoResponse};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let host = listener.local_addr().expect("an address").to_string();
+    let served = Arc::new(served);
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let served = served.clone();
+        async move {
+            let path = request.uri().path().trim_start_matches("/v2/").to_string();
+            let found = path.split_once("/manifests/").map(|(repository, digest)| format!("{repository}@{digest}"));
+            match found {
+                Some(manifest) if request.method() == Method::HEAD && served.contains(&manifest) => {
+                    let digest = manifest.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
+                    (Status::OK, [("docker-content-digest", digest)]).into_response()
+                }
+                _ => Status::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    host
 }
