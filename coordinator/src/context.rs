@@ -26,7 +26,7 @@ use crate::{
     agents::AgentHub,
     backups::notes::Notes,
     config::CoordinatorConfig,
-    jobs::LiveJobs,
+    jobs::{JobWaker, LiveJobs},
     metrics::Metrics,
     workloads::{digests::DigestCache, rollout::Rollouts, usage::Usage, wakers::Wakers},
 };
@@ -36,7 +36,11 @@ pub struct Context {
     pub client: Client,
     pub config: CoordinatorConfig,
     pub hub: Arc<AgentHub>,
+    /// What agents reported, until the ImageBackup reconciler records it.
     pub jobs: Arc<LiveJobs>,
+    /// Has the ImageBackup reconciler look at a job again (a note queued, a
+    /// prune mark due).
+    pub backup_waker: JobWaker,
     /// The ImageBackups as the controller's reflector sees them.
     pub backups: Store<ImageBackup>,
     pub written: Written,
@@ -87,6 +91,7 @@ impl Context {
             client,
             config,
             hub,
+            backup_waker: jobs.waker(),
             jobs,
             backups,
             written: Written::default(),

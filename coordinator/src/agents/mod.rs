@@ -33,7 +33,7 @@ use image_backup_core::job::{
     plan::{Child, Holding, Holdings},
 };
 
-use crate::jobs::LiveJobs;
+use crate::jobs::{JobWaker, LiveJobs};
 
 /// How long an assignment counts as running before the agent's heartbeats
 /// list it, at the least.
@@ -123,6 +123,8 @@ pub struct AgentHub {
     agents: Mutex<HashMap<String, Agent>>,
     sessions: AtomicU64,
     jobs: Arc<LiveJobs>,
+    /// Wakes a job whose agent finished, left or changed its session.
+    backup_waker: JobWaker,
     started: Instant,
 }
 
@@ -133,6 +135,7 @@ impl AgentHub {
             heartbeat_interval,
             agents: Mutex::default(),
             sessions: AtomicU64::new(0),
+            backup_waker: jobs.waker(),
             jobs,
             started: Instant::now(),
         })
@@ -409,7 +412,7 @@ impl AgentHub {
         let capacity_changed = agent.running.len() < running_before || inventory_changed;
         drop(agents);
         for job in left {
-            self.jobs.wake(&job);
+            self.backup_waker.wake(&job);
         }
         if capacity_changed {
             self.jobs.wake_waiting();

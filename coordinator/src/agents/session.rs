@@ -121,7 +121,7 @@ impl AgentService for AgentSessions {
             // Jobs of the old session the new one does not list are over
             // or lost: their reconciles look at them again.
             for job in previous.running.iter().filter(|job| !running.contains(*job)) {
-                hub.jobs.wake(job);
+                hub.backup_waker.wake(job);
             }
         } else {
             info!(agent = %agent_id, %node, %peer, "agent connected");

@@ -72,7 +72,7 @@ pub async fn sweep(ctx: Arc<Context>) {
         for backup in ctx.backups.state() {
             let name = backup.name_any();
             if prune::due(used(&ctx, &name), unused_since(&backup), now, grace) {
-                ctx.jobs.wake(&name);
+                ctx.backup_waker.wake(&name);
             }
         }
     }

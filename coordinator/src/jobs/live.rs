@@ -26,21 +26,47 @@ fn report_to<'a>(
     jobs.entry(job.to_string()).or_insert_with(|| LiveJob::new(attempt, digest, agent_id))
 }
 
-/// Every job with an unrecorded report, the jobs waiting for an agent, and
-/// the channel that wakes the reconciler for a job by name.
+/// Has the ImageBackup reconciler look at a job again, by name: what
+/// anyone who has something for a job (a report, a note, a prune mark)
+/// holds, apart from the reports themselves.
+#[derive(Clone)]
+pub struct JobWaker(mpsc::UnboundedSender<String>);
+
+// === impl JobWaker ===
+
+impl JobWaker {
+    /// A waker and the receiving end the reconciler listens on.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (wake, woken) = mpsc::unbounded_channel();
+        (Self(wake), woken)
+    }
+
+    pub fn wake(&self, job: &str) {
+        // The receiver lives as long as the coordinator runs.
+        let _ = self.0.send(job.to_string());
+    }
+}
+
+/// Every job with an unrecorded report, and the jobs waiting for an agent;
+/// a report wakes its job.
 pub struct LiveJobs {
     jobs: Mutex<HashMap<String, LiveJob>>,
     waiting: Mutex<BTreeSet<String>>,
-    wake: mpsc::UnboundedSender<String>,
+    waker: JobWaker,
 }
 
 // === impl LiveJobs ===
 
 impl LiveJobs {
-    /// The table and the receiving end of its wake-ups.
+    /// The table and the receiving end of the wake-ups.
     pub fn new() -> (Self, mpsc::UnboundedReceiver<String>) {
-        let (wake, woken) = mpsc::unbounded_channel();
-        (Self { jobs: Mutex::default(), waiting: Mutex::default(), wake }, woken)
+        let (waker, woken) = JobWaker::new();
+        (Self { jobs: Mutex::default(), waiting: Mutex::default(), waker }, woken)
+    }
+
+    /// What wakes jobs for reasons other than their reports.
+    pub fn waker(&self) -> JobWaker {
+        self.waker.clone()
     }
 
     fn jobs(&self) -> parking_lot::MutexGuard<'_, HashMap<String, LiveJob>> {
@@ -51,10 +77,8 @@ impl LiveJobs {
         self.waiting.lock()
     }
 
-    /// Has the reconciler look at `job` again.
-    pub fn wake(&self, job: &str) {
-        // The receiver lives as long as the coordinator runs.
-        let _ = self.wake.send(job.to_string());
+    fn wake(&self, job: &str) {
+        self.waker.wake(job);
     }
 
     pub fn get(&self, job: &str) -> Option<LiveJob> {

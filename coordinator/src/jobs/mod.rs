@@ -4,4 +4,4 @@
 
 pub mod live;
 
-pub use live::LiveJobs;
+pub use live::{JobWaker, LiveJobs};

@@ -210,7 +210,7 @@ pub fn set_note(ctx: &Context, name: &str, workload: &Workload, reason: &str, me
         return false;
     }
     ctx.notes.push(name, Pending::Set(note));
-    ctx.jobs.wake(name);
+    ctx.backup_waker.wake(name);
     true
 }
 
@@ -220,7 +220,7 @@ pub fn clear_note(ctx: &Context, name: &str, workload: &Workload) {
     let status = ctx.backups.get(&ObjectRef::<ImageBackup>::new(name)).and_then(|b| b.status.clone());
     if status.is_some_and(|s| s.workloads.iter().any(|n| n.workload == key)) {
         ctx.notes.push(name, Pending::Clear(key));
-        ctx.jobs.wake(name);
+        ctx.backup_waker.wake(name);
     }
 }
 
@@ -233,7 +233,7 @@ pub fn forget_notes(ctx: &Context, workload: &str) {
         if about {
             let name = backup.name_any();
             ctx.notes.push(&name, Pending::Clear(workload.to_string()));
-            ctx.jobs.wake(&name);
+            ctx.backup_waker.wake(&name);
         }
     }
 }
