@@ -31,11 +31,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    containerd::{ContainerdError, ImageEvent, ImageRecord},
+    containerd::ContainerdStore,
     guard::Guard,
     link::{CoordinatorLink, LinkError},
     progress::Progress,
     push::{Finish, PushError, Pusher, Scope, SourceAccess},
+    store::{ContentStore, ImageEvent, ImageRecord, StoreError},
 };
 
 #[derive(Clone, Debug)]
@@ -65,7 +66,7 @@ pub enum SessionError {
     #[error("session with coordinator {endpoint} broke: {status}")]
     Broken { endpoint: String, status: Box<tonic::Status> },
     #[error(transparent)]
-    Containerd(#[from] ContainerdError),
+    Store(#[from] StoreError),
 }
 
 /// How often running copies are logged at info.
@@ -86,9 +87,9 @@ struct RunningJob {
 }
 
 /// The node agent in daemon mode. Cheap to share; all state is behind locks.
-pub struct Agent {
+pub struct Agent<S = ContainerdStore> {
     config: DaemonConfig,
-    pusher: Pusher,
+    pusher: Pusher<S>,
     /// What no assignment can make this agent do.
     guard: Guard,
     jobs: Mutex<HashMap<String, RunningJob>>,
@@ -98,8 +99,8 @@ pub struct Agent {
     undelivered: Mutex<Vec<AgentMessage>>,
 }
 
-impl Agent {
-    pub fn new(config: DaemonConfig, pusher: Pusher, guard: Guard) -> Arc<Self> {
+impl<S: ContentStore> Agent<S> {
+    pub fn new(config: DaemonConfig, pusher: Pusher<S>, guard: Guard) -> Arc<Self> {
         Arc::new(Self {
             config,
             pusher,
@@ -273,7 +274,7 @@ impl Agent {
         }
     }
 
-    async fn full_inventory(&self) -> Result<Inventory, ContainerdError> {
+    async fn full_inventory(&self) -> Result<Inventory, StoreError> {
         let mut added = Vec::new();
         for record in self.pusher.store().list_images().await? {
             added.push(self.inventory_image(record).await);
