@@ -2,7 +2,7 @@
 //! content store into the backup registry, so nothing is pulled from the
 //! source registry again. The push engine and the daemon see the node
 //! through the [`store::ContentStore`] trait; [`containerd`] is the real
-//! one.
+//! one, [`store::memory`] one for tests.
 
 pub mod cli;
 pub mod containerd;

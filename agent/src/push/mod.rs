@@ -11,6 +11,8 @@ mod plan;
 mod referrers;
 mod source;
 mod target;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::HashMap,

@@ -2,10 +2,13 @@
 //! records by name, blobs by digest (their info, their bytes), a lease that
 //! keeps what a push reads from garbage collection, and the labels that
 //! remember where a blob was pushed. containerd is the store of a real node
-//! ([`crate::containerd`]).
+//! ([`crate::containerd`]); [`memory`] holds made-up nodes for tests.
 //!
 //! The rules that do not depend on the store (which records may answer for
 //! a source, how distribution-source labels grow) are here, once.
+
+pub mod memory;
+pub mod sample;
 
 use std::{collections::HashMap, future::Future, time::Duration};
 
