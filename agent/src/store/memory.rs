@@ -138,6 +138,13 @@ impl MemoryStore {
         seen
     }
 
+    /// How many follow the image events now.
+    pub fn followers(&self) -> usize {
+        let mut inner = self.lock();
+        inner.watchers.retain(|watcher| !watcher.is_closed());
+        inner.watchers.len()
+    }
+
     /// How many leases are held now.
     pub fn live_leases(&self) -> usize {
         self.lock().leases.len()
