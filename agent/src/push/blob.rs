@@ -41,12 +41,16 @@ impl<S: ContentStore> Job<'_, S> {
         Ok(())
     }
 
-    /// Pushes a blob. One of the node's was protected by the lease when the
-    /// push was planned.
+    /// Pushes a blob: skipped when the target has it, else mounted or
+    /// streamed; one of the node's the node lacked when planning comes from
+    /// the source, if the push may read it.
     async fn push_blob(&self, planned: &PlannedBlob, origin: Origin<'_>) -> Result<(), PushError> {
         let blob = &planned.descriptor;
         let span = info_span!("blob", digest = %blob.digest, size = blob.size);
         async {
+            if origin == Origin::Node {
+                self.protect(&blob.digest).await?;
+            }
             if self.registry.blob_exists(self.repository, &blob.digest).await? {
                 debug!("already in the target repository");
                 self.progress.finished(BlobOutcome::Existing, blob.size, 0);

@@ -108,6 +108,11 @@ impl<S: ContentStore> Job<'_, S> {
         children: &[(Child, ManifestContent)],
         origin: Origin<'_>,
     ) -> Result<Vec<PlatformManifest>, PushError> {
+        if origin == Origin::Node {
+            for (_, manifest) in children {
+                self.protect(&manifest.descriptor.digest).await?;
+            }
+        }
         let mut seen = HashSet::new();
         let blobs: Vec<_> = children
             .iter()

@@ -218,7 +218,14 @@ impl<S: ContentStore> Pusher<S> {
             } else {
                 None
             };
-            let job = Job { pusher: self, registry, repository: target.repository(), source: source_repo, progress };
+            let job = Job {
+                pusher: self,
+                registry,
+                repository: target.repository(),
+                source: source_repo,
+                lease: &lease,
+                progress,
+            };
             let mut result = match self.plan(&record.target, scope, &lease).await {
                 Ok(plan) => job.carry_out(plan, target).await,
                 Err(e) => Err(e),
@@ -269,13 +276,15 @@ impl<S: ContentStore> Pusher<S> {
 }
 
 /// One push in progress: a plan being carried out.
-struct Job<'a, S> {
+struct Job<'a, S: ContentStore> {
     pusher: &'a Pusher<S>,
     registry: Registry,
     repository: &'a str,
     /// Where the children no node holds come from, when the scope names
     /// any, and the referrers.
     source: Option<SourceRepo>,
+    /// Takes what is pushed from the node, before it is read.
+    lease: &'a S::Lease,
     progress: Arc<Progress>,
 }
 
@@ -307,6 +316,10 @@ impl<S: ContentStore> Job<'_, S> {
             self.tag_and_verify(&root, bytes, target).await?;
         }
         Ok(Pushed { root: Some(root), ..Pushed::default() })
+    }
+
+    async fn protect(&self, digest: &str) -> Result<(), PushError> {
+        plan::protect(self.lease, digest).await
     }
 
     /// A manifest from the source registry, with its blobs to copy from

@@ -1,8 +1,13 @@
 //! What a push copies, decided from the node's content store alone: the
-//! manifests and blobs that go from this node (held by the push's lease
-//! from here on), the children of an index that come from the source, and
-//! how an index ends. No registry is asked anything until the plan is
-//! carried out, so every rule here is tested against an in-memory store.
+//! manifests and blobs that go from this node, the children of an index
+//! that come from the source, and how an index ends. No registry is asked
+//! anything until the plan is carried out, so every rule here is tested
+//! against an in-memory store.
+//!
+//! Planning only reads. The lease takes the root before it is read, and
+//! each blob when it is pushed: a lease is a write (a transaction synced to
+//! disk) in containerd, and an image the target holds already pushes no
+//! blob, so its second push stays a few reads and two HEADs.
 
 use std::collections::HashSet;
 
@@ -104,15 +109,15 @@ impl Plan {
 // === impl Pusher ===
 
 impl<S: ContentStore> Pusher<S> {
-    /// Plans a push of `scope` of the image whose root is `root`, holding
-    /// what it will read from the node with `lease`.
+    /// Plans a push of `scope` of the image whose root is `root`, which
+    /// `lease` holds from now on.
     pub async fn plan(&self, root: &Descriptor, scope: &Scope, lease: &S::Lease) -> Result<Plan, PushError> {
         let bytes = self.read_manifest(root, Some(lease)).await?;
         let root = Descriptor { media_type: effective_media_type(root, &bytes), ..root.clone() };
         if !is_index(&root.media_type) {
             let mut blobs = Vec::new();
             for descriptor in manifest_blobs(&root, &bytes)? {
-                let held = self.held_blob(&descriptor, Some(lease)).await?;
+                let held = self.info(&descriptor.digest).await?;
                 blobs.push(PlannedBlob { descriptor, held });
             }
             let manifest = ManifestContent { descriptor: root.clone(), bytes: bytes.clone(), blobs };
@@ -129,7 +134,7 @@ impl<S: ContentStore> Pusher<S> {
         let (from_source, finish) = match scope {
             Scope::Whole => {
                 for child in &children {
-                    if let Some(manifest) = self.whole(&to_descriptor(&child.descriptor), Some(lease)).await? {
+                    if let Some(manifest) = self.whole(&to_descriptor(&child.descriptor)).await? {
                         from_node.push((child.clone(), manifest));
                     }
                 }
@@ -138,7 +143,7 @@ impl<S: ContentStore> Pusher<S> {
             Scope::Part { manifests, from_source, finish } => {
                 for digest in manifests {
                     let child = child(digest)?;
-                    let Some(manifest) = self.whole(&to_descriptor(&child.descriptor), Some(lease)).await? else {
+                    let Some(manifest) = self.whole(&to_descriptor(&child.descriptor)).await? else {
                         let manifest = platform_manifest(child);
                         return Err(PushError::NotHeld { index: root.digest.clone(), manifest });
                     };
@@ -175,7 +180,7 @@ impl<S: ContentStore> Pusher<S> {
         }
         let mut children = Vec::new();
         for child in children_of(root, &bytes)? {
-            let whole = self.whole(&to_descriptor(&child.descriptor), None).await?.is_some();
+            let whole = self.whole(&to_descriptor(&child.descriptor)).await?.is_some();
             children.push((child, whole));
         }
         Ok(Some(IndexContent { children }))
@@ -184,32 +189,19 @@ impl<S: ContentStore> Pusher<S> {
     /// A child manifest and its blobs when the node holds them all; `None`
     /// when it lacks any, or the manifest is not an image's (a nested
     /// index, or something else no kubelet runs).
-    async fn whole(
-        &self,
-        manifest: &Descriptor,
-        lease: Option<&S::Lease>,
-    ) -> Result<Option<ManifestContent>, PushError> {
+    async fn whole(&self, manifest: &Descriptor) -> Result<Option<ManifestContent>, PushError> {
         if self.info(&manifest.digest).await?.is_none() {
             return Ok(None);
         }
-        let bytes = self.read_manifest(manifest, lease).await?;
+        let bytes = self.read_manifest(manifest, None).await?;
         let Ok(descriptors) = manifest_blobs(manifest, &bytes) else { return Ok(None) };
         let mut blobs = Vec::new();
         for descriptor in descriptors {
-            let Some(info) = self.held_blob(&descriptor, lease).await? else { return Ok(None) };
+            let Some(info) = self.info(&descriptor.digest).await? else { return Ok(None) };
             blobs.push(PlannedBlob { descriptor, held: Some(info) });
         }
         let descriptor = Descriptor { media_type: effective_media_type(manifest, &bytes), ..manifest.clone() };
         Ok(Some(ManifestContent { descriptor, bytes, blobs }))
-    }
-
-    /// What the node holds of a blob, protected by the lease first: the
-    /// blob seen held then stays until the push ends.
-    async fn held_blob(&self, blob: &Descriptor, lease: Option<&S::Lease>) -> Result<Option<BlobInfo>, PushError> {
-        if let Some(lease) = lease {
-            protect(lease, &blob.digest).await?;
-        }
-        self.info(&blob.digest).await
     }
 
     async fn info(&self, digest: &str) -> Result<Option<BlobInfo>, PushError> {
@@ -217,7 +209,7 @@ impl<S: ContentStore> Pusher<S> {
     }
 
     /// A manifest's bytes from the node, size and digest checked, held by
-    /// the lease first.
+    /// the lease first when one is given.
     async fn read_manifest(&self, descriptor: &Descriptor, lease: Option<&S::Lease>) -> Result<Bytes, PushError> {
         if let Some(lease) = lease {
             protect(lease, &descriptor.digest).await?;
@@ -232,7 +224,7 @@ impl<S: ContentStore> Pusher<S> {
     }
 }
 
-async fn protect(lease: &impl Lease, digest: &str) -> Result<(), PushError> {
+pub(super) async fn protect(lease: &impl Lease, digest: &str) -> Result<(), PushError> {
     lease.protect(digest).await.map_err(|e| PushError::Store { what: format!("a lease on {digest}"), error: e })
 }
 
