@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    containerd::{ContentStore, K8S_NAMESPACE, ReadPath},
+    containerd::{ContainerdStore, K8S_NAMESPACE, ReadPath},
     daemon::{Agent, DaemonConfig},
     guard::Guard,
     link::{CoordinatorLink, LinkTls},
@@ -156,7 +156,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn daemon(args: RunArgs) -> anyhow::Result<()> {
-    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace)
+    let store = ContainerdStore::connect(&args.containerd.socket, &args.containerd.namespace)
         .await?
         .with_read_path(args.containerd.content_read)
         .await;
@@ -207,7 +207,7 @@ async fn push(args: PushArgs) -> anyhow::Result<String> {
     use anyhow::Context as _;
     let source = ImageRef::parse(&args.source)?;
     let target = ImageRef::parse(&args.target)?;
-    let store = ContentStore::connect(&args.containerd.socket, &args.containerd.namespace)
+    let store = ContainerdStore::connect(&args.containerd.socket, &args.containerd.namespace)
         .await?
         .with_read_path(args.containerd.content_read)
         .await;

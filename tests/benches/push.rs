@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use image_backup_agent::{
-    containerd::{ContentStore, ReadPath},
+    containerd::{ContainerdStore, ReadPath},
     progress::Progress,
     push::{PushOptions, Pusher, Scope, SourceAccess},
 };
@@ -216,7 +216,8 @@ async fn main() -> anyhow::Result<()> {
         // What a running agent pays for a job whose image is already backed
         // up: its connections are open and the reference grammar compiled
         // (about 30 ms of a fresh process's start).
-        let store = ContentStore::connect(&containerd.socket(), NAMESPACE).await?.with_read_path(ReadPath::Auto).await;
+        let store =
+            ContainerdStore::connect(&containerd.socket(), NAMESPACE).await?.with_read_path(ReadPath::Auto).await;
         let config = RegistryConfig { insecure_hosts: vec![target.host()], ..RegistryConfig::default() };
         let pusher = Pusher::new(store, config, PushOptions::default());
         let (src, dst) = (ImageRef::parse(&name)?, ImageRef::parse(&format!("{}/bench:1", target.host()))?);

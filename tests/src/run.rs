@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use image_backup_agent::{
-    containerd::{ContentStore, ReadPath},
+    containerd::{ContainerdStore, ReadPath},
     daemon::{Agent, DaemonConfig},
     guard::Guard,
     link::{CoordinatorLink, LinkTls},
@@ -273,7 +273,7 @@ pub async fn start_agent_on(
     max_jobs: u32,
 ) -> tokio::task::JoinHandle<()> {
     let AgentLink { link, files, guard } = link;
-    let store = ContentStore::connect(socket, namespace)
+    let store = ContainerdStore::connect(socket, namespace)
         .await
         .expect("connect to containerd")
         .with_read_path(ReadPath::Auto)

@@ -4,9 +4,10 @@
 use std::{sync::Arc, time::Duration};
 
 use image_backup_agent::{
-    containerd::{ContentStore, ReadPath},
+    containerd::{ContainerdStore, ReadPath},
     progress::Progress,
     push::{Finish, PushError, PushOptions, PushReport, Pusher, Scope, SourceAccess},
+    store::ContentStore,
 };
 use image_backup_oci::{
     ImageRef,
@@ -37,7 +38,7 @@ async fn pusher(containerd: &Containerd, config: RegistryConfig) -> Pusher {
 }
 
 async fn pusher_reading(containerd: &Containerd, config: RegistryConfig, read: ReadPath) -> Pusher {
-    let store = ContentStore::connect(&containerd.socket(), NAMESPACE).await.expect("connect to containerd");
+    let store = ContainerdStore::connect(&containerd.socket(), NAMESPACE).await.expect("connect to containerd");
     let store = store.with_read_path(read).await;
     // The harness's containerd runs on this machine, so `Auto` must find
     // its content directory; `Grpc` must not use it.

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use image_backup_agent::containerd::ContentStore;
+use image_backup_agent::{containerd::ContainerdStore, store::ContentStore};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{
     MediaTypes, Registry, RegistryAuth, TestImage,
@@ -133,7 +133,7 @@ async fn backup_then_pull_again(multi: bool) {
         forgotten.extend(node.forget(&digest).await.unwrap());
     }
     assert!(forgotten.iter().any(|name| name.starts_with(&backup.host())), "{forgotten:?}");
-    let store = ContentStore::connect(&node.containerd_socket, K8S_NAMESPACE).await.unwrap();
+    let store = ContainerdStore::connect(&node.containerd_socket, K8S_NAMESPACE).await.unwrap();
     let manifest = store.info(&digest).await.unwrap();
     assert!(manifest.is_none(), "the node's content store no longer holds the manifest: {manifest:?}");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);

@@ -15,18 +15,21 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use image_backup_oci::registry::{MountOutcome, retry_with_policy};
 
-use super::{Job, Origin, PushError};
+use super::{Job, Origin, PlannedBlob, PushError};
 use crate::{
-    containerd::{ContainerdError, DISTRIBUTION_SOURCE_LABEL, Descriptor},
     progress::BlobOutcome,
+    store::{ContentStore, Descriptor, distribution_source_key},
 };
 
 /// Bytes handed to the HTTP connection at once when streaming a blob.
 const UPLOAD_WRITE: usize = 1 << 20;
 
-impl Job<'_> {
-    pub(super) async fn push_blobs(&self, blobs: &[Descriptor], origin: Origin<'_>) -> Result<(), PushError> {
-        self.progress.add_planned(u32::try_from(blobs.len()).unwrap_or(u32::MAX), blobs.iter().map(|b| b.size).sum());
+// === impl Job ===
+
+impl<S: ContentStore> Job<'_, S> {
+    pub(super) async fn push_blobs(&self, blobs: &[PlannedBlob], origin: Origin<'_>) -> Result<(), PushError> {
+        let bytes = blobs.iter().map(|b| b.descriptor.size).sum();
+        self.progress.add_planned(u32::try_from(blobs.len()).unwrap_or(u32::MAX), bytes);
         // The futures are built up front: a stream that maps borrowed
         // descriptors through a closure has a higher-ranked type that rustc
         // cannot prove `Send`, and the daemon spawns pushes on the runtime.
@@ -38,7 +41,11 @@ impl Job<'_> {
         Ok(())
     }
 
-    async fn push_blob(&self, blob: &Descriptor, origin: Origin<'_>) -> Result<(), PushError> {
+    /// Pushes a blob: skipped when the target has it, else mounted or
+    /// streamed; one of the node's the node lacked when planning comes from
+    /// the source, if the push may read it.
+    async fn push_blob(&self, planned: &PlannedBlob, origin: Origin<'_>) -> Result<(), PushError> {
+        let blob = &planned.descriptor;
         let span = info_span!("blob", digest = %blob.digest, size = blob.size);
         async {
             if origin == Origin::Node {
@@ -54,31 +61,17 @@ impl Job<'_> {
                 self.progress.finished(BlobOutcome::Uploaded, blob.size, streamed);
                 return Ok(());
             }
-            let info = self
-                .pusher
-                .store
-                .info(&blob.digest)
-                .await
-                .map_err(|e| PushError::Containerd { what: format!("blob {}", blob.digest), error: e })?;
-            let Some(info) = info else {
+            let Some(info) = &planned.held else {
                 // containerd skips fetching a layer whose snapshot exists,
                 // and may discard layers once unpacked: what the node lacks
                 // comes from the source, when the job may read it.
-                let Some(source) = &self.source else {
-                    return Err(PushError::Containerd {
-                        what: format!("blob {}", blob.digest),
-                        error: ContainerdError::BlobNotFound {
-                            digest: blob.digest.clone(),
-                            namespace: self.pusher.store.namespace().to_string(),
-                        },
-                    });
-                };
+                let Some(source) = &self.source else { return Err(self.pusher.missing_blob(&blob.digest)) };
                 info!(source = %source.reference, "not in containerd; copying it from the source");
                 let streamed = self.upload(blob, None, Origin::Source(source)).await?;
                 self.progress.finished(BlobOutcome::Uploaded, blob.size, streamed);
                 return Ok(());
             };
-            let label_key = format!("{DISTRIBUTION_SOURCE_LABEL}{}", self.registry.host());
+            let label_key = distribution_source_key(self.registry.host());
             let sources = info.labels.get(&label_key).cloned();
             let mut location = None;
             for from in sources.iter().flat_map(|s| s.split(',')).filter(|r| *r != self.repository).take(3) {
@@ -233,7 +226,7 @@ impl Job<'_> {
                 .pusher
                 .store
                 .read(&blob.digest, blob.size)
-                .map_err(move |error| PushError::Containerd { what: format!("blob {digest}"), error })
+                .map_err(move |error| PushError::Store { what: format!("blob {digest}"), error })
                 .boxed(),
             Origin::Source(source) => {
                 let (registry, repository) = (source.registry.clone(), source.repository.clone());

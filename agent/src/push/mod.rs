@@ -1,12 +1,18 @@
 //! The push engine: copies one image, or the part of an index a node
-//! holds, from containerd's content store to a registry. Blobs first
-//! (several at once, each skipped, mounted or streamed with its digest
-//! checked), then manifests byte for byte, then the tag, then a check that
-//! the registry serves the tag with the expected digest.
+//! holds, from the node's content store to a registry. A push is planned
+//! from the store alone (`plan`), then carried out: blobs first (several at
+//! once, each skipped, mounted or streamed with its digest checked), then
+//! manifests byte for byte, then the tag, then a check that the registry
+//! serves the tag with the expected digest.
 
 mod blob;
 mod index;
+mod plan;
 mod referrers;
+mod source;
+mod target;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::HashMap,
@@ -17,22 +23,26 @@ use std::{
 use bytes::Bytes;
 use futures::FutureExt;
 use oci_spec::image::ImageManifest;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use image_backup_oci::{
-    ImageRef, digest_tag,
+    ImageRef,
     index::IndexError,
-    media::{PlatformName, is_index, media_type_of, sha256_digest},
-    registry::{Credentials, Registry, RegistryConfig, RegistryError, RetryPolicy},
+    media::{PlatformName, media_type_of, sha256_digest},
+    registry::{Registry, RegistryConfig, RegistryError},
 };
 
 pub use index::{Finish, IndexContent, Scope};
+pub use plan::{IndexPlan, ManifestContent, Plan, PlanKind, PlannedBlob, PlannedFinish};
 pub use referrers::Referrers;
+pub use source::SourceAccess;
 
 use crate::{
-    containerd::{ContainerdError, ContentStore, Descriptor, Lease},
+    containerd::ContainerdStore,
     progress::Progress,
+    store::{ContentStore, Descriptor, ImageRecord, Lease, StoreError},
 };
+use source::{Origin, SourceRepo};
 
 /// A child manifest of an index and its platform.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +54,7 @@ pub struct PlatformManifest {
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error("reading {what} from containerd: {error}")]
-    Containerd { what: String, error: ContainerdError },
+    Store { what: String, error: StoreError },
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("blob {expected} read from {origin} has digest {actual}")]
@@ -84,7 +94,7 @@ impl PushError {
             PushError::Registry(RegistryError::GaveUp { .. })
             | PushError::Source { error: RegistryError::GaveUp { .. }, .. } => true,
             PushError::Registry(e) | PushError::Source { error: e, .. } => e.retryable(),
-            PushError::Containerd { error: ContainerdError::Call { .. }, .. } => true,
+            PushError::Store { error: StoreError::Call { .. }, .. } => true,
             // The plan was made from an inventory or a registry that changed
             // since: the coordinator plans again.
             PushError::IncompleteIndex { .. } | PushError::NotHeld { .. } => true,
@@ -129,22 +139,24 @@ impl Default for PushOptions {
     }
 }
 
-/// Copies images from one containerd namespace to registries. Cheap to
+/// Copies images from a node's content store to registries. Cheap to
 /// clone; clones share connections, tokens and the mount-source memory.
 #[derive(Clone)]
-pub struct Pusher {
-    store: ContentStore,
+pub struct Pusher<S = ContainerdStore> {
+    store: S,
     config: RegistryConfig,
     options: PushOptions,
     registries: Arc<Mutex<HashMap<String, Registry>>>,
 }
 
-impl Pusher {
-    pub fn new(store: ContentStore, config: RegistryConfig, options: PushOptions) -> Self {
+// === impl Pusher ===
+
+impl<S: ContentStore> Pusher<S> {
+    pub fn new(store: S, config: RegistryConfig, options: PushOptions) -> Self {
         Self { store, config, options, registries: Arc::default() }
     }
 
-    pub fn store(&self) -> &ContentStore {
+    pub fn store(&self) -> &S {
         &self.store
     }
 
@@ -158,12 +170,18 @@ impl Pusher {
         Ok(registry)
     }
 
-    /// Copies `scope` of `source` (as containerd holds it, and what the
-    /// scope names from the source registry) to `target`, then, as `access`
-    /// asks, the image's referrers from the source. Never reports an image
-    /// pushed before the registry serves the target with its digest. Boxed
-    /// so that the future is checked `Send` here, where its lifetimes are
-    /// concrete, and the daemon can spawn it.
+    /// The image record the node holds for `source` (see
+    /// [`ContentStore::resolve`]: only its own records count).
+    pub async fn resolve(&self, source: &ImageRef) -> Result<ImageRecord, PushError> {
+        self.store.resolve(source).await.map_err(|e| PushError::Store { what: format!("image {source}"), error: e })
+    }
+
+    /// Copies `scope` of `source` (as the node's store holds it, and what
+    /// the scope names from the source registry) to `target`, then, as
+    /// `access` asks, the image's referrers from the source. Never reports
+    /// an image pushed before the registry serves the target with its
+    /// digest. Boxed so that the future is checked `Send` here, where its
+    /// lifetimes are concrete, and the daemon can spawn it.
     pub fn push<'a>(
         &'a self,
         source: &'a ImageRef,
@@ -175,17 +193,13 @@ impl Pusher {
         let span = info_span!("push", source = %source, target = %target);
         async move {
             let started = Instant::now();
-            let record = self
-                .store
-                .resolve(source)
-                .await
-                .map_err(|e| PushError::Containerd { what: format!("image {source}"), error: e })?;
+            let record = self.resolve(source).await?;
             info!(digest = %record.target.digest, media_type = %record.target.media_type, "resolved image in containerd");
             let lease = self
                 .store
                 .lease(self.options.lease_expiry)
                 .await
-                .map_err(|e| PushError::Containerd { what: "a lease".into(), error: e })?;
+                .map_err(|e| PushError::Store { what: "a lease".into(), error: e })?;
             let registry = self.registry(target.registry())?;
             let children_from_source = matches!(scope, Scope::Part { from_source, .. } if !from_source.is_empty());
             let mut unreadable = None;
@@ -212,7 +226,10 @@ impl Pusher {
                 lease: &lease,
                 progress,
             };
-            let mut result = job.push_root(&record.target, target, scope).await;
+            let mut result = match self.plan(&record.target, scope, &lease).await {
+                Ok(plan) => job.carry_out(plan, target).await,
+                Err(e) => Err(e),
+            };
             // Referrers name the source digest: a reduced index has another.
             if let Ok(pushed) = &mut result
                 && access.referrers
@@ -248,89 +265,27 @@ impl Pusher {
         .instrument(span)
         .boxed()
     }
+
+    /// The error for a blob the node lacks and the push cannot get
+    /// elsewhere.
+    pub(crate) fn missing_blob(&self, digest: &str) -> PushError {
+        let namespace = self.store.namespace().to_string();
+        let error = StoreError::BlobNotFound { digest: digest.to_string(), namespace };
+        PushError::Store { what: format!("blob {digest}"), error }
+    }
 }
 
-/// One push in progress.
-struct Job<'a> {
-    pusher: &'a Pusher,
+/// One push in progress: a plan being carried out.
+struct Job<'a, S: ContentStore> {
+    pusher: &'a Pusher<S>,
     registry: Registry,
     repository: &'a str,
-    /// Where the children no node holds come from, when the scope names any.
+    /// Where the children no node holds come from, when the scope names
+    /// any, and the referrers.
     source: Option<SourceRepo>,
-    lease: &'a Lease,
+    /// Takes what is pushed from the node, before it is read.
+    lease: &'a S::Lease,
     progress: Arc<Progress>,
-}
-
-/// How a push may use the source registry.
-#[derive(Clone, Debug, Default)]
-pub struct SourceAccess {
-    /// Credentials the workload's pods pull with; else the configured ones.
-    pub credentials: Option<Credentials>,
-    /// Copy the image's signatures and other referrers after it.
-    pub referrers: bool,
-}
-
-/// The source registry's repository of the image.
-struct SourceRepo {
-    registry: Registry,
-    /// The same registry without retries, for a first look that must not
-    /// hold a push when the source is gone.
-    probe: Registry,
-    repository: String,
-    /// The source reference, for errors.
-    reference: String,
-}
-
-impl SourceRepo {
-    fn new(
-        source: &ImageRef,
-        config: &RegistryConfig,
-        credentials: Option<Credentials>,
-    ) -> Result<Self, RegistryError> {
-        let once = RegistryConfig {
-            retry: RetryPolicy { max_elapsed: Duration::ZERO, ..config.retry.clone() },
-            ..config.clone()
-        };
-        // Docker Hub's API is not at the name references use.
-        let host = source.api_host();
-        Ok(Self {
-            registry: Registry::reader(host, config, credentials.clone())?,
-            probe: Registry::reader(host, &once, credentials)?,
-            repository: source.repository().to_string(),
-            reference: source.to_string(),
-        })
-    }
-}
-
-/// Where a blob or manifest is read from.
-#[derive(Clone, Copy)]
-enum Origin<'a> {
-    /// The node's content store.
-    Node,
-    /// The source registry, for what no node holds.
-    Source(&'a SourceRepo),
-}
-
-impl std::fmt::Display for Origin<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Origin::Node => f.write_str("containerd (the content store is corrupt)"),
-            Origin::Source(source) => write!(f, "the source {}", source.reference),
-        }
-    }
-}
-
-impl PartialEq for Origin<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        matches!((self, other), (Origin::Node, Origin::Node) | (Origin::Source(_), Origin::Source(_)))
-    }
-}
-
-/// A manifest and the blobs it references, read from containerd.
-struct ManifestContent {
-    descriptor: Descriptor,
-    bytes: Bytes,
-    blobs: Vec<Descriptor>,
 }
 
 /// What one push put in the target.
@@ -344,17 +299,18 @@ struct Pushed {
     referrers: Referrers,
 }
 
-impl Job<'_> {
-    async fn push_root(&self, root: &Descriptor, target: &ImageRef, scope: &Scope) -> Result<Pushed, PushError> {
-        let bytes = self.read_manifest(root).await?;
-        let root = Descriptor { media_type: effective_media_type(root, &bytes), ..root.clone() };
-        if is_index(&root.media_type) {
-            return self.push_index(root, bytes, target, scope).await;
-        }
+// === impl Job ===
+
+impl<S: ContentStore> Job<'_, S> {
+    async fn carry_out(&self, plan: Plan, target: &ImageRef) -> Result<Pushed, PushError> {
+        let Plan { root, bytes, kind } = plan;
+        let manifest = match kind {
+            PlanKind::Index(index) => return self.push_index(root, bytes, index, target).await,
+            PlanKind::Image(manifest) => manifest,
+        };
         if self.already_there(&root, target).await? {
             self.digest_tag(&root, bytes).await?;
         } else {
-            let manifest = self.manifest_content(root.clone(), bytes.clone())?;
             self.push_blobs(&manifest.blobs, Origin::Node).await?;
             self.put_manifest(&manifest.descriptor, &manifest.bytes).await?;
             self.tag_and_verify(&root, bytes, target).await?;
@@ -362,68 +318,19 @@ impl Job<'_> {
         Ok(Pushed { root: Some(root), ..Pushed::default() })
     }
 
-    /// Whether the target reference already names this digest. A registry
-    /// only accepts a manifest whose blobs (and, for an index, children) it
-    /// holds, so then the whole image is there.
-    async fn already_there(&self, root: &Descriptor, target: &ImageRef) -> Result<bool, PushError> {
-        let reference = target.tag().unwrap_or(&root.digest);
-        let there = self.registry.manifest_digest(self.repository, reference).await?.as_deref() == Some(&root.digest);
-        if there {
-            info!(%reference, "target already holds the image");
-        }
-        Ok(there)
+    async fn protect(&self, digest: &str) -> Result<(), PushError> {
+        plan::protect(self.lease, digest).await
     }
 
-    /// Puts the root under its tag, then checks the registry serves it. The
-    /// tag goes last: a tag never names an image whose parts are not all in
-    /// the registry.
-    async fn tag_and_verify(&self, root: &Descriptor, bytes: Bytes, target: &ImageRef) -> Result<(), PushError> {
-        let reference = target.tag().unwrap_or(&root.digest);
-        if let Some(tag) = target.tag() {
-            self.registry.put_manifest(self.repository, tag, &root.media_type, bytes.clone()).await?;
-        }
-        self.digest_tag(root, bytes).await?;
-        let got = self.registry.manifest_digest(self.repository, reference).await?;
-        if got.as_deref() != Some(root.digest.as_str()) {
-            return Err(PushError::Verify { reference: target.to_string(), expected: root.digest.clone(), got });
-        }
-        Ok(())
-    }
-
-    /// Tags the root with its [`digest_tag`] too, unless it is already: a
-    /// registry with immutable tags refuses even the same digest again.
-    async fn digest_tag(&self, root: &Descriptor, bytes: Bytes) -> Result<(), PushError> {
-        let tag = digest_tag(&root.digest);
-        if self.registry.manifest_digest(self.repository, &tag).await?.as_deref() == Some(root.digest.as_str()) {
-            return Ok(());
-        }
-        self.registry.put_manifest(self.repository, &tag, &root.media_type, bytes).await?;
-        Ok(())
-    }
-
-    /// A manifest's bytes, held by the job's lease first.
-    async fn read_manifest(&self, descriptor: &Descriptor) -> Result<Bytes, PushError> {
-        self.protect(&descriptor.digest).await?;
-        self.pusher.read_manifest(descriptor).await
-    }
-
+    /// A manifest from the source registry, with its blobs to copy from
+    /// there.
     fn manifest_content(&self, descriptor: Descriptor, bytes: Bytes) -> Result<ManifestContent, PushError> {
-        let blobs = manifest_blobs(&descriptor, &bytes)?;
+        let blobs = manifest_blobs(&descriptor, &bytes)?
+            .into_iter()
+            .map(|descriptor| PlannedBlob { descriptor, held: None })
+            .collect();
         let descriptor = Descriptor { media_type: effective_media_type(&descriptor, &bytes), ..descriptor };
         Ok(ManifestContent { descriptor, bytes, blobs })
-    }
-
-    async fn put_manifest(&self, descriptor: &Descriptor, bytes: &Bytes) -> Result<(), PushError> {
-        debug!(digest = %descriptor.digest, "putting manifest");
-        self.registry.put_manifest(self.repository, &descriptor.digest, &descriptor.media_type, bytes.clone()).await?;
-        Ok(())
-    }
-
-    async fn protect(&self, digest: &str) -> Result<(), PushError> {
-        self.lease
-            .protect(digest)
-            .await
-            .map_err(|e| PushError::Containerd { what: format!("a lease on {digest}"), error: e })
     }
 }
 

@@ -9,8 +9,8 @@ use image_backup_oci::media::{is_index, media_type_of};
 use oci_spec::image::ImageIndex;
 use tracing::{debug, info, warn};
 
-use super::{Job, Origin, PushError, SourceRepo, index::source_manifest, to_descriptor};
-use crate::containerd::Descriptor;
+use super::{Job, Origin, PushError, SourceRepo, to_descriptor};
+use crate::store::{ContentStore, Descriptor};
 
 /// The tags cosign files signatures, attestations and SBOMs under.
 const COSIGN_SUFFIXES: [&str; 3] = ["sig", "att", "sbom"];
@@ -23,7 +23,9 @@ pub struct Referrers {
     pub error: Option<String>,
 }
 
-impl Job<'_> {
+// === impl Job ===
+
+impl<S: ContentStore> Job<'_, S> {
     /// Copies what refers to `digest` in the source. Never fails the push:
     /// a source that cannot be read leaves the reason in the result.
     pub(super) async fn copy_referrers(&self, digest: &str) -> Referrers {
@@ -97,7 +99,7 @@ impl Job<'_> {
 
     /// One referrer manifest and its blobs, by digest.
     async fn copy_manifest(&self, source: &SourceRepo, descriptor: &Descriptor) -> Result<(), PushError> {
-        let bytes: Bytes = source_manifest(source, descriptor).await?;
+        let bytes: Bytes = source.manifest(descriptor).await?;
         let manifest = self.manifest_content(descriptor.clone(), bytes)?;
         self.push_blobs(&manifest.blobs, Origin::Source(source)).await?;
         self.put_manifest(&manifest.descriptor, &manifest.bytes).await
