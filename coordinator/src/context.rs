@@ -1,11 +1,7 @@
-//! What every reconcile shares.
+//! What the controllers share; each one's own state is in its context.
 
 use parking_lot::Mutex;
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::{Registry, RegistryError};
@@ -22,45 +18,32 @@ use kube::{
 use tracing::warn;
 
 use crate::{
-    MANAGER,
-    agents::AgentHub,
-    backups::notes::Notes,
-    config::CoordinatorConfig,
-    jobs::{JobWaker, LiveJobs},
-    metrics::Metrics,
-    workloads::{digests::DigestCache, rollout::Rollouts, usage::Usage, wakers::Wakers},
+    MANAGER, backups::notes::Notes, config::CoordinatorConfig, jobs::JobWaker, metrics::Metrics,
+    workloads::usage::Usage,
 };
 
-/// Shared by the reconcilers of every kind.
-pub struct Context {
+/// What the controllers share: the cluster, the settings, the backup
+/// registry, and the stores one controller writes and the others read.
+/// Each controller's own state is in its context (`workloads::Context`,
+/// `backups::Context`), which derefs to this.
+pub struct Shared {
     pub client: Client,
     pub config: CoordinatorConfig,
-    pub hub: Arc<AgentHub>,
-    /// What agents reported, until the ImageBackup reconciler records it.
-    pub jobs: Arc<LiveJobs>,
+    pub metrics: Arc<Metrics>,
+    /// The ImageBackups as the shared reflector sees them.
+    pub backups: Store<ImageBackup>,
+    /// The ImageBackup reconciler's last writes (it writes, workloads read).
+    pub written: Written,
+    /// Which workload uses which backup (workloads write, the rest read).
+    pub usage: Arc<Usage>,
+    /// The backup registry, read only: the coordinator verifies.
+    pub registry: Registry,
+    /// What workload reconciles have to say on ImageBackups (workloads
+    /// queue, the ImageBackup reconciler writes them).
+    pub notes: Notes,
     /// Has the ImageBackup reconciler look at a job again (a note queued, a
     /// prune mark due).
     pub backup_waker: JobWaker,
-    /// The ImageBackups as the controller's reflector sees them.
-    pub backups: Store<ImageBackup>,
-    pub written: Written,
-    pub creating: Creating,
-    pub usage: Arc<Usage>,
-    pub digests: DigestCache,
-    pub registry: Registry,
-    /// The backup registry as a pod without credentials reads it.
-    pub anonymous: Registry,
-    pub open_backups: crate::workloads::open_backups::OpenBackups,
-    pub metrics: Arc<Metrics>,
-    /// What workload reconciles have to say on ImageBackups.
-    pub notes: Notes,
-    /// Rollouts to backups in flight, cluster wide.
-    pub rollouts: Rollouts,
-    pub wakers: Wakers,
-    /// Unused ImageBackups are looked after (see `backups::unused`).
-    pub sweeping: std::sync::atomic::AtomicBool,
-    /// Every watched store has listed its objects once.
-    pub synced: std::sync::atomic::AtomicBool,
     /// Failed reconciles in a row, per object: their retry delays.
     pub failures: crate::backoff::FailureBackoff,
     /// Down once this coordinator stepped down: nothing that acts on the
@@ -68,45 +51,29 @@ pub struct Context {
     pub fence: crate::leader::Fence,
 }
 
-// === impl Context ===
+// === impl Shared ===
 
-impl Context {
-    #[allow(clippy::too_many_arguments)]
+impl Shared {
     pub fn new(
         client: Client,
         config: CoordinatorConfig,
-        hub: Arc<AgentHub>,
-        jobs: Arc<LiveJobs>,
         backups: Store<ImageBackup>,
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
-        wakers: Wakers,
+        backup_waker: JobWaker,
         fence: crate::leader::Fence,
     ) -> Result<Arc<Self>, RegistryError> {
-        // The coordinator only verifies: pull access is all it asks for.
         let registry = Registry::reader(&config.backup.registry, &config.registry, None)?;
-        let anonymous = crate::pull_secrets::anonymous_or(&config.backup.registry, &config.registry, None)?;
-        let rollouts = Rollouts::new(config.max_rollouts, Box::new(wakers.clone()));
         Ok(Arc::new(Self {
             client,
             config,
-            hub,
-            backup_waker: jobs.waker(),
-            jobs,
+            metrics,
             backups,
             written: Written::default(),
-            creating: Creating::default(),
             usage,
-            digests: DigestCache::default(),
             registry,
-            anonymous,
-            open_backups: Default::default(),
-            metrics,
             notes: Notes::default(),
-            rollouts,
-            wakers,
-            sweeping: Default::default(),
-            synced: Default::default(),
+            backup_waker,
             failures: Default::default(),
             fence,
         }))
@@ -185,34 +152,5 @@ impl Written {
 
     pub fn forget(&self, name: &str) {
         self.lock().remove(name);
-    }
-}
-
-/// ImageBackups this coordinator is creating, so that workloads sharing an
-/// image make one create between them. An entry lapses once the store
-/// should long have shown the object, so one deleted later is made again.
-#[derive(Default)]
-pub struct Creating(Mutex<HashMap<String, Instant>>);
-
-/// Longer than a watch event takes to reach the store.
-const CREATE_SETTLE: Duration = Duration::from_secs(30);
-
-impl Creating {
-    /// Whether the caller should create `name` now.
-    pub fn begin(&self, name: &str) -> bool {
-        let mut creating = self.0.lock();
-        creating.retain(|_, at| at.elapsed() < CREATE_SETTLE);
-        match creating.entry(name.to_string()) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(Instant::now());
-                true
-            }
-        }
-    }
-
-    /// The create failed: the next workload tries again.
-    pub fn failed(&self, name: &str) {
-        self.0.lock().remove(name);
     }
 }

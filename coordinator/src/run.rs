@@ -4,6 +4,7 @@
 
 use std::{
     net::SocketAddr,
+    ops::Deref,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,7 +33,7 @@ use crate::{
     agents::{AgentHub, AgentSessions},
     backups,
     config::CoordinatorConfig,
-    context::Context,
+    context::Shared,
     error::{Error, contained},
     grpc::{JobFeed, Jobs, grpc_routes},
     jobs::LiveJobs,
@@ -43,7 +44,6 @@ use crate::{
     trust::{agents::AgentAuthenticator, listener::tls_incoming, readers::Readers, tls},
     workloads::{
         self, Wakers,
-        rollout::Wake,
         usage::{Usage, WorkloadKey},
         workload::RollsOut,
     },
@@ -131,32 +131,32 @@ pub async fn run(
     let (wake_deployments, deployment_wakes) = tokio::sync::mpsc::unbounded_channel();
     let (wake_daemonsets, daemonset_wakes) = tokio::sync::mpsc::unbounded_channel();
     let wakers = Wakers { deployments: wake_deployments, daemonsets: wake_daemonsets };
-    let fence = leadership.fence();
-    let ctx = Context::new(
+    let shared = Shared::new(
         client.clone(),
         config,
-        hub.clone(),
-        jobs,
         backup_store.clone(),
         usage,
         metrics.clone(),
-        wakers,
-        fence,
+        jobs.waker(),
+        leadership.fence(),
     )?;
+    let backups_ctx = backups::Context::new(shared.clone(), hub.clone(), jobs);
+    let workloads_ctx = workloads::Context::new(shared.clone(), wakers)?;
     let mut seen = Seen::new(|backup: &ImageBackup| backup.name_any());
     let backup_watch = watcher(Api::<ImageBackup>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(forget_managed_fields)
         .reflect_shared(writer)
         .for_each({
-            let (ctx, feed) = (ctx.clone(), feed.clone());
+            let (backups_ctx, workloads_ctx, feed) = (backups_ctx.clone(), workloads_ctx.clone(), feed.clone());
             move |event| {
                 match &event {
                     Ok(event) => {
                         for change in seen.observe(event) {
                             feed.publish(&change);
                             if let Change::Deleted(name, _) = change {
-                                deleted(&ctx, &name);
+                                backups::deleted(&backups_ctx, &name);
+                                workloads::backup_deleted(&workloads_ctx, &name);
                             }
                         }
                     }
@@ -167,9 +167,11 @@ pub async fn run(
         });
 
     let addr = grpc_listener.local_addr().map_err(RunError::Listener)?;
-    let sessions =
-        AgentSessions::new(hub.clone(), Arc::new(AgentAuthenticator::new(client.clone(), ctx.config.agents.clone())));
-    let readers = Arc::new(Readers::new(client.clone(), ctx.config.anonymous_reads, &ctx.config.agents.audience));
+    let sessions = AgentSessions::new(
+        hub.clone(),
+        Arc::new(AgentAuthenticator::new(client.clone(), shared.config.agents.clone())),
+    );
+    let readers = Arc::new(Readers::new(client.clone(), shared.config.anonymous_reads, &shared.config.agents.audience));
     let jobs_service = Jobs { backups: backup_store.clone(), feed: feed.clone(), agents: hub.clone(), readers };
     let routes = grpc_routes(jobs_service, sessions).await?;
     let server =
@@ -184,7 +186,7 @@ pub async fn run(
             hub.close_sessions();
         }
     };
-    let (grpc, certificates) = match ctx.config.tls.clone() {
+    let (grpc, certificates) = match shared.config.tls.clone() {
         Some(settings) => {
             let (config, keeper) = tls::serving(client.clone(), settings).await?;
             let incoming = tls_incoming(grpc_listener, config);
@@ -211,7 +213,7 @@ pub async fn run(
 
     // Agent reports and freed slots wake exactly the jobs they concern.
     let wakes = UnboundedReceiverStream::new(woken).map(|name| ObjectRef::<ImageBackup>::new(&name));
-    let limits = controller::Config::default().concurrency(ctx.config.concurrency);
+    let limits = controller::Config::default().concurrency(shared.config.concurrency);
     let backup_controller =
         Controller::for_shared_stream(for_backups, backup_store.clone())
             .with_config(limits.clone())
@@ -222,37 +224,37 @@ pub async fn run(
                     reconciled(&ctx.clone(), &*backup.clone(), backups::reconcile(backup, ctx)).await
                 },
                 error_policy,
-                ctx.clone(),
+                backups_ctx.clone(),
             )
             .for_each(|result| async move { log_result("ImageBackup", result) });
 
     // Workloads wake up when one of their ImageBackups finishes.
-    let (deployment_watch, deployment_store) = workload_watch::<Deployment>(&client, &ctx);
+    let (deployment_watch, deployment_store) = workload_watch::<Deployment>(&client, &workloads_ctx);
     let deployments = Controller::for_stream(deployment_watch, deployment_store)
         .with_config(limits.clone())
         .reconcile_on(UnboundedReceiverStream::new(deployment_wakes))
         .watches_shared_stream(for_deployments, {
-            let ctx = ctx.clone();
+            let ctx = workloads_ctx.clone();
             move |backup| workloads::users_of::<Deployment>(&ctx, &backup, "Deployment")
         })
         .graceful_shutdown_on(shutdown.clone());
-    let (daemonset_watch, daemonset_store) = workload_watch::<DaemonSet>(&client, &ctx);
+    let (daemonset_watch, daemonset_store) = workload_watch::<DaemonSet>(&client, &workloads_ctx);
     let daemonsets = Controller::for_stream(daemonset_watch, daemonset_store)
         .with_config(limits)
         .reconcile_on(UnboundedReceiverStream::new(daemonset_wakes))
         .watches_shared_stream(for_daemonsets, {
-            let ctx = ctx.clone();
+            let ctx = workloads_ctx.clone();
             move |backup| workloads::users_of::<DaemonSet>(&ctx, &backup, "DaemonSet")
         })
         .graceful_shutdown_on(shutdown.clone());
     let synced = {
         let stores = (backup_store.clone(), deployments.store(), daemonsets.store());
-        let (ready, ctx) = (ready.clone(), ctx.clone());
+        let (ready, ctx) = (ready.clone(), workloads_ctx.clone());
         async move {
             let (backups, deployments, daemonsets) = stores;
             let _ =
                 tokio::join!(backups.wait_until_ready(), deployments.wait_until_ready(), daemonsets.wait_until_ready());
-            ctx.synced.store(true, Ordering::Release);
+            ctx.mark_synced();
             ready.store(true, Ordering::Release);
             info!("caches synced; ready");
         }
@@ -263,7 +265,7 @@ pub async fn run(
                 reconciled(&ctx.clone(), &*deployment.clone(), workloads::reconcile_deployment(deployment, ctx)).await
             },
             error_policy,
-            ctx.clone(),
+            workloads_ctx.clone(),
         )
         .for_each(|result| async move { log_result("Deployment", result) });
     let daemonsets = daemonsets
@@ -272,7 +274,7 @@ pub async fn run(
                 reconciled(&ctx.clone(), &*daemonset.clone(), workloads::reconcile_daemonset(daemonset, ctx)).await
             },
             error_policy,
-            ctx.clone(),
+            workloads_ctx.clone(),
         )
         .for_each(|result| async move { log_result("DaemonSet", result) });
 
@@ -282,7 +284,7 @@ pub async fn run(
         () = async { tokio::join!(backup_controller, deployments, daemonsets, synced); } => {},
         () = backup_watch => {},
         () = expiry => {},
-        () = backups::unused::sweep(ctx.clone()) => {},
+        () = backups::unused::sweep(backups_ctx.clone()) => {},
         () = certificates => {},
         // Another coordinator leads now: this one stops writing at once
         // (and its agents' sessions end with it).
@@ -307,25 +309,12 @@ fn probe_failure(result: Result<Result<(), std::io::Error>, tokio::task::JoinErr
     }
 }
 
-/// An ImageBackup is gone: this coordinator forgets it, and the workloads
-/// that use it look again (and make a new one).
-fn deleted(ctx: &Context, name: &str) {
-    info!(imagebackup = %name, "ImageBackup deleted");
-    ctx.jobs.forget(name);
-    ctx.written.forget(name);
-    ctx.creating.failed(name);
-    ctx.hub.cancel_anywhere(name, "the ImageBackup was deleted");
-    for user in ctx.usage.workloads_of(name) {
-        ctx.wakers.wake(&user);
-    }
-}
-
 /// A workload kind's watch and its store. Each event also tells the digest
 /// cache when a workload was first seen rolled out, and a deleted workload
 /// leaves the in-memory indexes.
 fn workload_watch<K>(
     client: &Client,
-    ctx: &Arc<Context>,
+    ctx: &Arc<workloads::Context>,
 ) -> (impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static, Store<K>)
 where
     K: Resource<DynamicType = ()> + k8s_openapi::Resource + RollsOut,
@@ -374,7 +363,7 @@ async fn check_crd(client: &Client) -> Result<(), RunError> {
     }
 }
 
-fn error_policy<K: Resource>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+fn error_policy<K: Resource, C: Deref<Target = Shared>>(object: Arc<K>, error: &Error, ctx: Arc<C>) -> Action
 where
     K::DynamicType: Default,
 {
@@ -400,7 +389,7 @@ where
 /// Runs a reconcile (a panic in it becomes an error); a success ends the
 /// object's failures in a row.
 async fn reconciled<K: Resource>(
-    ctx: &Context,
+    ctx: &Shared,
     object: &K,
     reconcile: impl std::future::Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error>

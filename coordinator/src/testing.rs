@@ -1,5 +1,5 @@
 //! Reconciles run against scripted API server responses, as kube-rs's
-//! controller-rs tests them: a [`Context`] whose client talks to a script
+//! controller-rs tests them: a controller's context whose client talks to a script
 //! that checks each request the reconcile makes, in order, and answers it.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
@@ -17,13 +17,14 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
     agents::AgentHub,
+    backups,
     cli::Cli,
     config::CoordinatorConfig,
-    context::Context,
+    context::Shared,
     jobs::LiveJobs,
     leader::Fence,
     metrics::Metrics,
-    workloads::{usage::Usage, wakers::Wakers},
+    workloads::{self, usage::Usage, wakers::Wakers},
 };
 
 /// One request the reconcile must make next, and the answer it gets.
@@ -88,17 +89,37 @@ pub fn scripted(script: Vec<Exchange>) -> (Client, Script) {
     (Client::new(service, "default"), Script(played))
 }
 
-/// A context on `client` with the settings `flags` give, the ImageBackups
-/// of `store` and the usage of `usage`.
-pub fn context(client: Client, flags: &[&str], store: Store<ImageBackup>, usage: Arc<Usage>) -> Arc<Context> {
-    let config = config(flags);
+/// What the controllers share on `client`, with the settings `flags` give,
+/// the ImageBackups of `store` and the usage of `usage`.
+pub fn shared(client: Client, flags: &[&str], store: Store<ImageBackup>, usage: Arc<Usage>) -> Arc<Shared> {
+    let (jobs, _) = LiveJobs::new();
+    Shared::new(client, config(flags), store, usage, Metrics::new(), jobs.waker(), Fence::always()).expect("shared")
+}
+
+/// The ImageBackup controller's context over `shared` (see [`shared`]).
+pub fn backups_context(
+    client: Client,
+    flags: &[&str],
+    store: Store<ImageBackup>,
+    usage: Arc<Usage>,
+) -> Arc<backups::Context> {
     let (jobs, _) = LiveJobs::new();
     let jobs = Arc::new(jobs);
     let hub = AgentHub::new("coordinator", Duration::from_secs(5), jobs.clone());
+    backups::Context::new(shared(client, flags, store, usage), hub, jobs)
+}
+
+/// The workload controllers' context over `shared` (see [`shared`]).
+pub fn workloads_context(
+    client: Client,
+    flags: &[&str],
+    store: Store<ImageBackup>,
+    usage: Arc<Usage>,
+) -> Arc<workloads::Context> {
     let (deployments, _) = mpsc::unbounded_channel();
     let (daemonsets, _) = mpsc::unbounded_channel();
     let wakers = Wakers { deployments, daemonsets };
-    Context::new(client, config, hub, jobs, store, usage, Metrics::new(), wakers, Fence::always()).expect("a context")
+    workloads::Context::new(shared(client, flags, store, usage), wakers).expect("a context")
 }
 
 /// The settings `flags` give, the backup registry `backup.test` unless

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::{job_status, since, since_verified, source_auth, status};
-use crate::{context::Context, error::Error};
+use crate::{backups::context::Context, error::Error};
 
 /// Reserves the agent's slot, records the attempt, then delivers it: the
 /// attempt exists in status before any agent starts it.

@@ -4,6 +4,7 @@
 //! step, performs it, and records it with optimistic concurrency.
 
 mod assign;
+pub mod context;
 pub mod mark;
 pub mod notes;
 pub mod proof;
@@ -11,6 +12,8 @@ pub mod source_auth;
 mod status;
 pub mod unused;
 mod verify;
+
+pub use context::Context;
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,10 +24,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt, runtime::controller::Action, runtime::events::EventType};
 use tracing::{debug, info, instrument, warn};
 
-use crate::{
-    context::Context,
-    error::{Error, kube_err},
-};
+use crate::error::{Error, kube_err};
 
 /// How often a stale write is retried from a fresh read before the
 /// reconcile is requeued.
@@ -56,6 +56,15 @@ pub async fn reconcile(backup: Arc<ImageBackup>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// A deleted ImageBackup, as the shared watch reports it: what agents
+/// reported and what was written go, and a copy still running stops.
+pub fn deleted(ctx: &Context, name: &str) {
+    info!(imagebackup = %name, "ImageBackup deleted");
+    ctx.jobs.forget(name);
+    ctx.written.forget(name);
+    ctx.hub.cancel_anywhere(name, "the ImageBackup was deleted");
 }
 
 /// Performs the next step; `None` when the status write met a newer

@@ -13,7 +13,7 @@ use k8s_openapi::api::{
 use kube::{Api, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::{context::Context, pull_secrets, workloads::usage::WorkloadKey};
+use crate::{backups::context::Context, pull_secrets, workloads::usage::WorkloadKey};
 
 /// A docker config with the entry for `host` from the pull secrets of a
 /// workload that uses the image, if one has credentials for it. Reading

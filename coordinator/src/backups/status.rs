@@ -13,7 +13,7 @@ use kube::{ResourceExt, api::PostParams};
 use super::notes;
 use crate::{
     MANAGER,
-    context::Context,
+    backups::context::Context,
     error::{Error, kube_err},
 };
 

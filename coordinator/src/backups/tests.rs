@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::{
-    testing::{Exchange, context, registry, scripted, store},
+    testing::{Exchange, backups_context as context, registry, scripted, store},
     workloads::usage::Usage,
 };
 

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     MANAGER,
-    context::Context,
+    backups::context::Context,
     error::{Error, kube_err},
 };
 
@@ -64,7 +64,7 @@ pub async fn sweep(ctx: Arc<Context>) {
     }
     let _ = ctx.backups.wait_until_ready().await;
     tokio::time::sleep(grace.min(Duration::from_secs(600))).await;
-    ctx.sweeping.store(true, std::sync::atomic::Ordering::Release);
+    ctx.start_sweeping();
     let mut tick = tokio::time::interval((grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(300)));
     loop {
         tick.tick().await;
@@ -81,7 +81,7 @@ pub async fn sweep(ctx: Arc<Context>) {
 /// Marks, unmarks or deletes `backup` by its use; `Some` when it was
 /// deleted and its reconcile ends here.
 pub async fn check(ctx: &Context, backup: &ImageBackup) -> Result<Option<Action>, Error> {
-    if !ctx.sweeping.load(std::sync::atomic::Ordering::Acquire) {
+    if !ctx.sweeping() {
         return Ok(None);
     }
     let name = backup.name_any();
@@ -261,7 +261,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        testing::{Exchange, context, scripted, store},
+        testing::{Exchange, backups_context as context, scripted, store},
         workloads::usage::{Usage, Use, WorkloadKey},
     };
 
@@ -293,7 +293,7 @@ mod tests {
         }
         let (client, script) = scripted(script);
         let ctx = context(client, &["--unused-grace", "1h"], store(vec![backup.clone()]), usage);
-        ctx.sweeping.store(true, std::sync::atomic::Ordering::Release);
+        ctx.start_sweeping();
         let action = check(&ctx, &backup).await.expect("the check goes through");
         script.done().await;
         action

@@ -7,7 +7,7 @@ use image_backup_oci::ImageRef;
 use tracing::{debug, warn};
 
 use super::proof;
-use crate::context::Context;
+use crate::backups::context::Context;
 
 /// The agent's word is not enough: the coordinator looks in the registry.
 /// `None` when the registry could not say.

@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 use super::usage::WorkloadKey;
 use crate::{
     MANAGER,
-    context::Context,
     error::{Error, kube_err},
+    workloads::context::Context,
 };
 
 /// A verified backup a workload can be pinned to.

@@ -26,8 +26,8 @@ use super::{
 };
 use crate::{
     backups::notes::{self, Pending},
-    context::Context,
     error::{Error, kube_err},
+    workloads::context::Context,
 };
 
 /// How often a rollout in flight is looked at: its pods' pull failures
@@ -260,7 +260,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        testing::{Exchange, config, context, scripted, store},
+        testing::{Exchange, config, scripted, store, workloads_context as context},
         workloads::{rewrite::backup_patch, usage::Usage, workload::tests::deployment},
     };
 

@@ -4,6 +4,8 @@
 //! the rollout that starts, and undo it if it fails.
 
 pub mod annotations;
+pub mod context;
+mod creating;
 pub mod digests;
 mod ensure;
 mod follow;
@@ -17,6 +19,7 @@ pub mod usage;
 pub mod wakers;
 pub mod workload;
 
+pub use context::Context;
 pub use wakers::Wakers;
 
 use std::{
@@ -37,14 +40,11 @@ use kube::{
 };
 use tracing::{debug, info, instrument, warn};
 
-use crate::{
-    context::Context,
-    error::{Error, kube_err},
-};
+use crate::error::{Error, kube_err};
 use annotations::{HoldReason, Record};
 use ensure::{Backup, backup_for};
 use rewrite::{RewriteError, backup_patch};
-use rollout::Slot;
+use rollout::{Slot, Wake};
 use usage::{Use, WorkloadKey};
 use workload::{Patched, Workload};
 
@@ -78,7 +78,7 @@ enum Waiting {
 async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Error> {
     // Decisions below read the ImageBackups: from a store that has them
     // all, not one still filling after a start (each miss is a create).
-    if !ctx.synced.load(std::sync::atomic::Ordering::Acquire) {
+    if !ctx.synced() {
         return Ok(Action::requeue(SYNC_RETRY));
     }
     // A coordinator that stepped down patches nothing and takes no
@@ -92,9 +92,12 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let mut slot = ctx.rollouts.slot(key.clone());
     if let Err(reason) = ctx.config.exclusions.check(&workload) {
         debug!(?reason, "excluded");
-        forget(&ctx, &key);
+        if ctx.newly_excluded(&key) {
+            forget(&ctx, &key);
+        }
         return Ok(Action::await_change());
     }
+    ctx.not_excluded(&key);
     let record = match Record::read(&workload) {
         Ok(record) => record,
         Err(e) => {
@@ -381,6 +384,16 @@ fn forget(ctx: &Context, key: &WorkloadKey) {
 pub fn gone(ctx: &Context, key: &WorkloadKey) {
     forget(ctx, key);
     ctx.rollouts.forget(key);
+    ctx.not_excluded(key);
+}
+
+/// A deleted ImageBackup, as the shared watch reports it: the workloads
+/// that use it look again (and make a new one).
+pub fn backup_deleted(ctx: &Context, name: &str) {
+    ctx.creating.failed(name);
+    for user in ctx.usage.workloads_of(name) {
+        ctx.wakers.wake(&user);
+    }
 }
 
 /// The workloads of `kind` to wake when an ImageBackup is finished (only
@@ -399,4 +412,44 @@ where
         .filter(|w| w.kind == kind)
         .map(|w| ObjectRef::new(&w.name).within(&w.namespace))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use image_backup_crds::{ImageBackup, ImageBackupSpec, ImageBackupStatus, WorkloadNote};
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        backups::notes::Pending,
+        testing::{scripted, store, workloads_context as context},
+        workloads::{usage::Usage, workload::tests::deployment},
+    };
+
+    /// An ImageBackup noting something about the test Deployment.
+    fn noted() -> ImageBackup {
+        let mut backup = ImageBackup::new(
+            "nginx",
+            ImageBackupSpec { source: "docker.io/library/nginx:1.25".into(), digest: "sha256:00".into() },
+        );
+        let note = WorkloadNote { workload: "Deployment/shop/web".into(), ..Default::default() };
+        backup.status = Some(ImageBackupStatus { workloads: vec![note], ..Default::default() });
+        backup
+    }
+
+    #[tokio::test]
+    async fn an_excluded_workloads_notes_go_once_not_on_each_reconcile() {
+        // No request is scripted: an excluded workload costs the API nothing.
+        let (client, script) = scripted(vec![]);
+        let ctx = context(client, &["--exclude-namespaces", "shop"], store(vec![noted()]), Arc::new(Usage::default()));
+        ctx.mark_synced();
+        let web = deployment(json!(null));
+        reconcile(web.clone(), ctx.clone()).await.unwrap();
+        assert!(matches!(ctx.notes.take("nginx").as_slice(), [Pending::Clear(w)] if w == "Deployment/shop/web"));
+        reconcile(web, ctx.clone()).await.unwrap();
+        assert!(ctx.notes.take("nginx").is_empty(), "looked for once");
+        script.done().await;
+    }
 }

@@ -19,9 +19,9 @@ use tracing::{debug, info};
 use super::workload::Workload;
 use crate::{
     MANAGER,
-    context::Context,
     error::{Error, kube_err},
     pull_secrets::{self, DOCKER_CONFIG_JSON},
+    workloads::context::Context,
 };
 
 /// How the pods will pull the backups.
