@@ -6,7 +6,7 @@ pub enum Error {
     #[error("{action} {object}: {error}")]
     Kube { action: &'static str, object: String, error: kube::Error },
     #[error(transparent)]
-    Rewrite(#[from] crate::workloads::rewrite::RewriteError),
+    Rewrite(#[from] image_backup_core::template::RewriteError),
     #[error("the reconcile of {object} panicked: {message}")]
     Panicked { object: String, message: String },
 }

@@ -10,13 +10,11 @@ use image_backup_oci::BackupTarget;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use kube::{Api, Client, api::ListParams};
 
+use image_backup_core::template::{HoldReason, ORIGINAL_IMAGES_ANNOTATION, restore_patch};
+
 use crate::{
     cli::RestoreArgs,
-    workloads::{
-        annotations::{HoldReason, ORIGINAL_IMAGES_ANNOTATION},
-        restore::restore_patch,
-        workload::{Patched, Workload},
-    },
+    workloads::workload::{Patched, Workload},
 };
 
 /// A workload changed meanwhile is read again this often before it is
@@ -74,8 +72,8 @@ async fn restore_one(
     let key = workload.key();
     for _ in 0..ATTEMPTS {
         let restore = match restore_patch(
-            &workload,
-            backup,
+            &workload.template(),
+            |image| backup.holds_reference(image),
             HoldReason::Restored,
             "restored by image-backup-coordinator restore",
         ) {

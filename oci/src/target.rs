@@ -57,6 +57,12 @@ impl BackupTarget {
         let name = image.name();
         name.strip_prefix(&root).is_some_and(|rest| rest.starts_with('/'))
     }
+
+    /// [`holds`](Self::holds) for a reference as a pod spec has it; one
+    /// that does not parse is no backup.
+    pub fn holds_reference(&self, reference: &str) -> bool {
+        ImageRef::parse(reference).is_ok_and(|image| self.holds(&image))
+    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use image_backup_coordinator::{
         agents::{AgentAccount, DEFAULT_AUDIENCE},
         tls::{TlsSettings, TlsSource},
     },
-    workloads::annotations::ORIGINAL_IMAGES_ANNOTATION,
 };
+use image_backup_core::template::ORIGINAL_IMAGES_ANNOTATION;
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::{

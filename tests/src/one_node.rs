@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{
-    config::CoordinatorConfig,
-    workloads::annotations::{HOLD_ANNOTATION, Hold},
-};
+use image_backup_coordinator::config::CoordinatorConfig;
+use image_backup_core::template::{HOLD_ANNOTATION, Hold};
 use image_backup_crds::ImageBackup;
 use image_backup_oci::registry::RegistryConfig;
 use k8s_openapi::api::{

@@ -9,9 +9,8 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{
-    backups::unused::QUARANTINED_SINCE_ANNOTATION, config::CoordinatorConfig, workloads::annotations::HoldReason,
-};
+use image_backup_coordinator::{backups::unused::QUARANTINED_SINCE_ANNOTATION, config::CoordinatorConfig};
+use image_backup_core::template::HoldReason;
 use image_backup_crds::Phase;
 use image_backup_tests::{
     cluster::{ApiServerKind, coordinator_config, eventually, metric},

@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{
-    config::CoordinatorConfig,
-    workloads::annotations::{HOLD_ANNOTATION, Hold, HoldReason, ORIGINAL_IMAGES_ANNOTATION},
-};
+use image_backup_coordinator::config::CoordinatorConfig;
+use image_backup_core::template::{HOLD_ANNOTATION, Hold, HoldReason, ORIGINAL_IMAGES_ANNOTATION};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::registry::RegistryConfig;
 use image_backup_tests::{

@@ -8,11 +8,9 @@
 
 use std::time::Duration;
 
-use image_backup_coordinator::{
-    cli::RestoreArgs,
-    config::CoordinatorConfig,
-    restore::restore,
-    workloads::annotations::{HoldReason, ORIGINAL_IMAGES_ANNOTATION, REWRITE_ANNOTATION, REWRITTEN_AT_ANNOTATION},
+use image_backup_coordinator::{cli::RestoreArgs, config::CoordinatorConfig, restore::restore};
+use image_backup_core::template::{
+    HoldReason, ORIGINAL_IMAGES_ANNOTATION, REWRITE_ANNOTATION, REWRITTEN_AT_ANNOTATION,
 };
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_tests::{

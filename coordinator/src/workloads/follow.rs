@@ -16,11 +16,10 @@ use kube::{
 };
 use tracing::{info, warn};
 
+use image_backup_core::template::{HoldReason, Record, restore_patch, reverted_patch, settled_patch};
+
 use super::{
-    annotations::{HoldReason, REWRITTEN_AT_ANNOTATION, Record},
     pullable,
-    restore::{restore_patch, reverted_patch},
-    rewrite::{remove_annotation, test_annotation},
     rollout::{Slot, Verdict, judge},
     workload::{Patched, Workload},
 };
@@ -73,14 +72,7 @@ pub async fn rollout(
             Ok(Some(Action::requeue(ROLLOUT_POLL)))
         }
         Verdict::Done => {
-            // The record goes, so a later dip in availability (a node
-            // drained) is never taken for a failed rollout.
-            let Some(value) = workload.metadata().annotations.as_ref().and_then(|a| a.get(REWRITTEN_AT_ANNOTATION))
-            else {
-                return Ok(None);
-            };
-            let test = test_annotation(REWRITTEN_AT_ANNOTATION, value);
-            let patch = json_patch::Patch(vec![test, remove_annotation(REWRITTEN_AT_ANNOTATION)]);
+            let Some(patch) = settled_patch(&workload.template()) else { return Ok(None) };
             workload
                 .patch(&ctx.client, patch)
                 .await
@@ -130,7 +122,8 @@ pub async fn undo(
     why: &str,
     backups: &[String],
 ) -> Result<Action, Error> {
-    let Some(restore) = restore_patch(workload, &ctx.config.backup, reason, why)? else {
+    let on_backup = |image: &str| ctx.config.backup.holds_reference(image);
+    let Some(restore) = restore_patch(&workload.template(), on_backup, reason, why)? else {
         return Ok(Action::await_change());
     };
     match workload.patch(&ctx.client, restore.patch).await {
@@ -162,7 +155,7 @@ pub async fn reverted(
          the coordinator leaves the workload as it is until its images change",
         containers.join(", ")
     );
-    let patch = reverted_patch(workload, containers, &why)?;
+    let patch = reverted_patch(&workload.template(), containers, &why)?;
     match workload.patch(&ctx.client, patch).await {
         Ok(Patched::Applied) => {
             warn!(?containers, "the workload was moved back to its source images; holding it there");
@@ -261,8 +254,9 @@ mod tests {
     use super::*;
     use crate::{
         testing::{Exchange, config, scripted, store, workloads_context as context},
-        workloads::{rewrite::backup_patch, usage::Usage, workload::tests::deployment},
+        workloads::{usage::Usage, workload::tests::deployment},
     };
+    use image_backup_core::template::backup_patch;
 
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const PATCH_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/web?&fieldManager=image-backup-coordinator";
@@ -274,7 +268,7 @@ mod tests {
         let pinned = config(&[]).backup.reference_for(&source).unwrap().pinned(DIGEST).to_string();
         let workload = deployment(json!(null));
         let backups = BTreeMap::from([("nginx:1.25".to_string(), pinned.clone())]);
-        let patch = backup_patch(&workload, &backups, None, Timestamp::now()).unwrap();
+        let patch = backup_patch(&workload.template(), &backups, None, Timestamp::now()).unwrap();
         let Workload::Deployment(d) = &workload else { unreachable!() };
         let mut doc = serde_json::to_value(d).unwrap();
         json_patch::patch(&mut doc, &patch).unwrap();

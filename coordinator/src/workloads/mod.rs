@@ -3,7 +3,6 @@
 //! them are Completed, patch the workload to the pinned backups; then follow
 //! the rollout that starts, and undo it if it fails.
 
-pub mod annotations;
 pub mod context;
 mod creating;
 pub mod digests;
@@ -12,8 +11,6 @@ mod follow;
 pub mod open_backups;
 pub mod owners;
 pub mod pullable;
-pub mod restore;
-pub mod rewrite;
 pub mod rollout;
 pub mod usage;
 pub mod wakers;
@@ -28,6 +25,9 @@ use std::{
     time::Duration,
 };
 
+use image_backup_core::template::{
+    HOLD_ANNOTATION, HoldReason, REWRITE_ANNOTATION, Record, RewriteError, backup_patch, reverted_containers,
+};
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::ImageRef;
 use k8s_openapi::{
@@ -41,9 +41,7 @@ use kube::{
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Error, kube_err};
-use annotations::{HoldReason, Record};
 use ensure::{Backup, backup_for};
-use rewrite::{RewriteError, backup_patch};
 use rollout::{Slot, Wake};
 use usage::{Use, WorkloadKey};
 use workload::{Patched, Workload};
@@ -98,7 +96,8 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         return Ok(Action::await_change());
     }
     ctx.not_excluded(&key);
-    let record = match Record::read(&workload) {
+    let template = workload.template();
+    let record = match Record::read(&template) {
         Ok(record) => record,
         Err(e) => {
             // Someone edited the coordinator's record by hand: nothing is
@@ -137,7 +136,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
             Err(_) => {}
         }
     }
-    let reverted = restore::reverted_containers(&workload, &record);
+    let reverted = reverted_containers(&template, &record);
     if !reverted.is_empty() {
         return follow::reverted(&ctx, &workload, &record, &reverted).await;
     }
@@ -276,17 +275,17 @@ struct LeftAsIs {
 }
 
 fn left_as_is(ctx: &Context, workload: &Workload, record: &Record) -> Option<LeftAsIs> {
-    if let Some(hold) = record.hold.as_ref().filter(|hold| hold.holds(workload)) {
+    if let Some(hold) = record.hold.as_ref().filter(|hold| hold.holds(&workload.template())) {
         let message = format!(
             "held on its images ({}: {}); delete annotation {} to move it again",
             hold.reason.as_str(),
             hold.message,
-            annotations::HOLD_ANNOTATION
+            HOLD_ANNOTATION
         );
         return Some(LeftAsIs { reason: hold.reason.as_str(), message });
     }
     if record.rewrite == Some(false) {
-        let message = format!("opted out by annotation {}", annotations::REWRITE_ANNOTATION);
+        let message = format!("opted out by annotation {}", REWRITE_ANNOTATION);
         return Some(LeftAsIs { reason: "OptedOut", message });
     }
     if record.rewrite == Some(true) || ctx.config.rewrite_managed {
@@ -296,7 +295,7 @@ fn left_as_is(ctx: &Context, workload: &Workload, record: &Record) -> Option<Lef
         reason: "Managed",
         message: format!(
             "{manager}, which would put its images back; backed up but not moved (annotate it {}=true to move it)",
-            annotations::REWRITE_ANNOTATION
+            REWRITE_ANNOTATION
         ),
     })
 }
@@ -329,7 +328,7 @@ async fn patch(
         pullable::Access::AsIs => None,
         pullable::Access::AddSecret(name) => Some(name.as_str()),
     };
-    let patch = match backup_patch(workload, backups, secret, Timestamp::now()) {
+    let patch = match backup_patch(&workload.template(), backups, secret, Timestamp::now()) {
         Ok(patch) => patch,
         Err(RewriteError::Nothing { .. }) => {
             slot.release();

@@ -11,6 +11,9 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
+use image_backup_core::template::{AnnotationError, Record, Template};
+pub use image_backup_core::template::{ContainerImage, ContainerList};
+
 use super::usage::WorkloadKey;
 
 /// Label that keeps a workload out of backups (`backup.k8slab.io/skip=true`).
@@ -28,32 +31,6 @@ pub enum Patched {
     Applied,
     /// The workload changed (or went) since it was read: nothing applied.
     Changed,
-}
-
-/// Which list of the pod spec a container is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ContainerList {
-    InitContainers,
-    Containers,
-}
-
-impl ContainerList {
-    /// Field name in the pod spec, as JSON pointers and annotations use it.
-    pub fn field(self) -> &'static str {
-        match self {
-            ContainerList::InitContainers => "initContainers",
-            ContainerList::Containers => "containers",
-        }
-    }
-}
-
-/// One container of a workload's pod template and the image it runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ContainerImage {
-    pub list: ContainerList,
-    pub index: usize,
-    pub name: String,
-    pub image: String,
 }
 
 impl Workload {
@@ -148,6 +125,24 @@ impl Workload {
             Workload::DaemonSet(d) => d.status.as_ref().and_then(|s| s.observed_generation),
         };
         observed.unwrap_or(0) >= self.metadata().generation.unwrap_or(0)
+    }
+
+    /// What the patch builders read of it.
+    pub fn template(&self) -> Template {
+        Template {
+            workload: self.key().to_string(),
+            containers: self.container_images(),
+            annotations: self.metadata().annotations.clone(),
+            pull_secrets: self
+                .pod_spec()
+                .and_then(|spec| spec.image_pull_secrets.as_ref())
+                .map(|list| list.iter().map(|r| r.name.clone()).collect()),
+        }
+    }
+
+    /// What the coordinator recorded on it.
+    pub fn record(&self) -> Result<Record, AnnotationError> {
+        Record::read(&self.template())
     }
 
     /// Every container and init container with its image, init containers
