@@ -183,7 +183,7 @@ impl Auth {
         };
         debug!(realm, scope, "fetching registry token");
         let response =
-            request.send().await.map_err(|e| format!("token request to {realm}: {}", super::error_chain(&e)))?;
+            request.send().await.map_err(|e| format!("token request to {realm}: {}", super::error::error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
             let body = super::body::read_limited(response, super::body::MAX_ERROR_BODY).await.unwrap_or_default();

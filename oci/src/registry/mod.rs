@@ -12,28 +12,24 @@ mod auth;
 pub mod body;
 mod config;
 pub mod docker_config;
+mod error;
+mod exchange;
 
-use std::{
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::{
-    RequestBuilder, Response, StatusCode,
-    header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LOCATION, RETRY_AFTER},
+    StatusCode,
+    header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE},
 };
-use tracing::warn;
 
 pub use auth::Credentials;
 pub use config::{RegistryConfig, RetryPolicy};
+pub use error::{RegistryError, RequestFailure};
+pub use exchange::retry_with_policy;
 
 use auth::Auth;
+use exchange::{Call, DELETE_MANIFEST};
 
 /// Every manifest media type the engine pushes; sent as `Accept` so the
 /// registry answers HEAD with the stored manifest's own digest.
@@ -41,62 +37,6 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
-
-/// Deadline of every registry call but a blob's body.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{0}")]
-    Request(Box<RequestFailure>),
-    #[error("registry {registry} refused access to {repository} ({scope}): {detail}")]
-    Unauthorized { registry: String, repository: String, scope: String, detail: String },
-    #[error("{last} (gave up after {attempts} attempts in {elapsed:.1?})")]
-    GaveUp { attempts: u32, elapsed: Duration, last: Box<RegistryError> },
-    #[error("registry {registry}: {detail}")]
-    Config { registry: String, detail: String },
-}
-
-/// One failed exchange with a registry, with everything needed to find it
-/// in the registry's own logs.
-#[derive(Debug, thiserror::Error)]
-#[error("registry {registry}: {operation} {repository} {object}: {detail}")]
-pub struct RequestFailure {
-    pub registry: String,
-    pub repository: String,
-    pub operation: &'static str,
-    pub object: String,
-    /// HTTP status of the last reply, when there was one.
-    pub status: Option<u16>,
-    pub detail: String,
-    pub retryable: bool,
-    pub retry_after: Option<Duration>,
-}
-
-impl RegistryError {
-    /// Whether the call may succeed if made again: a 5xx, a 429 or a
-    /// dropped connection, not a refusal.
-    pub fn retryable(&self) -> bool {
-        matches!(self, RegistryError::Request(f) if f.retryable)
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            RegistryError::Request(f) => f.retry_after,
-            _ => None,
-        }
-    }
-
-    /// HTTP status of the last reply, if any.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            RegistryError::Request(f) => f.status,
-            RegistryError::GaveUp { last, .. } => last.status(),
-            RegistryError::Unauthorized { .. } => Some(401),
-            RegistryError::Config { .. } => None,
-        }
-    }
-}
 
 /// What a cross-repository mount attempt did.
 #[derive(Debug)]
@@ -126,15 +66,6 @@ struct Inner {
     /// Asks tokens for pull access only: a source registry, or a client
     /// that only verifies.
     pull_only: bool,
-}
-
-/// A request description that can be built again for every attempt.
-struct Call<'a> {
-    operation: &'static str,
-    repository: &'a str,
-    object: &'a str,
-    /// Repositories the request needs pull access to besides `repository`.
-    extra_pull: Option<&'a str>,
 }
 
 impl Registry {
@@ -413,151 +344,6 @@ impl Registry {
         .await
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the retry budget
-    /// is spent; 5xx, 429 and dropped connections are retried with jittered
-    /// exponential backoff, honouring Retry-After.
-    async fn retrying<T, F, Fut>(&self, call: &Call<'_>, attempt: F) -> Result<T, RegistryError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, RegistryError>>,
-    {
-        retry_with_policy(&self.inner.retry, call.operation, call.object, attempt).await
-    }
-
-    /// Sends a request with the credentials the registry asked for, answering
-    /// one authentication challenge.
-    async fn send(
-        &self,
-        call: &Call<'_>,
-        mut build: impl FnMut() -> RequestBuilder,
-    ) -> Result<Response, RegistryError> {
-        let scope = match call.operation {
-            // Token services grant deletes on an action of their own.
-            DELETE_MANIFEST => format!("repository:{}:delete", call.repository),
-            _ => scope(call.repository, call.extra_pull, self.inner.pull_only),
-        };
-        let response = self.execute(call, build(), &scope).await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(response);
-        }
-        let challenge = response.headers().get(reqwest::header::WWW_AUTHENTICATE).cloned();
-        self.inner.auth.answer(challenge.as_ref(), &scope).await.map_err(|detail| RegistryError::Unauthorized {
-            registry: self.inner.host.clone(),
-            repository: call.repository.to_string(),
-            scope: scope.clone(),
-            detail,
-        })?;
-        let response = self.execute(call, build(), &scope).await?;
-        if response.status() == StatusCode::UNAUTHORIZED || response.status() == StatusCode::FORBIDDEN {
-            let detail = error_body(response).await;
-            return Err(RegistryError::Unauthorized {
-                registry: self.inner.host.clone(),
-                repository: call.repository.to_string(),
-                scope,
-                detail: format!("credentials refused: {detail}"),
-            });
-        }
-        Ok(response)
-    }
-
-    /// Sends one request. Credentials go only to the registry's own origin:
-    /// an upload `Location` elsewhere (storage behind the registry, or a
-    /// registry that lies) gets the bytes, never the credentials. Every
-    /// call but a blob's body has a deadline; those are bounded by the
-    /// connection's read timeout and the job's deadline.
-    async fn execute(&self, call: &Call<'_>, builder: RequestBuilder, scope: &str) -> Result<Response, RegistryError> {
-        let mut request = builder.build().map_err(|e| self.transport_error(call, e))?;
-        if request.url().origin() == self.inner.origin.origin()
-            && let Some(value) = self.inner.auth.authorization(scope).await
-        {
-            request.headers_mut().insert(AUTHORIZATION, value);
-        }
-        if !matches!(call.operation, "GET blob" | "upload blob") {
-            *request.timeout_mut() = Some(CALL_TIMEOUT);
-        }
-        self.inner.http.execute(request).await.map_err(|e| self.transport_error(call, e))
-    }
-
-    /// A manifest-sized body, refused past [`body::MAX_MANIFEST`].
-    async fn read_manifest(&self, call: &Call<'_>, response: Response) -> Result<Bytes, RegistryError> {
-        body::read_limited(response, body::MAX_MANIFEST).await.map_err(|e| match e {
-            body::BodyError::Transport(e) => self.transport_error(call, e),
-            too_large => self.request_error(call, None, too_large.to_string(), None),
-        })
-    }
-
-    fn location(&self, call: &Call<'_>, response: &Response) -> Result<String, RegistryError> {
-        let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-            self.request_error(call, Some(response.status()), "reply has no Location header".into(), None)
-        })?;
-        // Locations may be relative to the registry's base URL.
-        if !(location.starts_with("http://") || location.starts_with("https://")) {
-            return Ok(format!("{}{location}", self.inner.base));
-        }
-        // Bytes go over plain HTTP only to hosts listed insecure.
-        let url = reqwest::Url::parse(location).map_err(|e| {
-            self.request_error(call, Some(response.status()), format!("Location {location:?} is not a URL: {e}"), None)
-        })?;
-        let authority = format!(
-            "{}{}",
-            url.host_str().unwrap_or_default(),
-            url.port().map(|p| format!(":{p}")).unwrap_or_default()
-        );
-        if url.scheme() == "http"
-            && url.origin() != self.inner.origin.origin()
-            && !self.inner.insecure.contains(&authority)
-        {
-            let detail =
-                format!("upload Location {location} is plain http on {authority}, which is not listed insecure");
-            return Err(self.request_error(call, Some(response.status()), detail, None));
-        }
-        Ok(location.to_string())
-    }
-
-    async fn unexpected(&self, call: &Call<'_>, response: Response) -> RegistryError {
-        let status = response.status();
-        let retry_after = retry_after(response.headers());
-        let detail = error_body(response).await;
-        self.request_error(call, Some(status), format!("{status}: {detail}"), retry_after)
-    }
-
-    fn transport_error(&self, call: &Call<'_>, error: reqwest::Error) -> RegistryError {
-        let detail = error_chain(&error);
-        // A certificate the client does not trust will not start trusting it
-        // on the next attempt; everything else on the wire may be transient.
-        let retryable = !detail.contains("certificate");
-        RegistryError::Request(Box::new(RequestFailure {
-            registry: self.inner.host.clone(),
-            repository: call.repository.to_string(),
-            operation: call.operation,
-            object: call.object.to_string(),
-            status: error.status().map(|s| s.as_u16()),
-            detail,
-            retryable,
-            retry_after: None,
-        }))
-    }
-
-    fn request_error(
-        &self,
-        call: &Call<'_>,
-        status: Option<StatusCode>,
-        detail: String,
-        retry_after: Option<Duration>,
-    ) -> RegistryError {
-        let retryable = status.is_some_and(|s| s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS);
-        RegistryError::Request(Box::new(RequestFailure {
-            registry: self.inner.host.clone(),
-            repository: call.repository.to_string(),
-            operation: call.operation,
-            object: call.object.to_string(),
-            status: status.map(|s| s.as_u16()),
-            detail,
-            retryable,
-            retry_after,
-        }))
-    }
-
     /// Wraps an error raised outside an HTTP exchange (a source that failed
     /// mid-body) so the retry loop can tell whether to try again.
     pub fn body_error(&self, repository: &str, digest: &str, detail: String, retryable: bool) -> RegistryError {
@@ -575,136 +361,5 @@ impl Registry {
 
     pub fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.retry
-    }
-}
-
-/// The retry loop shared by every registry call and by whole-blob uploads.
-pub async fn retry_with_policy<T, F, Fut>(
-    policy: &RetryPolicy,
-    operation: &str,
-    object: &str,
-    mut attempt: F,
-) -> Result<T, RegistryError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, RegistryError>>,
-{
-    let started = Instant::now();
-    let attempts = AtomicU32::new(0);
-    let backoff = ExponentialBuilder::default()
-        .with_jitter()
-        .with_min_delay(policy.min_delay)
-        .with_max_delay(policy.max_delay)
-        .with_total_delay(Some(policy.max_elapsed))
-        .without_max_times();
-    let result = (|| {
-        attempts.fetch_add(1, Ordering::Relaxed);
-        attempt()
-    })
-    .retry(backoff)
-    .when(RegistryError::retryable)
-    .adjust(|error, delay| delay.map(|d| error.retry_after().map_or(d, |ra| ra.min(policy.max_elapsed))))
-    .notify(|error, delay| warn!(%operation, %object, ?delay, %error, "registry call failed, retrying"))
-    .await;
-    let attempts = attempts.load(Ordering::Relaxed);
-    result.map_err(|last| {
-        if attempts > 1 && last.retryable() {
-            RegistryError::GaveUp { attempts, elapsed: started.elapsed(), last: Box::new(last) }
-        } else {
-            last
-        }
-    })
-}
-
-const DELETE_MANIFEST: &str = "DELETE manifest";
-
-fn scope(repository: &str, extra_pull: Option<&str>, pull_only: bool) -> String {
-    let actions = if pull_only { "pull" } else { "pull,push" };
-    match extra_pull {
-        Some(from) => format!("repository:{repository}:{actions} repository:{from}:pull"),
-        None => format!("repository:{repository}:{actions}"),
-    }
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    if let Ok(seconds) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
-}
-
-/// The registry's error body, shortened; distribution puts its error codes
-/// (`BLOB_UNKNOWN`, `MANIFEST_BLOB_UNKNOWN`, ...) there.
-async fn error_body(response: Response) -> String {
-    let text = body::read_limited(response, body::MAX_ERROR_BODY).await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let text = text.trim();
-    if text.is_empty() {
-        return "(empty body)".into();
-    }
-    let mut short: String = text.chars().take(512).collect();
-    if short.len() < text.len() {
-        short.push('…');
-    }
-    short
-}
-
-/// reqwest's top-level message hides the cause ("error sending request");
-/// the chain names it (refused, reset, unknown issuer).
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_reads_seconds() {
-        let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, "3".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
-    }
-
-    #[test]
-    fn mount_scope_asks_pull_on_the_source_repository() {
-        assert_eq!(scope("a/b", Some("c/d"), false), "repository:a/b:pull,push repository:c/d:pull");
-        assert_eq!(scope("a/b", None, true), "repository:a/b:pull");
-    }
-
-    #[tokio::test]
-    async fn gives_up_after_the_budget_with_the_last_error() {
-        let policy = RetryPolicy {
-            min_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(5),
-            max_elapsed: Duration::from_millis(30),
-        };
-        let err = retry_with_policy(&policy, "HEAD blob", "sha256:x", || async {
-            Err::<(), _>(RegistryError::Request(Box::new(RequestFailure {
-                registry: "r".into(),
-                repository: "repo".into(),
-                operation: "HEAD blob",
-                object: "sha256:x".into(),
-                status: Some(503),
-                detail: "503 Service Unavailable".into(),
-                retryable: true,
-                retry_after: None,
-            })))
-        })
-        .await
-        .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("gave up after") && text.contains("503") && text.contains("repo"), "{text}");
     }
 }
