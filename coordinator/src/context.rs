@@ -133,24 +133,36 @@ impl Written {
         self.lock().insert(object.name_any(), object);
     }
 
-    /// The newer of `seen` and what was written. resourceVersions are
-    /// opaque to clients, but every API server in use numbers them from
-    /// etcd's revision; when one does not parse, the store wins.
+    /// The newer of `seen` and what was written; once the store caught
+    /// up, the write is dropped. For the ImageBackup reconciler, the writer.
     pub fn freshest(&self, seen: Arc<ImageBackup>) -> Arc<ImageBackup> {
         let mut written = self.lock();
         let Some(mine) = written.get(&seen.name_any()) else { return seen };
-        let version = |o: &ImageBackup| o.resource_version().and_then(|v| v.parse::<u64>().ok());
-        match (version(&seen), version(mine)) {
-            (Some(store), Some(own)) if own > store => mine.clone(),
-            _ => {
-                // The store caught up: nothing to remember any more.
-                written.remove(&seen.name_any());
-                seen
-            }
+        if newer(mine, &seen) {
+            return mine.clone();
+        }
+        written.remove(&seen.name_any());
+        seen
+    }
+
+    /// The newer of `seen` and what was written, for the other readers:
+    /// nothing is dropped, the writer does that.
+    pub fn newest(&self, seen: Arc<ImageBackup>) -> Arc<ImageBackup> {
+        match self.lock().get(&seen.name_any()) {
+            Some(mine) if newer(mine, &seen) => mine.clone(),
+            _ => seen,
         }
     }
 
     pub fn forget(&self, name: &str) {
         self.lock().remove(name);
     }
+}
+
+/// Whether `written` is newer than `seen`. resourceVersions are opaque to
+/// clients, but every API server in use numbers them from etcd's revision;
+/// when one does not parse, the store wins.
+fn newer(written: &ImageBackup, seen: &ImageBackup) -> bool {
+    let version = |o: &ImageBackup| o.resource_version().and_then(|v| v.parse::<u64>().ok());
+    matches!((version(written), version(seen)), (Some(own), Some(store)) if own > store)
 }

@@ -40,7 +40,7 @@ pub async fn backup_for(
         create(ctx, &name, source, digest, user).await?;
         return Ok(None);
     };
-    let backup = ctx.written.freshest(backup);
+    let backup = ctx.written.newest(backup);
     if backup.spec.source != source.to_string() {
         // Names hash the source; an ImageBackup of that name made for
         // another source is never shared, nor changed.
