@@ -12,6 +12,8 @@
 //!
 //! Sizes: BENCH_WORKLOADS (5000), BENCH_IMAGES (500), BENCH_NAMESPACES (100),
 //! BENCH_AGENTS (4, each holding every image, 4 copies at once).
+//! IMAGE_BACKUP_COORDINATOR_BIN runs another build's coordinator (to compare
+//! two versions in one sitting).
 //!
 //! Reports the time from the coordinator's start to every workload patched,
 //! its peak RSS (VmHWM), the Kubernetes API requests it made per workload
@@ -318,6 +320,10 @@ fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
 }
 
 fn coordinator_binary() -> anyhow::Result<PathBuf> {
+    // Another build's binary, to compare two versions in one run.
+    if let Ok(path) = std::env::var("IMAGE_BACKUP_COORDINATOR_BIN") {
+        return Ok(path.into());
+    }
     // target/release/deps/coordinator-HASH -> target/release/image-backup-coordinator
     let exe = std::env::current_exe()?;
     let path = exe.parent().and_then(Path::parent).context("bench binary location")?.join("image-backup-coordinator");
