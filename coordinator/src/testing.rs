@@ -143,20 +143,33 @@ pub fn store(backups: Vec<ImageBackup>) -> Store<ImageBackup> {
 /// A registry that serves the manifests `served` (`repository@digest`) to
 /// HEAD requests and nothing else; its `host:port`.
 pub async fn registry(served: Vec<String>) -> String {
+    registry_serving(served.into_iter().map(|manifest| (manifest, Vec::new())).collect()).await
+}
+
+/// A registry that serves each manifest of `served` (`repository@digest`
+/// and its bytes) to HEAD and GET, as an OCI index, and nothing else; its
+/// `host:port`.
+pub async fn registry_serving(served: Vec<(String, Vec<u8>)>) -> String {
     use axum::{extract::Request, http::StatusCode as Status, response::IntoResponse};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let host = listener.local_addr().expect("an address").to_string();
-    let served = Arc::new(served);
+    let served: Arc<std::collections::HashMap<String, Vec<u8>>> = Arc::new(served.into_iter().collect());
     let app = axum::Router::new().fallback(move |request: Request| {
         let served = served.clone();
         async move {
             let path = request.uri().path().trim_start_matches("/v2/").to_string();
             let found = path.split_once("/manifests/").map(|(repository, digest)| format!("{repository}@{digest}"));
-            match found {
-                Some(manifest) if request.method() == Method::HEAD && served.contains(&manifest) => {
-                    let digest = manifest.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
-                    (Status::OK, [("docker-content-digest", digest)]).into_response()
-                }
+            let Some((manifest, bytes)) = found.and_then(|m| served.get_key_value(&m)) else {
+                return Status::NOT_FOUND.into_response();
+            };
+            let digest = manifest.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
+            let headers = [
+                ("docker-content-digest", digest),
+                ("content-type", "application/vnd.oci.image.index.v1+json".to_string()),
+            ];
+            match *request.method() {
+                Method::HEAD => (Status::OK, headers).into_response(),
+                Method::GET => (Status::OK, headers, bytes.clone()).into_response(),
                 _ => Status::NOT_FOUND.into_response(),
             }
         }

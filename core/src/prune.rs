@@ -73,6 +73,23 @@ pub fn after_reading(named_by: usize, quarantined: bool) -> Verdict {
     }
 }
 
+/// Whether an object of any kind, as JSON, names an image `is_backup`
+/// accepts: every string under an `image` key counts, at any depth, so
+/// containers, init and ephemeral containers, a ControllerRevision's raw
+/// template and a pod's container statuses are all read, and a kind that
+/// nests its template deeper (a CronJob) needs no rule of its own.
+pub fn names_a_backup(object: &serde_json::Value, is_backup: &impl Fn(&str) -> bool) -> bool {
+    use serde_json::Value;
+    match object {
+        Value::Object(fields) => fields.iter().any(|(key, field)| match (key.as_str(), field) {
+            ("image", Value::String(image)) => is_backup(image),
+            _ => names_a_backup(field, is_backup),
+        }),
+        Value::Array(items) => items.iter().any(|item| names_a_backup(item, is_backup)),
+        _ => false,
+    }
+}
+
 fn elapsed(now: Timestamp, since: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(since)).unwrap_or_default()
 }
@@ -115,5 +132,26 @@ mod tests {
         assert_eq!(after_reading(1, false), Verdict::Kept);
         assert_eq!(after_reading(0, false), Verdict::Quarantine);
         assert_eq!(after_reading(0, true), Verdict::Prune);
+    }
+
+    #[test]
+    fn every_kind_of_template_is_read_at_any_depth() {
+        use serde_json::json;
+        let is_backup = |image: &str| image == "backup/web@sha256:1";
+        let statefulset = json!({ "spec": { "template": { "spec": {
+            "initContainers": [{ "name": "init", "image": "busybox" }],
+            "containers": [{ "name": "web", "image": "backup/web@sha256:1" }] } } } });
+        // A ControllerRevision keeps its template as raw data.
+        let revision = json!({ "data": { "spec": { "template": { "spec": {
+            "containers": [{ "image": "backup/web@sha256:1" }] } } } } });
+        let cronjob = json!({ "spec": { "jobTemplate": { "spec": { "template": { "spec": {
+            "containers": [{ "image": "backup/web@sha256:1" }] } } } } } });
+        let pod = json!({ "spec": { "ephemeralContainers": [{ "image": "backup/web@sha256:1" }] } });
+        for object in [statefulset, revision, cronjob, pod] {
+            assert!(names_a_backup(&object, &is_backup), "{object}");
+        }
+        let other = json!({ "spec": { "containers": [{ "image": "web:1" }, { "image": 7 }] },
+            "metadata": { "annotations": { "note": "backup/web@sha256:1" } } });
+        assert!(!names_a_backup(&other, &is_backup), "only images count");
     }
 }

@@ -5,12 +5,12 @@
 //! Before anything leaves the registry, every pod template in the cluster
 //! is read, whatever its kind.
 
+use image_backup_core::prune;
 use image_backup_oci::ImageRef;
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
 };
-use serde_json::Value;
 
 /// The kinds whose objects are, or hold, pod templates.
 const KINDS: [(&str, &str, &str, &str); 8] = [
@@ -39,9 +39,7 @@ pub async fn users(client: &Client, repository: &str, digests: &[String]) -> Res
         loop {
             let page = api.list(&params).await?;
             for object in &page.items {
-                let mut found = Vec::new();
-                images(&object.data, &mut found);
-                if found.into_iter().any(|image| names(image, repository, digests)) {
+                if prune::names_a_backup(&object.data, &|image| names(image, repository, digests)) {
                     let namespace = object.namespace().unwrap_or_default();
                     users.push(format!("{kind}/{namespace}/{}", object.name_any()));
                 }
@@ -55,24 +53,6 @@ pub async fn users(client: &Client, repository: &str, digests: &[String]) -> Res
     Ok(users)
 }
 
-/// Every string under an `image` key, at any depth: containers, init and
-/// ephemeral containers, a ControllerRevision's raw template, a pod's
-/// container statuses.
-fn images<'a>(value: &'a Value, found: &mut Vec<&'a str>) {
-    match value {
-        Value::Object(fields) => {
-            for (key, field) in fields {
-                match (key.as_str(), field) {
-                    ("image", Value::String(image)) => found.push(image),
-                    _ => images(field, found),
-                }
-            }
-        }
-        Value::Array(items) => items.iter().for_each(|item| images(item, found)),
-        _ => {}
-    }
-}
-
 /// Whether `image` names `repository` at one of `digests`, or by a tag.
 fn names(image: &str, repository: &str, digests: &[String]) -> bool {
     let Ok(image) = ImageRef::parse(image) else { return false };
@@ -82,42 +62,25 @@ fn names(image: &str, repository: &str, digests: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     const REPO: &str = "backup.example:5000/backup/docker.io/library/web";
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const OTHER: &str = "sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
 
-    fn uses(object: Value) -> bool {
-        let mut found = Vec::new();
-        images(&object, &mut found);
-        found.into_iter().any(|image| names(image, REPO, &[DIGEST.to_string()]))
+    fn uses(image: &str) -> bool {
+        names(image, REPO, &[DIGEST.to_string()])
     }
 
     #[test]
-    fn every_template_kind_names_the_backup_by_digest_or_tag() {
-        let pinned = format!("{REPO}@{DIGEST}");
-        let statefulset = json!({ "spec": { "template": { "spec": {
-            "initContainers": [{ "name": "init", "image": "busybox" }],
-            "containers": [{ "name": "web", "image": pinned }] } } } });
-        assert!(uses(statefulset));
-        // A ControllerRevision keeps its template as raw data.
-        let revision =
-            json!({ "data": { "spec": { "template": { "spec": { "containers": [{ "image": pinned }] } } } } });
-        assert!(uses(revision));
-        let cronjob = json!({ "spec": { "jobTemplate": { "spec": { "template": { "spec": {
-            "containers": [{ "image": format!("{REPO}:1.25") }] } } } } } });
-        assert!(uses(cronjob), "a tag may stand for the digest");
-        let pod = json!({ "spec": { "ephemeralContainers": [{ "image": pinned }] } });
-        assert!(uses(pod));
+    fn the_backup_is_named_by_digest_or_tag() {
+        assert!(uses(&format!("{REPO}@{DIGEST}")));
+        assert!(uses(&format!("{REPO}:1.25")), "a tag may stand for the digest");
     }
 
     #[test]
     fn other_digests_and_repositories_are_not_uses() {
-        let other = json!({ "spec": { "containers": [{ "image": format!("{REPO}@{OTHER}") }] } });
-        assert!(!uses(other));
-        let source = json!({ "spec": { "containers": [{ "image": format!("docker.io/library/web@{DIGEST}") }] } });
-        assert!(!uses(source), "the source at the same digest is not the backup");
-        assert!(!uses(json!({ "spec": { "containers": [{ "image": 7 }] } })));
+        assert!(!uses(&format!("{REPO}@{OTHER}")));
+        assert!(!uses(&format!("docker.io/library/web@{DIGEST}")), "the source at the same digest is not the backup");
+        assert!(!uses("not a reference"));
     }
 }
