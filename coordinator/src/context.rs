@@ -166,3 +166,33 @@ fn newer(written: &ImageBackup, seen: &ImageBackup) -> bool {
     let version = |o: &ImageBackup| o.resource_version().and_then(|v| v.parse::<u64>().ok());
     matches!((version(written), version(seen)), (Some(own), Some(store)) if own > store)
 }
+
+#[cfg(test)]
+mod tests {
+    use image_backup_crds::ImageBackupSpec;
+
+    use super::*;
+
+    fn at(version: &str) -> Arc<ImageBackup> {
+        let spec = ImageBackupSpec { source: "docker.io/library/nginx:1.25".into(), digest: "sha256:00".into() };
+        let mut backup = ImageBackup::new("nginx", spec);
+        backup.metadata.resource_version = Some(version.into());
+        Arc::new(backup)
+    }
+
+    #[test]
+    fn a_write_stands_until_the_store_catches_up_and_only_the_writer_drops_it() {
+        let written = Written::default();
+        written.remember(at("12"));
+        // Readers see the write over an older store, and leave it there.
+        assert_eq!(written.newest(at("11")).resource_version().as_deref(), Some("12"));
+        assert_eq!(written.newest(at("11")).resource_version().as_deref(), Some("12"));
+        assert_eq!(written.freshest(at("11")).resource_version().as_deref(), Some("12"));
+        // The store caught up: the writer drops its copy.
+        assert_eq!(written.freshest(at("12")).resource_version().as_deref(), Some("12"));
+        assert_eq!(written.newest(at("9")).resource_version().as_deref(), Some("9"), "nothing remembered now");
+        // A version that does not parse: the store wins.
+        written.remember(at("12"));
+        assert_eq!(written.newest(at("opaque")).resource_version().as_deref(), Some("opaque"));
+    }
+}

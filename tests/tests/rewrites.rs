@@ -117,13 +117,20 @@ async fn one_rollout_at_a_time(kind: ApiServerKind) {
     first.stop().await;
     let coordinator = s.start(CoordinatorConfig { max_rollouts: 1, ..config }).await;
     // Never two rollouts at once: a workload keeps its `rewritten-at` until
-    // its rollout completes.
+    // its rollout completes. All three are read in one list, at one
+    // resourceVersion: read one by one, a rollout that settles between two
+    // reads and the next one it lets start would both be counted.
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), "shop");
     eventually("every Deployment runs its backup, one rollout at a time", WAIT, || async {
+        let list = deployments.list(&ListParams::default()).await.unwrap();
         let mut moving = 0;
         let mut moved = 0;
         for (name, image) in ["a", "b", "c"].iter().zip(&images) {
-            moving += s.annotation("Deployment", "shop", name, REWRITTEN_AT_ANNOTATION).await.is_some() as usize;
-            moved += (s.image_of("Deployment", "shop", name).await == s.pinned(image)) as usize;
+            let deployment = list.items.iter().find(|d| d.metadata.name.as_deref() == Some(*name)).unwrap();
+            let annotations = deployment.metadata.annotations.clone().unwrap_or_default();
+            moving += annotations.contains_key(REWRITTEN_AT_ANNOTATION) as usize;
+            let spec = deployment.spec.template.spec.as_ref().unwrap();
+            moved += (spec.containers[0].image.as_deref() == Some(s.pinned(image).as_str())) as usize;
         }
         assert!(moving <= 1, "{moving} rollouts in flight");
         if moved == 3 && moving == 0 { Ok(()) } else { Err(format!("{moved} moved, {moving} in flight")) }

@@ -11,6 +11,8 @@ use std::{
 
 use crate::{agents::AgentHub, context::Shared, jobs::LiveJobs};
 
+/// What the ImageBackup controller and the sweep of unused backups work
+/// with.
 pub struct Context {
     shared: Arc<Shared>,
     pub hub: Arc<AgentHub>,

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::context::Shared;
 
+/// What the Deployment and DaemonSet controllers reconcile with.
 pub struct Context {
     shared: Arc<Shared>,
     pub creating: Creating,
@@ -53,10 +54,6 @@ impl Context {
             synced: AtomicBool::new(false),
             excluded: Mutex::default(),
         }))
-    }
-
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 
     pub fn synced(&self) -> bool {
