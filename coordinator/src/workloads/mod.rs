@@ -26,7 +26,7 @@ use std::{
 };
 
 use image_backup_core::template::{
-    HOLD_ANNOTATION, HoldReason, REWRITE_ANNOTATION, Record, RewriteError, backup_patch, reverted_containers,
+    HOLD_ANNOTATION, HoldReason, REWRITE_ANNOTATION, Record, RewriteError, Template, backup_patch, reverted_containers,
 };
 use image_backup_crds::{ImageBackup, Phase};
 use image_backup_oci::ImageRef;
@@ -115,7 +115,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
     let mut pinned_refs = BTreeSet::new();
     let mut pinned_sources = BTreeMap::new();
     let mut seen = HashSet::new();
-    for container in workload.container_images() {
+    for container in &template.containers {
         if !seen.insert(container.image.clone()) {
             continue;
         }
@@ -244,7 +244,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         );
         return Ok(leave(&ctx, &workload, &names, LeftAsIs { reason: "ReportOnly", message }).await);
     }
-    if let Some(why) = left_as_is(&ctx, &workload, &record) {
+    if let Some(why) = left_as_is(&ctx, &workload, &template, &record) {
         return Ok(leave(&ctx, &workload, &names, why).await);
     }
     let references: Vec<ImageRef> = backups.values().filter_map(|r| ImageRef::parse(r).ok()).collect();
@@ -264,7 +264,7 @@ async fn reconcile(workload: Workload, ctx: Arc<Context>) -> Result<Action, Erro
         ctx.metrics.patched("waiting_for_slot");
         return Ok(Action::await_change());
     }
-    patch(&ctx, &workload, &backups, &reduced, &access, &mut slot).await
+    patch(&ctx, &workload, &template, &backups, &reduced, &access, &mut slot).await
 }
 
 /// Why a workload whose backups are all ready is not moved to them.
@@ -274,8 +274,8 @@ struct LeftAsIs {
     message: String,
 }
 
-fn left_as_is(ctx: &Context, workload: &Workload, record: &Record) -> Option<LeftAsIs> {
-    if let Some(hold) = record.hold.as_ref().filter(|hold| hold.holds(&workload.template())) {
+fn left_as_is(ctx: &Context, workload: &Workload, template: &Template, record: &Record) -> Option<LeftAsIs> {
+    if let Some(hold) = record.hold.as_ref().filter(|hold| hold.holds(template)) {
         let message = format!(
             "held on its images ({}: {}); delete annotation {} to move it again",
             hold.reason.as_str(),
@@ -318,6 +318,7 @@ async fn leave(ctx: &Context, workload: &Workload, names: &[String], why: LeftAs
 async fn patch(
     ctx: &Context,
     workload: &Workload,
+    template: &Template,
     backups: &BTreeMap<String, String>,
     reduced: &[String],
     access: &pullable::Access,
@@ -328,7 +329,7 @@ async fn patch(
         pullable::Access::AsIs => None,
         pullable::Access::AddSecret(name) => Some(name.as_str()),
     };
-    let patch = match backup_patch(&workload.template(), backups, secret, Timestamp::now()) {
+    let patch = match backup_patch(template, backups, secret, Timestamp::now()) {
         Ok(patch) => patch,
         Err(RewriteError::Nothing { .. }) => {
             slot.release();

@@ -11,7 +11,7 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
-use image_backup_core::template::{AnnotationError, Record, Template};
+use image_backup_core::template::Template;
 pub use image_backup_core::template::{ContainerImage, ContainerList};
 
 use super::usage::WorkloadKey;
@@ -138,11 +138,6 @@ impl Workload {
                 .and_then(|spec| spec.image_pull_secrets.as_ref())
                 .map(|list| list.iter().map(|r| r.name.clone()).collect()),
         }
-    }
-
-    /// What the coordinator recorded on it.
-    pub fn record(&self) -> Result<Record, AnnotationError> {
-        Record::read(&self.template())
     }
 
     /// Every container and init container with its image, init containers
